@@ -1,0 +1,119 @@
+"""The `flowtok` command (also `python -m flowtok_jax`).
+
+Every sub-command parses its flags here and calls one library function; nothing else in the
+package reads flags. Config-driven commands take `--config path[:arg]` plus any number of
+`--config.key=value` overrides. A `UserError` anywhere becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from flowtok_jax.errors import UserError
+
+# Sub-command name -> (help, function adding its flags, function running it).
+_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def command(name: str, help_text: str, add_flags: Callable[[argparse.ArgumentParser], None]):
+  """Registers `fn(args, config_overrides)` as the sub-command `name`."""
+  def register(fn):
+    _COMMANDS[name] = (help_text, add_flags, fn)
+    return fn
+  return register
+
+
+def _config_flags(p: argparse.ArgumentParser, required: bool = True):
+  p.add_argument("--config", required=required,
+                 help="config file with optional argument, e.g. configs/demo.py:runlocal; "
+                      "override keys with --config.key=value")
+
+
+def load_config(args, overrides):
+  from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(args.config, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# data build | show
+
+
+def _data_flags(p):
+  p.add_argument("action", choices=("build", "show"), help="build the dataset or write a preview")
+  _config_flags(p)
+  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
+  p.add_argument("--split", default="train", help="split to preview (show)")
+  p.add_argument("--num", type=int, default=16, help="images in the preview grid (show)")
+  p.add_argument("--out", default=None, help="preview PNG path (show); default DATA_DIR/preview.png")
+
+
+@command("data", "build the configured dataset (TFDS, ArrayRecord) or preview it", _data_flags)
+def _data(args, overrides):
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  config = load_config(args, overrides)
+  data_dir = args.data_dir or config.data.data_dir
+  if not data_dir:
+    raise UserError("no data dir: pass --data_dir or set config.data.data_dir")
+  if args.action == "build":
+    info = builders.build(config.data, data_dir)
+    print(info)
+  else:
+    out = args.out or os.path.join(data_dir, "preview.png")
+    builders.write_preview(config.data, data_dir, split=args.split, num=args.num, out=out)
+    print(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="flowtok", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, (help_text, add_flags, _) in _COMMANDS.items():
+    add_flags(sub.add_parser(name, help=help_text))
+  return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.key=value` (or `--config.key value`) overrides from other flags."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      body = a[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise UserError(f"{a} needs a value")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=os.environ.get("FLOWTOK_LOG_LEVEL", "INFO"),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  try:
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    _, _, fn = _COMMANDS[args.command]
+    fn(args, overrides)
+  except UserError as e:
+    print(f"flowtok: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("flowtok: interrupted", file=sys.stderr)
+    sys.exit(130)
+  return 0
+
+
+if __name__ == "__main__":
+  main()
