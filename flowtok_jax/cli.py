@@ -52,8 +52,8 @@ def _data_flags(p):
 
 @command("data", "build the configured dataset (TFDS, ArrayRecord) or preview it", _data_flags)
 def _data(args, overrides):
-  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   config = load_config(args, overrides)
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   data_dir = args.data_dir or config.data.data_dir
   if not data_dir:
     raise UserError("no data dir: pass --data_dir or set config.data.data_dir")

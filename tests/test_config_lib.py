@@ -1,0 +1,78 @@
+"""Config loading, typed arguments, validated overrides and durations."""
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from flowtok_jax import cli
+from flowtok_jax import config_lib
+from flowtok_jax.errors import UserError
+
+
+def test_parse_arg_types_and_flags():
+  arg = config_lib.parse_arg("variant=XL,runlocal,res=32,lr=0.5", variant="B", runlocal=False,
+                             res=64, lr=1.0)
+  assert arg.variant == "XL" and arg.runlocal is True and arg.res == 32 and arg.lr == 0.5
+  defaults = config_lib.parse_arg(None, variant="B", runlocal=False)
+  assert defaults.variant == "B" and defaults.runlocal is False
+
+
+@pytest.mark.parametrize("arg,match", [("varaint=XL", "varaint"), ("res=abc", "res")])
+def test_parse_arg_rejects_unknown_and_mistyped(arg, match):
+  with pytest.raises(UserError, match=match):
+    config_lib.parse_arg(arg, variant="B", res=64)
+
+
+def test_load_applies_overrides_and_locks():
+  config = config_lib.load("configs/demo.py:runlocal",
+                           ["data.shapes.num_train=7", "data.data_dir=/tmp/d"])
+  assert config.data.shapes.num_train == 7 and config.data.data_dir == "/tmp/d"
+  with pytest.raises(AttributeError):
+    config.data.not_a_key = 1  # Locked: typos cannot add keys later.
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.shapes.num_trian=5", "num_trian.*did you mean 'num_train'"),
+    ("data.shapes.num_train=five", "num_train"),
+    ("data=3", "section"),
+    ("nosuchkey", "key=value"),
+])
+def test_bad_override_is_one_line_error(override, match):
+  with pytest.raises(UserError, match=match):
+    config_lib.load("configs/demo.py", [override])
+
+
+def test_missing_config_file():
+  with pytest.raises(UserError, match="not found"):
+    config_lib.load("configs/nope.py")
+
+
+def test_steps_units():
+  c = ml_collections.ConfigDict(dict(batch_size=64, total_steps=None, total_epochs=2.5,
+                                     total_examples=None))
+  assert config_lib.steps("total", c, examples_per_epoch=1000) == 40  # ceil(2500 / 64)
+  c.total_epochs, c.total_examples = None, 640
+  assert config_lib.steps("total", c) == 10
+  c.total_examples, c.total_steps = None, 123
+  assert config_lib.steps("total", c) == 123
+  c.total_epochs = 1
+  with pytest.raises(UserError, match="exactly one"):
+    config_lib.steps("total", c)
+
+
+def test_cli_bad_override_exits_2_with_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "flowtok_jax", "data", "build", "--config", "configs/demo.py",
+       "--data_dir", str(tmp_path), "--config.data.shapes.num_trian=5"],
+      capture_output=True, text=True, check=False)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.strip().splitlines() if l]
+  assert len(lines) == 1 and lines[0].startswith("flowtok: error:") and "num_trian" in lines[0]
+
+
+def test_split_overrides_accepts_both_spellings():
+  rest, overrides = cli._split_overrides(
+      ["train", "--config", "c.py", "--config.a.b=1", "--config.c", "2", "--workdir", "w"])
+  assert rest == ["train", "--config", "c.py", "--workdir", "w"]
+  assert overrides == ["a.b=1", "c=2"]
