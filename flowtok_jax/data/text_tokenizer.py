@@ -1,0 +1,204 @@
+"""Text tokenizer: a sentencepiece model trained in-process on the captions, with fixed special ids.
+
+Ids: pad = 0, unk = 1, bos = 2, eos = 3, then the learned pieces. A caption becomes its pieces plus
+EOS, padded with pad to the fixed length L; a caption too long for L is cut so that the last slot is
+still EOS (the text decoder learns to stop there) and is flagged as truncated.
+
+    tok = TextTokenizer.train(captions, vocab_size=64)
+    ids, truncated = tok.encode(["a red circle in the center"], max_len=16)   # [1, 16], [1]
+    tok.decode(ids)                                                          # ['a red circle ...']
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from flowtok_jax.errors import UserError
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+# sentencepiece normalisation rules: NFKC with whitespace cleanup; the `_cf` variant also folds
+# case, so a prompt typed as "A Red Circle" maps onto the lowercase training captions.
+_RULE_CASEFOLD = "nmt_nfkc_cf"
+_RULE_KEEP_CASE = "nmt_nfkc"
+
+
+class TextTokenizer:
+  """A sentencepiece model with fixed special ids, fixed-length encoding and batch decoding.
+
+  Picklable (the model travels as its serialized proto), so grain worker processes can hold it.
+  """
+
+  def __init__(self, model_proto: bytes):
+    """Wraps a serialized sentencepiece model; raises UserError if it does not parse."""
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(self._proto)
+    except (RuntimeError, OSError, TypeError) as e:
+      raise UserError(f"not a valid sentencepiece model ({len(self._proto)} bytes)") from e
+    specials = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+    if specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+      raise UserError(f"sentencepiece model has special ids (pad, unk, bos, eos) = {specials}, "
+                      f"expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}")
+
+  # -- construction --------------------------------------------------------------------------
+
+  @classmethod
+  def train(cls, captions: Iterable[str | bytes], vocab_size: int, model_type: str = "unigram",
+            lowercase: bool = True, num_threads: int = 1) -> "TextTokenizer":
+    """Trains a model in memory on `captions`.
+
+    Args:
+      captions: training sentences (str or UTF-8 bytes); read once.
+      vocab_size: requested vocabulary including the 4 specials. A soft limit: sentencepiece may
+        stop below it when the text has fewer useful pieces (see `vocab_size` of the result).
+      model_type: 'unigram', 'bpe', 'word' or 'char'.
+      lowercase: case-fold all text (training and encoding).
+      num_threads: trainer threads.
+    Returns:
+      The trained tokenizer.
+    """
+    if vocab_size < 5:
+      raise UserError(f"text_tokenizer.vocab_size must be >= 5 (4 special ids + 1), got {vocab_size}")
+    if model_type not in ("unigram", "bpe", "word", "char"):
+      raise UserError(f"text_tokenizer.model_type must be unigram|bpe|word|char, got {model_type!r}")
+    sentences = [_as_str(c) for c in captions]
+    sentences = [s for s in sentences if s.strip()]
+    if not sentences:
+      raise UserError("cannot train the text tokenizer: no non-empty captions")
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+          model_type=model_type, character_coverage=1.0,
+          normalization_rule_name=_RULE_CASEFOLD if lowercase else _RULE_KEEP_CASE,
+          pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, hard_vocab_limit=False,
+          num_threads=num_threads, minloglevel=2, input_sentence_size=0,
+          shuffle_input_sentence=False)
+    except RuntimeError as e:
+      raise UserError(f"sentencepiece training failed: {e}") from e
+    tok = cls(model.getvalue())
+    logging.info("trained %s text tokenizer on %d captions: vocab %d (requested %d)", model_type,
+                 len(sentences), tok.vocab_size, vocab_size)
+    return tok
+
+  @classmethod
+  def load(cls, path: str) -> "TextTokenizer":
+    """Reads a model written by `save`; missing or unreadable files raise UserError."""
+    if not os.path.isfile(path):
+      raise UserError(f"text tokenizer model not found: {path}")
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      return cls(data)
+    except UserError as e:
+      raise UserError(f"corrupt text tokenizer model {path}: {e}") from e
+
+  def save(self, path: str) -> None:
+    """Writes the serialized model (the standard sentencepiece `.model` format)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write(self._proto)
+    os.replace(tmp, path)  # Never leave a half-written model behind.
+
+  def to_bytes(self) -> bytes:
+    """The serialized model, e.g. to embed in an export bundle."""
+    return self._proto
+
+  @classmethod
+  def from_bytes(cls, data: bytes) -> "TextTokenizer":
+    return cls(data)
+
+  def __getstate__(self):
+    return {"proto": self._proto}
+
+  def __setstate__(self, state):
+    self.__init__(state["proto"])
+
+  # -- use -----------------------------------------------------------------------------------
+
+  @property
+  def vocab_size(self) -> int:
+    """Actual number of ids (specials included); may be below the requested size."""
+    return self._sp.get_piece_size()
+
+  def encode(self, texts: Sequence[str | bytes] | str | bytes,
+             max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes texts to fixed-length ids ending in EOS.
+
+    Args:
+      texts: N strings (or one string, treated as N = 1).
+      max_len: L, the output length; at least 1 (EOS alone).
+    Returns:
+      ids: int32 [N, L]: pieces, EOS, then PAD_ID. A text with L or more pieces keeps its first
+        L - 1 pieces and EOS in the last slot.
+      truncated: bool [N], True where pieces were dropped.
+    """
+    if max_len < 1:
+      raise UserError(f"max_text_len must be >= 1, got {max_len}")
+    if isinstance(texts, (str, bytes)):
+      texts = [texts]
+    pieces = self._sp.encode([_as_str(t) for t in texts], out_type=int)
+    ids = np.full((len(pieces), max_len), PAD_ID, np.int32)
+    truncated = np.zeros((len(pieces),), bool)
+    for i, p in enumerate(pieces):
+      if len(p) > max_len - 1:
+        p = p[:max_len - 1]
+        truncated[i] = True
+      ids[i, :len(p)] = p
+      ids[i, len(p)] = EOS_ID
+    return ids, truncated
+
+  def decode(self, ids) -> str | list[str]:
+    """Decodes ids [L] to a string or [N, L] to N strings.
+
+    Stops at the first EOS; drops PAD/BOS and ids outside the vocabulary (a model head may be
+    wider than the trained vocabulary).
+    """
+    arr = np.asarray(ids)
+    if arr.ndim not in (1, 2):
+      raise ValueError(f"decode expects ids of shape [L] or [N, L], got {arr.shape}")
+    rows = arr[None] if arr.ndim == 1 else arr
+    out = []
+    size = self.vocab_size
+    for row in rows.tolist():
+      if EOS_ID in row:
+        row = row[:row.index(EOS_ID)]
+      out.append(self._sp.decode([t for t in row if t not in (PAD_ID, BOS_ID) and 0 <= t < size]))
+    return out[0] if arr.ndim == 1 else out
+
+
+def _as_str(text: str | bytes) -> str:
+  if isinstance(text, (bytes, np.bytes_)):
+    return bytes(text).decode("utf-8")
+  return str(text)
+
+
+def train_from_config(text_cfg, captions: Iterable[str | bytes]) -> TextTokenizer:
+  """Trains the tokenizer described by the `text_tokenizer` config section.
+
+  Args:
+    text_cfg: section with `vocab_size`, `model_type`, `num_captions` and optionally `lowercase`.
+    captions: caption stream (e.g. the training split); the first `num_captions` are used.
+  Returns:
+    The trained tokenizer.
+  """
+  limit = text_cfg.get("num_captions")
+  subset = []
+  for i, caption in enumerate(captions):
+    if limit is not None and i >= limit:
+      break
+    subset.append(caption)
+  return TextTokenizer.train(subset, vocab_size=text_cfg.vocab_size,
+                             model_type=text_cfg.get("model_type", "unigram"),
+                             lowercase=text_cfg.get("lowercase", True))
