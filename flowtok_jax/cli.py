@@ -67,6 +67,31 @@ def _data(args, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
+# bench WHAT (speed measurements; add a choice and a branch per benchmark)
+
+
+def _bench_flags(p):
+  p.add_argument("what", choices=("pipeline",), help="what to measure")
+  _config_flags(p)
+  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
+  p.add_argument("--batch_size", type=int, default=64, help="examples per batch")
+  p.add_argument("--num_batches", type=int, default=50, help="batches timed after the first")
+  p.add_argument("--num_workers", type=int, default=None,
+                 help="grain worker processes (default: config.data.num_workers)")
+
+
+@command("bench", "measure speed: input pipeline (more to come)", _bench_flags)
+def _bench(args, overrides):
+  import json  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  config = load_config(args, overrides)
+  if args.what == "pipeline":
+    result = bench.bench_pipeline(config, args.data_dir, num_batches=args.num_batches,
+                                  num_workers=args.num_workers, batch_size=args.batch_size)
+  print(json.dumps({"bench": args.what, **result}))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

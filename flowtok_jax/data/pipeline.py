@@ -1,0 +1,221 @@
+"""The grain input pipeline: TFDS source -> per-process shard -> shuffle -> decode/crop -> tokenize
+-> per-process batches, with a checkpointable iterator.
+
+    it = make_iterator(config.data, tokenizer, split="train", global_batch_size=64, seed=0)
+    batch = next(it)   # {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
+                       #  'truncated': bool [b]},  b = global_batch_size // process_count
+    state = it.get_state()          # or orbax: grain.checkpoint.CheckpointSave(it)
+
+Order of operations (all on the random-access `MapDataset`, so every step is indexable and the
+iterator state is a single position per worker):
+  source[process_index::process_count] -> shuffle(seed) -> repeat(num_epochs) -> map(_Preprocess)
+  -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
+Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every epoch
+has a new order that depends only on the seed. Batching before `to_iter_dataset` means worker
+processes split whole batches between them: the batch sequence is the same for any worker count.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from flowtok_jax.data.text_tokenizer import TextTokenizer
+from flowtok_jax.errors import UserError
+
+# Batches produced ahead by the in-process reader (threads) or by each worker process. Kept small:
+# one batch of 64 images at 64 px is ~3 MB, and grain's own default (500 elements) is for tiny ones.
+_DEFAULT_READ_THREADS = 2
+_DEFAULT_PREFETCH = 2
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes the shorter side to `size` (bicubic, antialiased) and crops the centre square.
+
+  Args:
+    image: uint8 [H, W, 3].
+    size: S, the output side.
+  Returns:
+    uint8 [S, S, 3]; the input itself when it is already S x S (no resampling).
+  """
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  if min(h, w) != size:
+    # The shorter side lands on exactly `size`; the longer one is rounded.
+    if h <= w:
+      new_h, new_w = size, max(size, int(round(w * size / h)))
+    else:
+      new_h, new_w = max(size, int(round(h * size / w))), size
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    h, w = new_h, new_w
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def to_rgb_uint8(value: Any) -> np.ndarray:
+  """Turns a dataset image (decoded array or encoded PNG/JPEG bytes) into uint8 [H, W, 3]."""
+  if isinstance(value, (bytes, np.bytes_)) or (isinstance(value, np.ndarray) and value.dtype == object):
+    raw = value.item() if isinstance(value, np.ndarray) else bytes(value)
+    with Image.open(io.BytesIO(raw)) as img:
+      return np.asarray(img.convert("RGB"))
+  arr = np.asarray(value)
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  if arr.ndim == 2:
+    arr = np.stack([arr] * 3, axis=-1)
+  if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+    raise ValueError(f"expected an image [H, W, 3], got shape {arr.shape}")
+  if arr.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image, got {arr.dtype}")
+  return arr[..., :3]
+
+
+class _Preprocess(grain.transforms.Map):
+  """One example -> {'image': f32 [S, S, 3] in [0, 1], 'text_ids': i32 [L], 'truncated': bool}.
+
+  Module-level and holding only picklable state: grain starts workers with spawn.
+  """
+
+  def __init__(self, image_key: str, caption_key: str, image_size: int,
+               tokenizer: TextTokenizer, max_text_len: int):
+    self._image_key = image_key
+    self._caption_key = caption_key
+    self._image_size = image_size
+    self._tokenizer = tokenizer
+    self._max_text_len = max_text_len
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    for key in (self._image_key, self._caption_key):
+      if key not in element:
+        raise UserError(f"dataset example has no feature {key!r} (features: {sorted(element)}); "
+                        "set data.image_key / data.caption_key")
+    try:
+      image = to_rgb_uint8(element[self._image_key])
+    except (OSError, ValueError) as e:
+      # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
+      # foreign dataset: stop rather than train on a silently altered stream.
+      raise UserError(f"undecodable image in the dataset: {e}") from e
+    image = resize_center_crop(image, self._image_size)
+    ids, truncated = self._tokenizer.encode([element[self._caption_key]], self._max_text_len)
+    return {"image": image.astype(np.float32) * np.float32(1 / 255),
+            "text_ids": ids[0], "truncated": truncated[0]}
+
+
+def _ensure_absl_flags_parsed():
+  # grain's worker start-up reads absl flags; outside absl.app.run nobody has parsed them.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)
+
+
+def _process_defaults(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} is not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+                 seed: int, process_index: int | None = None, process_count: int | None = None,
+                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
+                 data_dir: str | None = None, source: Sequence | None = None) -> grain.IterDataset:
+  """Builds the per-process dataset (see `make_iterator`, which iterates it)."""
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise UserError(f"global batch size {global_batch_size} is not divisible by the "
+                    f"{process_count} processes")
+  batch_size = global_batch_size // process_count
+  if num_epochs is not None and num_epochs < 1:
+    raise UserError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
+  if not 0 <= seed < 2**32:
+    raise UserError(f"shuffle seed must be in [0, 2**32), got {seed}")
+  if source is None:
+    from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+    source = builders.data_source(data_cfg, split, data_dir or data_cfg.get("data_dir"))
+
+  ds = grain.MapDataset.source(source)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise UserError(f"split {split!r} has no examples for process {process_index} of "
+                    f"{process_count} ({len(source)} examples in all)")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(_Preprocess(data_cfg.image_key, data_cfg.caption_key, data_cfg.image_size,
+                          tokenizer, data_cfg.max_text_len))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise UserError(f"split {split!r}: {len(source)} examples make no full batch of {batch_size} "
+                    f"per process; lower the batch size or pass drop_remainder=False")
+  prefetch = data_cfg.get("prefetch_batches") or _DEFAULT_PREFETCH
+  out = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=data_cfg.get("read_threads") or _DEFAULT_READ_THREADS,
+      prefetch_buffer_size=prefetch))
+  num_workers = data_cfg.get("num_workers") or 0
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=prefetch))
+  return out
+
+
+def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+                  seed: int, process_index: int | None = None, process_count: int | None = None,
+                  shuffle: bool = True, num_epochs: int | None = None,
+                  drop_remainder: bool = True, data_dir: str | None = None,
+                  source: Sequence | None = None) -> grain.DatasetIterator:
+  """An iterator over this process's batches; its state round-trips through get/set_state and
+  orbax (`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`).
+
+  Args:
+    data_cfg: the `data` config section (image_key, caption_key, image_size, max_text_len,
+      num_workers, data_dir; optional read_threads, prefetch_batches).
+    tokenizer: the text tokenizer.
+    split: TFDS split name.
+    global_batch_size: examples per step over all processes; must divide by process_count.
+    seed: shuffle seed (same seed -> same order; epoch e uses a permutation seeded by seed + e).
+    process_index: this process's shard; default `jax.process_index()`.
+    process_count: number of shards; default `jax.process_count()`.
+    shuffle: shuffle each epoch.
+    num_epochs: passes over the shard; None repeats forever. Batches may straddle epochs.
+    drop_remainder: drop a final partial batch (only reachable with finite num_epochs).
+    data_dir: TFDS data dir; default `data_cfg.data_dir`.
+    source: a random-access source (len + getitem of feature dicts) read instead of TFDS.
+  Returns:
+    A grain iterator of {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
+    'truncated': bool [b]} with b = global_batch_size // process_count. Call `close()` when done
+    if data.num_workers > 0 (stops the worker processes).
+  """
+  ds = make_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
+                    seed=seed, process_index=process_index, process_count=process_count,
+                    shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
+                    data_dir=data_dir, source=source)
+  logging.info("input pipeline: split=%s global_batch=%d seed=%d shuffle=%s epochs=%s workers=%s",
+               split, global_batch_size, seed, shuffle, num_epochs, data_cfg.get("num_workers"))
+  return iter(ds)
+
+
+def make_eval_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       data_dir: str | None = None,
+                       source: Sequence | None = None) -> grain.DatasetIterator:
+  """One ordered pass over this process's shard; the last batch may be smaller.
+
+  Shards differ in size by at most one example, so processes can end with different batch counts
+  when the split is not a multiple of global_batch_size: multi-host evaluation must allow for it.
+  """
+  return make_iterator(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
+                       seed=0, process_index=process_index, process_count=process_count,
+                       shuffle=False, num_epochs=1, drop_remainder=False, data_dir=data_dir,
+                       source=source)
