@@ -30,6 +30,8 @@ def get_config(arg=None):
   data.num_workers = 0  # grain worker processes (0: decode in the training process).
   data.on_bad_image = "skip"  # 'skip' (count and log) or 'error' on an undecodable image.
   data.max_text_len = 16  # L: caption tokens after padding/truncation; must equal image tokens K.
+  data.folder = None  # image_caption_folder: folder with images + captions.jsonl (str).
+  data.folder_val_fraction = 0.05  # image_caption_folder: share of the images put in split 'val'.
   # Captioned-shapes builder knobs (ignored for other datasets).
   data.shapes = ml_collections.ConfigDict()
   data.shapes.seed = 0  # Rendering seed: same seed -> byte-identical dataset.
@@ -39,6 +41,7 @@ def get_config(arg=None):
   data.shapes.num_compositional = 1_000  # Examples in compositional (held-out pairs only).
   data.shapes.two_object_fraction = 0.5  # Share of two-object scenes.
   data.shapes.heldout = ("purple triangle", "cyan circle", "yellow square")  # Never in train.
+  data.shapes.paraphrase_prob = 0.3  # Chance that each optional caption slot is paraphrased.
 
   # --- Text tokenizer: sentencepiece trained in-process on the training captions. ---
   text = config.text_tokenizer = ml_collections.ConfigDict()
