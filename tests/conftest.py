@@ -1,0 +1,30 @@
+"""Shared fixtures: CPU-only JAX, the repository's demo config, a tiny built shapes dataset."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Before anything imports jax.
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.py")
+
+
+@pytest.fixture(scope="session")
+def runlocal_config():
+  """`configs/demo.py:runlocal`, locked (as the CLI loads it)."""
+  from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(DEMO_CONFIG + ":runlocal")
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(runlocal_config, tmp_path_factory):
+  """captioned_shapes at runlocal sizes, built once per session (per xdist worker).
+
+  Returns:
+    (data_config, data_dir): the `data` section of `configs/demo.py:runlocal` and the TFDS data
+    dir holding the built dataset (train 256, val/test/compositional 64 each, 64 px).
+  """
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  builders.build(runlocal_config.data, data_dir)
+  return runlocal_config.data, data_dir

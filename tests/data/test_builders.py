@@ -1,0 +1,181 @@
+"""TFDS builders: captioned_shapes round trip, config naming, image folders, `flowtok data`."""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+
+from flowtok_jax import cli
+from flowtok_jax.data import builders
+from flowtok_jax.data import shapes
+from flowtok_jax.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(REPO_ROOT, "configs", "demo.py")
+
+
+def _data_cfg(base, **overrides):
+  cfg = ml_collections.ConfigDict(base.to_dict())
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def test_shapes_source_is_pixel_exact_render(shapes_data_dir):
+  data_cfg, data_dir = shapes_data_dir
+  render_cfg = builders.shapes_config_from_data(data_cfg).render_config
+  sizes = {"train": 256, "val": 64, "test": 64, "compositional": 64}
+  for split, num in sizes.items():
+    src = builders.data_source(data_cfg, split, data_dir)
+    assert len(src) == num
+    for i in (0, 1, num // 2, num - 1):
+      ex = src[i]
+      want = shapes.render_example(data_cfg.shapes.seed, split, i, render_cfg)
+      assert ex["image"].dtype == np.uint8 and ex["image"].shape == (64, 64, 3)
+      np.testing.assert_array_equal(ex["image"], want["image"])
+      assert ex["caption"].decode() == want["caption"]
+      assert json.loads(ex["objects"]) == want["objects"]
+      assert ex["relation"].decode() == want["relation"]
+
+
+def test_config_name_follows_the_knobs_and_variants_coexist(shapes_data_dir):
+  data_cfg, data_dir = shapes_data_dir
+  name = builders.shapes_config_from_data(data_cfg).name
+  assert name == builders.shapes_config_from_data(_data_cfg(data_cfg)).name
+  for key, value in (("image_size", 32), ("shapes.num_train", 16), ("shapes.seed", 1),
+                     ("shapes.paraphrase_prob", 0.0), ("shapes.heldout", ("red circle",))):
+    assert builders.shapes_config_from_data(_data_cfg(data_cfg, **{key: value})).name != name, key
+  small = _data_cfg(data_cfg, image_size=32, **{"shapes.num_train": 8, "shapes.num_val": 4,
+                                                "shapes.num_test": 0,
+                                                "shapes.num_compositional": 0})
+  summary = builders.build(small, data_dir)
+  assert "train=8 val=4" in summary and "test=" not in summary
+  assert builders.data_source(small, "train", data_dir)[0]["image"].shape == (32, 32, 3)
+  assert builders.data_source(data_cfg, "train", data_dir)[0]["image"].shape == (64, 64, 3)
+  assert "already built" in builders.build(data_cfg, data_dir)
+  with pytest.raises(UserError, match="no split 'test'"):
+    builders.data_source(small, "test", data_dir)
+
+
+def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path):
+  data_cfg, data_dir = shapes_data_dir
+  with pytest.raises(UserError, match="flowtok data build"):
+    builders.data_source(data_cfg, "train", str(tmp_path))
+  other = _data_cfg(data_cfg, name="no_such_dataset_xyz")
+  for fn in (lambda: builders.data_source(other, "train", str(tmp_path)),
+             lambda: builders.build(other, str(tmp_path))):
+    with pytest.raises(UserError, match="tfds build no_such_dataset_xyz --file_format=array_record"):
+      fn()
+  with pytest.raises(UserError, match="caption_key='text'"):
+    builders.data_source(_data_cfg(data_cfg, caption_key="text"), "train", data_dir)
+
+
+def _write_png(path, array):
+  PIL.Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  """Six listed images: PNGs of three sizes, a grayscale PNG, a JPEG, and one corrupt file."""
+  folder = tmp_path / "My Photos"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  rows = []
+  for i, (h, w) in enumerate([(40, 30), (64, 64), (17, 90)]):
+    _write_png(folder / f"img{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    rows.append({"file": f"img{i}.png", "caption": f"picture number {i}"})
+  _write_png(folder / "gray.png", rng.integers(0, 256, (20, 20), dtype=np.uint8))
+  rows.append({"file": "gray.png", "caption": "a gray one"})
+  PIL.Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "c.jpg")
+  rows.append({"file": "c.jpg", "caption": "a jpeg"})
+  (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+  rows.insert(2, {"file": "broken.png", "caption": "never readable"})
+  (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return folder
+
+
+def _folder_cfg(runlocal_config, folder, **kw):
+  return _data_cfg(runlocal_config.data, name="image_caption_folder", folder=str(folder), **kw)
+
+
+def test_folder_builder_skips_and_counts_bad_images(runlocal_config, image_folder, tmp_path,
+                                                    caplog):
+  cfg = _folder_cfg(runlocal_config, image_folder, folder_val_fraction=0.2)
+  data_dir = str(tmp_path / "tfds")
+  with caplog.at_level(logging.WARNING, logger="flowtok_jax.data.builders"):
+    summary = builders.build(cfg, data_dir)
+  skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert skipped == ["skipped 1 unreadable images of 6: broken.png"]
+  assert "train=4 val=1" in summary and "skipped 1" in summary
+  got = {}
+  for split in ("train", "val"):
+    src = builders.data_source(cfg, split, data_dir)
+    for i in range(len(src)):
+      got[src[i]["file"].decode()] = src[i]
+  assert sorted(got) == ["c.jpg", "gray.png", "img0.png", "img1.png", "img2.png"]
+  for name in ("img0.png", "img2.png", "gray.png"):  # Lossless: original pixels, as RGB.
+    want = np.asarray(PIL.Image.open(image_folder / name).convert("RGB"))
+    np.testing.assert_array_equal(got[name]["image"], want)
+  assert got["img2.png"]["caption"] == b"picture number 2"
+  # Always rebuilt from the folder: an edited listing shows up on the next build.
+  lines = (image_folder / "captions.jsonl").read_text().splitlines()
+  (image_folder / "captions.jsonl").write_text("\n".join(lines[:2]) + "\n")
+  assert "train=1 val=1" in builders.build(cfg, data_dir)
+
+
+def test_folder_builder_errors(runlocal_config, image_folder, tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(UserError, match="broken.png"):
+    builders.build(_folder_cfg(runlocal_config, image_folder, on_bad_image="error"), data_dir)
+  with pytest.raises(UserError, match="no captions.jsonl"):
+    builders.build(_folder_cfg(runlocal_config, tmp_path), data_dir)
+  with (image_folder / "captions.jsonl").open("a") as f:
+    f.write(json.dumps({"file": "gone.png", "caption": "missing"}) + "\n")
+  with pytest.raises(UserError, match="not found: gone.png"):
+    builders.build(_folder_cfg(runlocal_config, image_folder), data_dir)
+  with pytest.raises(UserError, match="data.folder is not set"):
+    builders.build(_data_cfg(runlocal_config.data, name="image_caption_folder"), data_dir)
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "flowtok_jax", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_data_build_then_show(tmp_path, runlocal_config):
+  data_dir = str(tmp_path / "d")
+  res = _run_cli("data", "build", "--config", DEMO + ":runlocal", "--data_dir", data_dir)
+  assert res.returncode == 0, res.stderr
+  assert "train=256 val=64 test=64 compositional=64" in res.stdout.splitlines()[-1]
+  out = str(tmp_path / "preview.png")
+  assert cli.main(["data", "show", "--config", DEMO + ":runlocal", "--data_dir", data_dir,
+                   "--split", "val", "--num", "4", "--out", out]) == 0
+  grid = np.asarray(PIL.Image.open(out).convert("RGB"))
+  first = shapes.render_example(0, "val", 0,
+                                builders.shapes_config_from_data(runlocal_config.data)
+                                .render_config)["image"]
+  big = first.repeat(2, 0).repeat(2, 1)  # Upscaled x2, nearest.
+  cell = grid[:grid.shape[0] // 2, :grid.shape[1] // 2]
+  hits = [(y, x) for y in range(cell.shape[0] - 127) for x in range(cell.shape[1] - 127)
+          if (cell[y, x] == big[0, 0]).all() and (cell[y:y + 128, x:x + 128] == big).all()]
+  assert hits, "the first val image is not in the top-left cell of the preview"
+
+
+def test_cli_unknown_override_exits_2_with_one_line(tmp_path):
+  res = _run_cli("data", "build", "--config", DEMO + ":runlocal", "--data_dir", str(tmp_path),
+                 "--config.data.shapes.num_trian=5")
+  assert res.returncode == 2
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("flowtok: error: unknown config key")
+  assert "num_trian" in lines[0]
+  assert not os.listdir(tmp_path)
