@@ -1,0 +1,214 @@
+"""grain pipeline: shapes and values, seeded order, epochs, resume (state and orbax), per-process
+shards, resize/crop, errors, worker processes."""
+import io
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from flowtok_jax.data import builders
+from flowtok_jax.data import pipeline
+from flowtok_jax.data import text_tokenizer as tt
+from flowtok_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def data(shapes_data_dir):
+  data_cfg, data_dir = shapes_data_dir
+  source = builders.data_source(data_cfg, "train", data_dir)
+  examples = [source[i] for i in range(len(source))]
+  tok = tt.TextTokenizer.train([ex[data_cfg.caption_key] for ex in examples], vocab_size=128,
+                               model_type="bpe")
+  return data_cfg, data_dir, tok, examples
+
+
+def _make(data, **kw):
+  data_cfg, data_dir, tok, _ = data
+  args = dict(split="train", global_batch_size=4, seed=0, process_index=0, process_count=1,
+              data_dir=data_dir)
+  args.update(kw)
+  return pipeline.make_iterator(data_cfg, tok, **args)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def _index_of(examples):
+  """Image bytes -> position in the split, to read back which example a batch row is."""
+  table = {ex["image"].tobytes(): i for i, ex in enumerate(examples)}
+  assert len(table) == len(examples), "test data needs distinct images"
+  return table
+
+
+def _indices(batches, table):
+  return [table[np.round(img * 255).astype(np.uint8).tobytes()]
+          for b in batches for img in b["image"]]
+
+
+def test_batch_layout_and_content(data):
+  data_cfg, _, tok, examples = data
+  it = pipeline.make_eval_iterator(data_cfg, tok, split="train", global_batch_size=4,
+                                   process_index=0, process_count=1, data_dir=data[1])
+  batch = next(it)
+  s, l = data_cfg.image_size, data_cfg.max_text_len
+  assert batch["image"].shape == (4, s, s, 3) and batch["image"].dtype == np.float32
+  assert batch["text_ids"].shape == (4, l) and batch["text_ids"].dtype == np.int32
+  assert batch["truncated"].shape == (4,) and batch["truncated"].dtype == bool
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert batch["image"].max() > 0.5  # really scaled by 1/255, not left in [0, 255] or zeroed
+  # Unshuffled: row i is example i, image and caption together.
+  for i in range(4):
+    np.testing.assert_allclose(batch["image"][i], examples[i]["image"] / 255.0, atol=1e-6)
+    expected_ids, expected_trunc = tok.encode([examples[i][data_cfg.caption_key]], l)
+    np.testing.assert_array_equal(batch["text_ids"][i], expected_ids[0])
+    assert batch["truncated"][i] == expected_trunc[0]
+
+
+def test_seed_determines_order(data):
+  a, b, c = (_take(_make(data, seed=s), 3) for s in (0, 0, 1))
+  _assert_same(a, b)
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_each_epoch_is_a_new_permutation(data):
+  examples = data[3]
+  n = len(examples)
+  table = _index_of(examples)
+  order = _indices(_take(_make(data, global_batch_size=1, seed=3), 2 * n), table)
+  first, second = order[:n], order[n:]
+  assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
+  assert first != second
+  assert first != list(range(n))  # shuffled at all
+
+
+def test_resume_from_get_state(data):
+  reference = _take(_make(data, seed=5), 7)
+  it = _make(data, seed=5)
+  _take(it, 4)
+  state = it.get_state()
+  resumed = _make(data, seed=5)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 3), reference[4:])
+
+
+def test_resume_through_orbax(data, tmp_path):
+  reference = _take(_make(data, seed=2), 6)
+  it = _make(data, seed=2)
+  _take(it, 3)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  resumed = _make(data, seed=2)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+  _assert_same(_take(resumed, 3), reference[3:])
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(data):
+  data_cfg, data_dir, tok, examples = data
+  table = _index_of(examples)
+  seen = []
+  for index in range(2):
+    it = pipeline.make_eval_iterator(data_cfg, tok, split="train", global_batch_size=6,
+                                     process_index=index, process_count=2, data_dir=data_dir)
+    batches = list(it)
+    assert all(b["image"].shape[0] <= 3 for b in batches)
+    seen.append(_indices(batches, table))
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == list(range(len(examples)))
+  # Shuffled training shards stay disjoint too (one epoch, no remainder dropped).
+  n0 = len(seen[0])
+  train = [_indices(_take(_make(data, global_batch_size=2, process_index=i, process_count=2,
+                                seed=9, num_epochs=1, drop_remainder=False), len(seen[i])), table)
+           for i in range(2)]
+  assert sorted(train[0]) == sorted(seen[0]) and sorted(train[1]) == sorted(seen[1])
+  assert train[0] != seen[0] or n0 < 3
+
+
+def _ramp(h, w):
+  y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+  return y, x
+
+
+def test_resize_center_crop_against_numpy():
+  # Crop only: the shorter side is already S, no resampling, exact.
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 256, (16, 27, 3), dtype=np.uint8)  # odd excess: floor half on the left
+  np.testing.assert_array_equal(pipeline.resize_center_crop(wide, 16), wide[:, 5:21])
+  tall = rng.integers(0, 256, (23, 16, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(pipeline.resize_center_crop(tall, 16), tall[3:19])
+  # Resize + crop: bicubic reproduces a linear ramp, so the expected value at each output pixel is
+  # the ramp at that pixel's centre mapped back to the input (interior pixels, away from edges).
+  h, w, s = 40, 102, 20  # -> resized to 20 x 51, then columns 15:35 kept
+  y, x = _ramp(h, w)
+  image = np.stack([2 * x + 20, 5 * y + 10, np.full_like(x, 77)], -1).round().astype(np.uint8)
+  out = pipeline.resize_center_crop(image, s)
+  assert out.shape == (s, s, 3) and out.dtype == np.uint8
+  scale = h / s  # input pixels per output pixel
+  oy, ox = _ramp(s, s)
+  src_x = (ox + 15 + 0.5) * scale - 0.5
+  src_y = (oy + 0.5) * scale - 0.5
+  inner = (slice(3, -3), slice(3, -3))
+  np.testing.assert_allclose(out[..., 0][inner], (2 * src_x + 20)[inner], atol=1.01)
+  np.testing.assert_allclose(out[..., 1][inner], (5 * src_y + 10)[inner], atol=1.01)
+  assert (out[..., 2] == 77).all()
+
+
+def test_pipeline_decodes_bytes_and_crops_non_square(data):
+  data_cfg, _, tok, _ = data
+  s = data_cfg.image_size
+  rng = np.random.default_rng(1)
+  wide = rng.integers(0, 256, (s, s + 8, 3), dtype=np.uint8)
+  gray = rng.integers(0, 256, (s, s), dtype=np.uint8)
+  png = io.BytesIO()
+  Image.fromarray(wide).save(png, format="PNG")
+  source = [{"image": png.getvalue(), "caption": b"a red circle"},
+            {"image": gray, "caption": b"a blue square"}]
+  cfg = data_cfg.copy_and_resolve_references()
+  batch = next(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=2, seed=0,
+                                      process_index=0, process_count=1, shuffle=False,
+                                      source=source))
+  np.testing.assert_allclose(batch["image"][0], wide[:, 4:4 + s] / 255.0, atol=1e-6)
+  np.testing.assert_allclose(batch["image"][1], np.stack([gray] * 3, -1) / 255.0, atol=1e-6)
+  assert tok.decode(batch["text_ids"]) == ["a red circle", "a blue square"]
+  bad = [{"image": b"not an image", "caption": b"a red circle"}]
+  with pytest.raises(UserError, match="undecodable image"):
+    next(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=1, seed=0,
+                                process_index=0, process_count=1, source=bad))
+
+
+def test_bad_batch_and_process_settings(data):
+  with pytest.raises(UserError, match="not divisible"):
+    _make(data, global_batch_size=5, process_count=2)
+  with pytest.raises(UserError, match="process_index"):
+    _make(data, process_index=2, process_count=2)
+  with pytest.raises(UserError, match="no full batch"):
+    _make(data, global_batch_size=10_000, num_epochs=1)
+
+
+def test_worker_processes_give_the_same_batches(data):
+  data_cfg = data[0].copy_and_resolve_references()
+  data_cfg.num_workers = 2
+  in_process = _take(_make(data, seed=4), 5)
+  it = pipeline.make_iterator(data_cfg, data[2], split="train", global_batch_size=4, seed=4,
+                              process_index=0, process_count=1, data_dir=data[1])
+  try:
+    _assert_same(_take(it, 3), in_process[:3])
+    state = it.get_state()
+    it.set_state(state)  # restarts the workers at the saved position
+    _assert_same(_take(it, 2), in_process[3:])
+  finally:
+    it.close()
+
