@@ -7,6 +7,7 @@ package reads flags. Config-driven commands take `--config path[:arg]` plus any 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -89,6 +90,33 @@ def _bench(args, overrides):
     result = bench.bench_pipeline(config, args.data_dir, num_batches=args.num_batches,
                                   num_workers=args.num_workers, batch_size=args.batch_size)
   print(json.dumps({"bench": args.what, **result}))
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+@command("info", "print parameter counts per model component as one JSON object", _config_flags)
+def _info(args, overrides):
+  import json  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.models import info  # pylint: disable=g-import-not-at-top
+  print(json.dumps(info.param_counts(load_config(args, overrides))))
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_flags(p):
+  p.add_argument("--workdir", default="runs/demo", help="output directory (re-running resumes)")
+  p.add_argument("--config", default=None, help="config (default: the repository's configs/demo.py)")
+
+
+@command("demo", "run the whole pipeline on the embedded captioned-shapes default", _demo_flags)
+def _demo(args, overrides):
+  from flowtok_jax import demo  # pylint: disable=g-import-not-at-top
+  metrics = demo.run_demo(args.workdir, args.config, overrides)
+  print(json.dumps(metrics, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
