@@ -54,10 +54,97 @@ def get_config(arg=None):
   text.lowercase = True  # Case-fold all text, so "A Red Circle" encodes like "a red circle".
   text.num_captions = 20_000  # Training captions read to train it.
 
+  # --- Models (SPEC §1), demo-sized. K = L = data.max_text_len; widths shared by reference. ---
+  config.model_dtype = "float32"  # Compute dtype: float32 | bfloat16 (bf16 is slower on CPU).
+
+  ct = config.clip_text = ml_collections.ConfigDict()  # CLIP text tower, pretrained in the demo.
+  ct.vocab_size = text.get_ref("vocab_size")  # Token ids (the sentencepiece vocabulary).
+  ct.max_len = data.get_ref("max_text_len")  # L: context length (= image tokens K).
+  ct.width = 128  # D: feature width read by the text VAE, alignment MLP, tokenizer decoder.
+  ct.depth = 2  # Causal pre-LN transformer layers.
+  ct.heads = 4  # Attention heads.
+  ct.mlp_ratio = 4.0  # MLP hidden = mlp_ratio · width.
+  ct.act = "gelu"  # MLP activation: quick_gelu (OpenAI weights) | gelu.
+  ct.pad_id = 0  # Padding id; contrastive pooling reads the last non-pad token (EOS).
+
+  ci = config.clip_image = ml_collections.ConfigDict()  # Image tower for CLIP pretraining only.
+  ci.image_size = data.get_ref("image_size")  # Pixels per side.
+  ci.patch_size = 8 if arg.res >= 64 else 4  # Patch side.
+  ci.width = 128  # ViT width.
+  ci.depth = 2  # ViT layers.
+  ci.heads = 4  # Attention heads.
+  ci.embed_dim = 128  # Shared text-image embedding of the contrastive loss.
+
+  tok = config.tokenizer = ml_collections.ConfigDict()  # FlowTiTok 1D VAE tokenizer.
+  tok.image_size = data.get_ref("image_size")  # Pixels per side.
+  tok.patch_size = 8 if arg.res >= 64 else 4  # Patch side; grid = image_size / patch_size.
+  tok.encoder_size = None  # small | base | large, or None: the explicit values below.
+  tok.encoder_width = 128  # Encoder width.
+  tok.encoder_depth = 2  # Encoder layers.
+  tok.encoder_heads = 4  # Encoder heads (head dim must be a multiple of 4 for 2D RoPE).
+  tok.decoder_size = None  # small | base | large, or None: the explicit values below.
+  tok.decoder_width = 128  # Decoder width.
+  tok.decoder_depth = 2  # Decoder layers.
+  tok.decoder_heads = 4  # Decoder heads.
+  tok.num_tokens = data.get_ref("max_text_len")  # K: latent tokens (= text length L).
+  tok.token_channels = 8  # C: channels per token (the paper uses 16 for 256 px photos).
+  tok.text_aware = True  # Decoder also reads the CLIP text features (TA-TiTok).
+  tok.text_width = ct.get_ref("width")  # D of those text features.
+  tok.text_len = ct.get_ref("max_len")  # L of those text features.
+  tok.logvar_min = -30.0  # Posterior logvar clip, lower end.
+  tok.logvar_max = 20.0  # Posterior logvar clip, upper end.
+  tok.latent_scale = None  # Flow works on z · scale; None: 1/std of the trained latents.
+
+  disc = config.discriminator = ml_collections.ConfigDict()  # PatchGAN (optional GAN loss).
+  disc.channels = 32  # Stem width; stages use up to 4x this.
+  disc.num_stages = 3  # Downsampling stages (each halves the resolution).
+  disc.groups = 8  # GroupNorm groups.
+
+  tv = config.text_vae = ml_collections.ConfigDict()  # CLIP features -> text-token posterior.
+  tv.width = ct.get_ref("width")  # D (= CLIP width).
+  tv.depth = 2  # Post-LN transformer layers.
+  tv.heads = 4  # Attention heads.
+  tv.ffn_dim = 256  # ReLU FFN hidden size.
+  tv.dropout = 0.1  # Dropout on attention probabilities, attention output and FFN.
+  tv.token_channels = tok.get_ref("token_channels")  # C.
+
+  am = config.align_mlp = ml_collections.ConfigDict()  # Target of the alignment loss.
+  am.hidden = 128  # Hidden width of the D -> hidden -> hidden -> C SiLU MLP.
+  am.token_channels = tok.get_ref("token_channels")  # C.
+
+  td = config.text_decoder = ml_collections.ConfigDict()  # I2T: text tokens -> id logits.
+  td.width = ct.get_ref("width")  # Model width (= CLIP width).
+  td.depth = 2  # Post-LN transformer layers.
+  td.heads = 4  # Attention heads.
+  td.ffn_dim = 256  # ReLU FFN hidden size.
+  td.dropout = 0.1  # Dropout rate.
+  td.vocab_size = text.get_ref("vocab_size")  # Output vocabulary.
+  td.max_len = data.get_ref("max_text_len")  # Positions (learned table).
+
+  fl = config.flow = ml_collections.ConfigDict()  # FlowTok DiT over K x C tokens.
+  fl.variant = None  # S | B | L | XL | H, or None: the explicit depth/width/heads below.
+  fl.depth = 4  # DiT blocks.
+  fl.width = 192  # Model width.
+  fl.heads = 4  # Attention heads.
+  fl.mlp_ratio = 4.0  # GELU-tanh MLP hidden = mlp_ratio · width.
+  fl.num_tokens = tok.get_ref("num_tokens")  # K.
+  fl.channels = tok.get_ref("token_channels")  # C.
+  fl.two_directions = True  # Direction embedding: one model for T2I and I2T.
+  fl.remat = False  # Rematerialise DiT blocks in the backward pass.
+
   if arg.runlocal:
     data.shapes.num_train = 256
     data.shapes.num_val = 64
     data.shapes.num_test = 64
     data.shapes.num_compositional = 64
     text.num_captions = 256
+    ct.update(width=32, depth=1, heads=2)
+    ci.update(width=32, depth=1, heads=2, embed_dim=32)
+    tok.update(encoder_width=32, encoder_depth=1, encoder_heads=2, decoder_width=32,
+               decoder_depth=1, decoder_heads=2)
+    disc.update(channels=8, num_stages=2, groups=4)
+    tv.update(depth=1, heads=2, ffn_dim=64)
+    am.hidden = 32
+    td.update(depth=1, heads=2, ffn_dim=64)
+    fl.update(depth=2, width=32, heads=2)
   return config

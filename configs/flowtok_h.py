@@ -1,0 +1,15 @@
+r"""FlowTok-H: configs/flowtok.py with variant=H (see there for every key).
+
+    flowtok info --config configs/flowtok_h.py
+    flowtok train --config configs/flowtok_h.py --workdir gs://BUCKET/runs/flowtok_h
+
+Arguments (after a colon) are passed on to flowtok.py, e.g. `runlocal`.
+"""
+import os
+
+from flowtok_jax import config_lib
+
+
+def get_config(arg=None):
+  base = config_lib.load_module(os.path.join(os.path.dirname(__file__), "flowtok.py"))
+  return base.get_config(f"variant=H,{arg}" if arg else "variant=H")

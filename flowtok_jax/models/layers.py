@@ -1,0 +1,320 @@
+"""Shared layers: logical-axis rules, dense helpers, attention with 2D RoPE, MLPs, norms, tables.
+
+Every parameter is created through `dense`/`param` helpers that attach logical axis names, so the
+sharding module can map them onto the mesh with `DEFAULT_LOGICAL_RULES` (or the config's rules).
+Parameters are always float32; `dtype` on each module is the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Logical axis -> mesh axis, in priority order (flax assigns each mesh axis at most once per array,
+# so an activation [batch, length, embed] gets batch on ('data', 'fsdp') and embed unsharded).
+DEFAULT_LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),  # Examples split over every data-parallel device.
+    ("length", None),  # Sequences are short (77 tokens, <= 1178 in the tokenizer): never split.
+    ("embed", "fsdp"),  # Model dim of parameters: ZeRO-3 style sharding over fsdp.
+    ("heads", "tensor"),  # Attention heads: Megatron-style tensor parallelism.
+    ("kv", None),  # Per-head dim: kept whole.
+    ("mlp", "tensor"),  # MLP hidden / fused projection outputs: tensor parallelism.
+    ("vocab", "tensor"),  # Embedding tables and logits over the vocabulary.
+)
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def normal(std: float) -> Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def trunc_normal(std: float) -> Initializer:
+  return nn.initializers.truncated_normal(stddev=std)
+
+
+def with_axes(init: Initializer, axes: Sequence[Optional[str]]) -> Initializer:
+  """Wraps an initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = jnp.float32,
+          kernel_init: Initializer = xavier_uniform, bias_init: Initializer = zeros,
+          use_bias: bool = True, axis=-1) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias: the output axes) carry logical names.
+
+  Args:
+    features: int or tuple of output dims.
+    axes: logical names of the whole kernel (contracted dims first, then output dims).
+    name: parameter scope name.
+    dtype: compute dtype (parameters stay float32).
+    kernel_init: unboxed initializer; applied to the flattened [fan_in, fan_out] kernel.
+    bias_init: unboxed initializer for the bias.
+    use_bias: add a bias.
+    axis: contracted input axis (or tuple).
+  """
+  n_out = len(features) if isinstance(features, (tuple, list)) else 1
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=with_axes(kernel_init, axes), bias_init=with_axes(bias_init, axes[-n_out:]),
+      name=name)
+
+
+def layer_norm(name: str, *, eps: float = 1e-5, affine: bool = True,
+               dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype,
+                      param_dtype=jnp.float32, name=name,
+                      scale_init=with_axes(nn.initializers.ones_init(), ("embed",)),
+                      bias_init=with_axes(zeros, ("embed",)))
+
+
+class ParityLayerNorm(nn.Module):
+  """g·(x − mean)/(std + eps) + b with the unbiased std: the text VAE's own LayerNorm.
+
+  Kept because the released text-VAE weights were trained with it (eps on std, ddof=1).
+  """
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", with_axes(nn.initializers.ones_init(), ("embed",)), (d,))
+    bias = self.param("bias", with_axes(zeros, ("embed",)), (d,))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    std = jnp.sqrt(jnp.sum(jnp.square(x32 - mean), axis=-1, keepdims=True) / (d - 1))
+    y = scale * (x32 - mean) / (std + self.eps) + bias
+    return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed tables (numpy, float32): no parameters.
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of t, ordered [cos | sin] (DiT); t is used raw (no ×1000).
+
+  Args:
+    t: [B] times (fractional).
+    dim: embedding size (even).
+    max_period: lowest frequency is 1/max_period.
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_1d(dim: int, length: int) -> np.ndarray:
+  """Fixed MAE-style 1D position table, ordered [sin | cos], ω_i = 1/10000^(i/(dim/2)).
+
+  Returns:
+    [length, dim] float32.
+  """
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.arange(length, dtype=np.float64)[:, None] * omega[None]
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
+def rope_2d(head_dim: int, grid: int, num_extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """EVA-style 2D rotary tables for a grid of patches, padded for tokens without RoPE.
+
+  Head dims [0, head_dim/2) rotate with the row index, [head_dim/2, head_dim) with the column;
+  each frequency is repeated for the two members of an adjacent pair. The `num_extra` rows
+  after the grid² patch rows are (cos=1, sin=0): those tokens (latents, text) pass unchanged,
+  which saves slicing q/k into patch and non-patch parts.
+
+  Returns:
+    (cos, sin), each [grid² + num_extra, head_dim] float32, patches in row-major order.
+  """
+  if head_dim % 4:
+    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+  dim = head_dim // 2
+  freqs = 1.0 / 10000 ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  ang = np.arange(grid, dtype=np.float64)[:, None] * freqs[None]  # [g, dim/2]
+  ang = np.repeat(ang, 2, axis=-1)  # [g, dim]: pairs share a frequency
+  rows = np.broadcast_to(ang[:, None, :], (grid, grid, dim))
+  cols = np.broadcast_to(ang[None, :, :], (grid, grid, dim))
+  ang = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, head_dim)
+  cos = np.concatenate([np.cos(ang), np.ones((num_extra, head_dim))], axis=0)
+  sin = np.concatenate([np.sin(ang), np.zeros((num_extra, head_dim))], axis=0)
+  return cos.astype(np.float32), sin.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x·cos + rot(x)·sin with rot rotating adjacent pairs: (x0, x1) -> (−x1, x0).
+
+  Args:
+    x: [B, N, H, Dh].
+    cos, sin: [N, Dh].
+  """
+  pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+  rot = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos = cos[None, :, None, :].astype(x.dtype)
+  sin = sin[None, :, None, :].astype(x.dtype)
+  return x * cos + rot * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and MLPs.
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r} (known: {', '.join(sorted(ACTIVATIONS))})")
+  return ACTIVATIONS[name]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection.
+
+  Parameters: qkv/kernel [W, 3, H, Dh], qkv/bias [3, H, Dh], proj/kernel [H, Dh, W], proj/bias [W].
+  (A PyTorch Linear(W, 3W) weight maps as weight.T.reshape(W, 3, H, Dh).)
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  causal: bool = False
+  dropout: float = 0.0  # On the attention probabilities.
+  kernel_init: Initializer = xavier_uniform
+  proj_init: Optional[Initializer] = None  # Defaults to kernel_init.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rope: Optional[tuple[jax.Array, jax.Array]] = None,
+               deterministic: bool = True) -> jax.Array:
+    """x [B, N, W] -> [B, N, W]; `rope` = (cos, sin) [N, Dh] applied to q and k."""
+    b, n, w = x.shape
+    if w % self.num_heads:
+      raise ValueError(f"width {w} is not divisible by {self.num_heads} heads")
+    hd = w // self.num_heads
+    qkv = dense((3, self.num_heads, hd), ("embed", None, "heads", "kv"), name="qkv",
+                dtype=self.dtype, kernel_init=self.kernel_init)(x)
+    qkv = constrain(qkv, ("batch", "length", None, "heads", "kv"))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+    if rope is not None:
+      q = apply_rope(q, *rope)
+      k = apply_rope(k, *rope)
+    q = q * jnp.asarray(hd ** -0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if self.causal:
+      mask = np.tril(np.ones((n, n), dtype=bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if self.dropout > 0 and not deterministic:
+      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    return dense(w, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1),
+                 kernel_init=self.proj_init or self.kernel_init)(out)
+
+
+class Mlp(nn.Module):
+  """fc1 [W, hidden] -> activation -> fc2 [hidden, W]."""
+  hidden: int
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+  dropout: float = 0.0  # After the activation (the text VAE's FFN).
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    w = x.shape[-1]
+    h = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype,
+              kernel_init=self.kernel_init)(x)
+    h = constrain(activation(self.act)(h), ("batch", "length", "mlp"))
+    if self.dropout > 0 and not deterministic:
+      h = nn.Dropout(self.dropout)(h, deterministic=False)
+    return dense(w, ("mlp", "embed"), name="fc2", dtype=self.dtype,
+                 kernel_init=self.kernel_init)(h)
+
+
+class SwiGLU(nn.Module):
+  """w3(silu(x1) · x2) with [x1, x2] = w12(x); biases on both projections.
+
+  Parameters: w12/kernel [W, 2, hidden] (x1 = index 0), w12/bias [2, hidden], w3 [hidden, W].
+  (A PyTorch Linear(W, 2h) weight maps as weight.T.reshape(W, 2, h).)
+  """
+  hidden: int
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = x.shape[-1]
+    h12 = dense((2, self.hidden), ("embed", None, "mlp"), name="w12", dtype=self.dtype,
+                kernel_init=self.kernel_init)(x)
+    h = nn.silu(h12[..., 0, :]) * h12[..., 1, :]
+    h = constrain(h, ("batch", "length", "mlp"))
+    return dense(w, ("mlp", "embed"), name="w3", dtype=self.dtype,
+                 kernel_init=self.kernel_init)(h)
+
+
+def swiglu_hidden(width: int, mlp_ratio: float = 4.0) -> int:
+  """int(2/3 · ratio·W): 2048 for W = 768, 2730 for W = 1024 (the released shapes)."""
+  return int(2 / 3 * int(width * mlp_ratio))
+
+
+class PreLNBlock(nn.Module):
+  """x + Attn(LN(x)), then x + MLP(LN(x)): the tokenizer and CLIP block.
+
+  `mlp` is 'swiglu' (hidden int(2/3·ratio·W)) or an activation name for a plain 2-layer MLP.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  mlp: str = "gelu"
+  causal: bool = False
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rope=None) -> jax.Array:
+    w = x.shape[-1]
+    h = layer_norm("ln_1", eps=self.ln_eps, dtype=self.dtype)(x)
+    x = x + Attention(self.num_heads, dtype=self.dtype, causal=self.causal,
+                      kernel_init=self.kernel_init, name="attn")(h, rope=rope)
+    h = layer_norm("ln_2", eps=self.ln_eps, dtype=self.dtype)(x)
+    if self.mlp == "swiglu":
+      h = SwiGLU(swiglu_hidden(w, self.mlp_ratio), dtype=self.dtype,
+                 kernel_init=self.kernel_init, name="mlp")(h)
+    else:
+      h = Mlp(int(w * self.mlp_ratio), act=self.mlp, dtype=self.dtype,
+              kernel_init=self.kernel_init, name="mlp")(h)
+    return constrain(x + h, ("batch", "length", "embed"))
+
+
+def dtype_of(name: str) -> Dtype:
+  """'float32' | 'bfloat16' -> jnp dtype."""
+  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if name not in table:
+    raise ValueError(f"unknown dtype {name!r} (known: {', '.join(table)})")
+  return table[name]
