@@ -300,9 +300,10 @@ def _own_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder | None:
         data_cfg.get("on_bad_image", "skip"))
   else:
     return None
-  # tfds refuses a custom config that reuses a listed name: pass the listed one then.
-  listed = {c.name: c for c in cls.BUILDER_CONFIGS}
-  config = listed.get(config.name, config)
+  # tfds refuses a custom config object that reuses a listed name (also when a pickled builder,
+  # e.g. in a grain worker, is rebuilt): name a listed config by its string.
+  if config.name in {c.name for c in cls.BUILDER_CONFIGS}:
+    config = config.name
   with _absl_level(logging.ERROR):  # "Using custom data configuration" is expected here.
     return cls(config=config, data_dir=data_dir, file_format=_ARRAY_RECORD)
 

@@ -102,7 +102,8 @@ class ShapesConfig:
 
   def __post_init__(self):
     if self.image_size < 32 or self.image_size % 32:
-      raise UserError(f"captioned_shapes image_size must be a multiple of 32, got {self.image_size}")
+      raise UserError(f"captioned_shapes image_size must be a multiple of 32, got "
+                      f"{self.image_size}")
     for name in ("two_object_fraction", "paraphrase_prob"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
