@@ -40,7 +40,7 @@ def get_config(arg=None):
   data.shapes.num_train = 20_000  # Examples in train.
   data.shapes.num_val = 1_000  # Examples in val.
   data.shapes.num_test = 1_000  # Examples in test.
-  data.shapes.num_compositional = 1_000  # Examples in compositional (held-out pairs only).
+  data.shapes.num_compositional = 1_000  # Examples in compositional (each has >= 1 held-out pair).
   data.shapes.two_object_fraction = 0.5  # Share of two-object scenes.
   data.shapes.heldout = ("purple triangle", "cyan circle", "yellow square")  # Never in train.
   data.shapes.paraphrase_prob = 0.3  # Chance that each optional caption slot is paraphrased.

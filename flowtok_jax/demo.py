@@ -72,9 +72,8 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   t0 = time.time()
   tok_path = tokenizer_path(workdir)
   if not os.path.exists(tok_path):
-    source = builders.data_source(config.data, config.data.train_split, config.data.data_dir)
-    n = min(len(source), config.text_tokenizer.num_captions)
-    captions = (source[i][config.data.caption_key] for i in range(n))
+    captions = builders.read_captions(config.data, config.data.train_split, config.data.data_dir,
+                                      limit=config.text_tokenizer.num_captions)
     tok = text_tokenizer.train_from_config(config.text_tokenizer, captions)
     tok.save(tok_path)
   tok = text_tokenizer.TextTokenizer.load(tok_path)

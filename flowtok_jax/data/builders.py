@@ -371,7 +371,7 @@ def build(data_cfg, data_dir: str) -> str:
   return _summary(builder, note)
 
 
-def data_source(data_cfg, split: str, data_dir: str):
+def data_source(data_cfg, split: str, data_dir: str, decoders=None):
   """Random-access source of a prepared split: `len(src)`, `src[i]` -> dict of numpy values.
 
   Works for any TFDS ArrayRecord dataset by name (`data.name`); for captioned_shapes and
@@ -382,6 +382,8 @@ def data_source(data_cfg, split: str, data_dir: str):
     data_cfg: the `data` section of a config (name, image_size, shapes.*, image_key, ...).
     split: a TFDS split spec, e.g. 'train', 'val', 'train[:90%]'.
     data_dir: TFDS data dir.
+    decoders: optional tfds decoders, e.g. `{'image': tfds.decode.SkipDecoding()}` to read
+      captions without paying for image decoding.
   Returns:
     A tfds ArrayRecord data source (a Sequence of example dicts).
   """
@@ -400,7 +402,15 @@ def data_source(data_cfg, split: str, data_dir: str):
   if _ARRAY_RECORD not in {f.value for f in info.available_file_formats()}:
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is not stored as ArrayRecord: "
                     + _tfds_build_hint(data_cfg.name, data_dir))
-  return builder.as_data_source(split=split)
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
+def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None) -> list[str]:
+  """The first `limit` captions of a split (all when None), without decoding images."""
+  source = data_source(data_cfg, split, data_dir,
+                       decoders={data_cfg.image_key: tfds.decode.SkipDecoding()})
+  n = len(source) if limit is None else min(limit, len(source))
+  return [_text(source[i][data_cfg.caption_key]) for i in range(n)]
 
 
 def _text(value) -> str:

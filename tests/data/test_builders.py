@@ -194,3 +194,11 @@ def test_sources_and_builders_pickle_for_grain_workers(shapes_data_dir, tmp_path
   assert name == builders.CaptionedShapes.BUILDER_CONFIGS[0].name
   builder = builders._own_builder(default_cfg, str(tmp_path))  # pylint: disable=protected-access
   assert pickle.loads(pickle.dumps(builder)).builder_config.name == name
+
+
+def test_read_captions_matches_source_without_decoding_images(shapes_data_dir):
+  data_cfg, data_dir = shapes_data_dir
+  source = builders.data_source(data_cfg, "val", data_dir)
+  captions = builders.read_captions(data_cfg, "val", data_dir, limit=10)
+  assert captions == [source[i]["caption"].decode() for i in range(10)]
+  assert len(builders.read_captions(data_cfg, "val", data_dir)) == len(source)
