@@ -96,8 +96,9 @@ def _roll_marked(target: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.take(target, src, axis=0)
 
 
-def null_roll(rng: jax.Array, target: jax.Array, *, p: float = 0.1,
-              num_shards: int = 1) -> tuple[jax.Array, jax.Array]:
+def null_roll(rng: jax.Array, target: jax.Array, *, p: float = 0.1, num_shards: int = 1,
+              groups: Optional[jax.Array] = None,
+              num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
   """CrossFlow-style null indicator for classifier-free guidance, per data shard.
 
   Each example is marked null with probability `p`. Within a shard, if at most one example is
@@ -111,24 +112,36 @@ def null_roll(rng: jax.Array, target: jax.Array, *, p: float = 0.1,
   sharded over the data axes has) and each block rolls only among its own examples, so the
   gather stays on-device under jit. `num_shards = 1` treats the whole batch as one shard.
 
+  `groups` splits each shard further: a two-direction batch rolls T2I targets (images) only
+  among T2I examples and I2T targets (text tokens) only among I2T examples, so a null example
+  never gets a target of the other modality. The "at most one marked" rule applies per group.
+
   Args:
     rng: PRNG key.
     target: [B, ...] flow targets.
     p: marking probability per example.
     num_shards: number of data shards of the batch axis; must divide B.
+    groups: optional [B] int32 group id in [0, num_groups) (the direction); None: one group.
+    num_groups: number of groups (static).
   Returns:
     (target [B, ...] with marked targets rolled, null [B] int32 in {0, 1}).
   """
   b = target.shape[0]
   if num_shards < 1 or b % num_shards:
     raise UserError(f"batch of {b} examples does not split into {num_shards} data shards")
-  marked = jax.random.uniform(rng, (b,)) < p
-  marked = marked.reshape(num_shards, b // num_shards)
-  keep = marked.sum(axis=1, keepdims=True) > 1
-  marked = marked & keep
-  blocks = target.reshape((num_shards, b // num_shards) + target.shape[1:])
-  rolled = jax.vmap(_roll_marked)(blocks, marked)
-  return rolled.reshape(target.shape), marked.reshape(b).astype(jnp.int32)
+  n = b // num_shards
+  marked = (jax.random.uniform(rng, (b,)) < p).reshape(num_shards, n)
+  group = (jnp.zeros((num_shards, n), jnp.int32) if groups is None
+           else groups.astype(jnp.int32).reshape(num_shards, n))
+  blocks = target.reshape((num_shards, n) + target.shape[1:])
+  out, null = blocks, jnp.zeros((num_shards, n), bool)
+  for g in range(num_groups):
+    mask = marked & (group == g)
+    mask = mask & (mask.sum(axis=1, keepdims=True) > 1)
+    rolled = jax.vmap(_roll_marked)(blocks, mask)
+    out = jnp.where(mask.reshape(mask.shape + (1,) * (target.ndim - 1)), rolled, out)
+    null = null | mask
+  return out.reshape(target.shape), null.reshape(b).astype(jnp.int32)
 
 
 # -- samplers -------------------------------------------------------------------------------------

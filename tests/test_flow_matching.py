@@ -290,3 +290,22 @@ def test_per_example_mse():
   a = jnp.ones((2, 3, 4))
   b = jnp.concatenate([jnp.ones((1, 3, 4)), 3 * jnp.ones((1, 3, 4))])
   np.testing.assert_allclose(fm.per_example_mse(a, b), [0.0, 4.0])
+
+
+def test_null_roll_stays_within_direction_groups():
+  b = 12
+  groups = jnp.array([0, 1] * 6, jnp.int32)
+  g = np.asarray(groups)
+  key, marked = _find_key(
+      lambda m: (m[0] & (g == 0)).sum() >= 2 and (m[0] & (g == 1)).sum() == 1, b, 0.4)
+  target = jnp.arange(b, dtype=jnp.float32)
+  roll = jax.jit(lambda k, x, gr: fm.null_roll(k, x, p=0.4, groups=gr, num_groups=2))
+  out, null = roll(key, target, groups)
+  out, null = np.asarray(out), np.asarray(null)
+  idx0 = np.flatnonzero(marked[0] & (g == 0))
+  expected = np.arange(b, dtype=np.float32)
+  expected[idx0] = expected[np.roll(idx0, -1)]
+  # Group 0 rolls among itself; group 1's single mark is cleared.
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(null, (marked[0] & (g == 0)).astype(np.int32))
+  assert (g[out.astype(int)] == g).all()
