@@ -10,6 +10,7 @@ Arguments (after a colon): `runlocal` shrinks everything to a few seconds (tests
 import ml_collections
 
 from flowtok_jax import config_lib
+from flowtok_jax.train import optim
 
 
 def get_config(arg=None):
@@ -131,6 +132,60 @@ def get_config(arg=None):
   fl.channels = tok.get_ref("token_channels")  # C.
   fl.two_directions = True  # Direction embedding: one model for T2I and I2T.
   fl.remat = False  # Rematerialise DiT blocks in the backward pass.
+
+  # --- Training loop (train/loop.py), shared by every stage; per-stage changes in `stages`. ---
+  tr = config.train = ml_collections.ConfigDict()
+  tr.stage = "flowtok"  # Stage `flowtok train` runs: clip | tokenizer | flowtok.
+  tr.batch_size = 32  # Global batch (all hosts); must divide by mesh data x fsdp.
+  tr.total_steps = 2000  # Optimizer steps of the run.
+  tr.log_every_steps = 50  # Metrics to host, metrics.jsonl and TensorBoard.
+  tr.eval_every_steps = 500  # Evaluators, also at the last step (0: never).
+  tr.sample_every_steps = 500  # Sampling evaluators (image / caption grids).
+  tr.ckpt_every_steps = 500  # Checkpoints (plus one at the end and on SIGTERM/SIGINT).
+  tr.ema_decay = 0.999  # EMA of trainable params (None: no EMA, evaluators use raw params).
+  tr.peak_flops_per_device = None  # FLOP/s for perf/mfu; None: measured matmul peak at start.
+  tr.progress_bar = True  # tqdm bar with ETA on process 0.
+
+  op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
+  op.lr = 4e-4  # Peak learning rate.
+  op.warmup_steps = 100  # Linear warm-up from 0.
+  op.schedule = "constant"  # After warm-up: constant | cosine (down to end_lr at total_steps).
+  op.end_lr = 0.0  # Final learning rate of the cosine.
+  op.b1 = 0.9  # Adam beta1.
+  op.b2 = 0.95  # Adam beta2.
+  op.eps = 1e-8  # Adam epsilon.
+  op.weight_decay = 0.03  # Decoupled weight decay (masked, below).
+  op.decay_exclude = optim.DEFAULT_DECAY_EXCLUDE  # Path regexes never decayed (+ all ndim < 2).
+  op.clip_norm = None  # Global-norm gradient clipping (None: off).
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)  # Sizes of mesh axes (data, fsdp, tensor); -1 = the rest.
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.rules = None  # ((logical, mesh axes), ...); None: models/layers.py table.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.max_to_keep = 2  # Newest checkpoints kept in W/checkpoints.
+  config.checkpoint.async_save = True  # Write checkpoints in the background.
+  config.init = ml_collections.ConfigDict()
+  config.init.params_from = None  # Workdir to copy trainable params from (params only) at step 0.
+
+  # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
+  st = config.stages = ml_collections.ConfigDict()
+  st.clip = ml_collections.ConfigDict(dict(
+      train=dict(total_steps=600, batch_size=64, ema_decay=None),  # Contrastive pretraining.
+      optim=dict(lr=1e-3, weight_decay=0.1)))
+  st.tokenizer = ml_collections.ConfigDict(dict(
+      train=dict(total_steps=1500),  # FlowTiTok recipe (SPEC §5): cosine, clip 1.0.
+      optim=dict(lr=1e-3, schedule="cosine", end_lr=1e-4, b2=0.999, weight_decay=1e-4,
+                 clip_norm=1.0)))
+  st.flowtok = ml_collections.ConfigDict(dict(train=dict(total_steps=2000)))
+
+  if arg.runlocal:
+    tr.update(batch_size=8, total_steps=20, log_every_steps=5, eval_every_steps=10,
+              sample_every_steps=10, ckpt_every_steps=10)
+    op.warmup_steps = 2
+    for s in (st.clip, st.tokenizer, st.flowtok):
+      s.train.total_steps = 20
+    st.clip.train.batch_size = 8
 
   if arg.runlocal:
     data.shapes.num_train = 256

@@ -93,6 +93,25 @@ def _bench(args, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+
+def _train_flags(p):
+  _config_flags(p)
+  p.add_argument("--workdir", required=True, help="run directory; re-running on it resumes")
+  p.add_argument("--stage", default=None, help="stage to train (default: config.train.stage)")
+
+
+@command("train", "train one stage (clip | tokenizer | flowtok); re-running resumes",
+         _train_flags)
+def _train(args, overrides):
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(load_config(args, overrides), args.workdir, args.stage)
+  print(json.dumps({"step": result.step, "stopped_by": result.stopped_by,
+                    **result.last_metrics, **result.last_eval}, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # info
 
 

@@ -1,0 +1,312 @@
+"""Orbax checkpoints: train state + grain iterator + metadata; resume order; preemption save.
+
+Layout: `W/checkpoints/<step>/{state, data_iter, meta}`, written asynchronously by an orbax
+`CheckpointManager` that keeps the newest `checkpoint.max_to_keep`. Orbax commits a step only once
+every item is written, and deletes old steps only after a newer one is committed, so a crash or a
+failed save never removes the last good checkpoint.
+
+Resume order (how `train/loop.py` decides where the state comes from; the first that applies wins):
+  1. `W/checkpoints` has a committed step -> restore the whole state (params, optimizer, EMA, aux,
+     step, rng) and the data iterator's position, onto the current mesh, and continue the exact
+     same trajectory. The checkpoint must be of the same stage and shapes (else a UserError naming
+     the first mismatched parameter).
+  2. `config.init.params_from` is set -> start at step 0 with parameters (params-only: no optimizer
+     state, no step) copied from that workdir's latest checkpoint; parameters the checkpoint lacks
+     keep their fresh initialisation (e.g. a new direction embedding), shapes must match.
+  3. Otherwise -> fresh initialisation from `config.seed`.
+Frozen parts of a stage (`FrozenPart.checkpoint`, e.g. `config.init.clip_from`) are always loaded
+params-only with `load_params`, whatever the branch.
+
+Restores always go through an abstract target carrying the current shardings: a checkpoint saved
+on one topology restores onto any other.
+
+Preemption: `PreemptionGuard` turns SIGTERM / SIGINT into a flag the loop checks after every step;
+the loop then saves at the current step, waits for the write and returns. On multi-host runs the
+decision also goes through orbax's `reached_preemption` so that all hosts stop at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Sequence
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from flowtok_jax.errors import UserError
+
+ITEMS = ("state", "data_iter", "meta")
+# Subtrees of the state whose shapes are checked (with names) before a restore.
+_PARAM_FIELDS = ("params", "ema_params", "aux_params")
+
+
+def _handlers():
+  return {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+          "data_iter": grain.checkpoint.CheckpointHandler()}
+
+
+def resolve_dir(path: str) -> tuple[str, int | None]:
+  """Finds the checkpoint manager directory (and step) that `path` names.
+
+  Accepts a workdir (holding `checkpoints/`), a checkpoints directory, or one step's directory.
+
+  Returns:
+    (manager directory, step or None for the latest).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(base)
+  if os.path.isdir(path):
+    return path, None
+  raise UserError(f"no checkpoint at {path}")
+
+
+def _manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
+      read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS,
+                               item_handlers=_handlers())
+
+
+def _flat_shapes(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+  """'params/a/kernel' -> shape, for arrays, ShapeDtypeStructs and orbax ArrayMetadata."""
+  out = {}
+  def one(path, leaf):
+    if hasattr(leaf, "shape"):
+      out["/".join([prefix] + [_key(k) for k in path])] = tuple(leaf.shape)
+  jax.tree_util.tree_map_with_path(one, tree)
+  return out
+
+
+def _key(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def check_shapes(saved: dict[str, tuple], target: dict[str, tuple], where: str, *,
+                 allow_missing: bool = False) -> list[str]:
+  """Raises a UserError at the first parameter whose shape differs (or is absent).
+
+  Returns:
+    Target names the checkpoint lacks (only when `allow_missing`).
+  """
+  missing = []
+  for name, shape in target.items():
+    if name not in saved:
+      if allow_missing:
+        missing.append(name)
+        continue
+      raise UserError(f"checkpoint {where} does not match the config: it has no {name} "
+                      f"(expected shape {shape})")
+    if tuple(saved[name]) != tuple(shape):
+      raise UserError(f"checkpoint {where} does not match the config: {name} has shape "
+                      f"{tuple(saved[name])} in the checkpoint but {tuple(shape)} in the config")
+  return missing
+
+
+def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str) -> Any:
+  try:
+    meta = mngr.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if meta is None:
+    raise UserError(f"checkpoint {where} has no train state")
+  return getattr(meta, "tree", meta)
+
+
+class Checkpointer:
+  """The run's checkpoint manager (`W/checkpoints`); use as a context manager.
+
+  Args:
+    workdir: the run's work directory.
+    cfg: the `checkpoint` config section (max_to_keep, async_save).
+  """
+
+  def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._mngr = _manager(self.directory, max_to_keep=cfg.max_to_keep,
+                          async_save=cfg.async_save)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict):
+    """Starts saving (async): the state's device buffers are copied before this returns."""
+    if step in self._mngr.all_steps():
+      return
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state: Any, data_iter: Any, step: int | None = None
+              ) -> tuple[Any, dict]:
+    """Restores state (onto `abstract_state`'s shardings) and the iterator position in place.
+
+    Args:
+      abstract_state: tree of `jax.ShapeDtypeStruct` with shardings, shaped like the state.
+      data_iter: the fresh training iterator; its position is set from the checkpoint.
+      step: which step; default the latest.
+    Returns:
+      (state, metadata dict).
+    """
+    step = self._mngr.latest_step() if step is None else step
+    where = os.path.join(self.directory, str(step))
+    saved = _saved_tree(self._mngr, step, where)
+    for field in _PARAM_FIELDS:
+      target = getattr(abstract_state, field, None)
+      saved_sub = saved.get(field) if isinstance(saved, dict) else None
+      if target is None and not saved_sub:
+        continue
+      if (target is None) != (not saved_sub):
+        raise UserError(f"checkpoint {where} does not match the config: {field} is "
+                        f"{'absent' if not saved_sub else 'present'} in the checkpoint but "
+                        f"{'absent' if target is None else 'present'} in the config")
+      check_shapes(_flat_shapes(saved_sub, field), _flat_shapes(target, field), where)
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  abstract_state)),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+          meta=ocp.args.JsonRestore()))
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"cannot restore checkpoint {where}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return restored["state"], dict(restored["meta"] or {})
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self._mngr.latest_step() if step is None else step
+    restored = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
+  def wait(self):
+    """Blocks until pending async saves are committed."""
+    self._mngr.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's multi-host preemption sync point (False when jax.distributed is not running)."""
+    try:
+      return bool(self._mngr.reached_preemption(step))
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: bool = True,
+                allow_missing: bool = False) -> tuple[Any, list[str]]:
+  """Loads (a subtree of) a checkpoint's parameters only, onto `target`'s shardings.
+
+  Args:
+    path: a workdir, its `checkpoints/` directory or one step's directory (latest step if none).
+    target: tree of `jax.ShapeDtypeStruct` with shardings: what to load, shaped as wanted.
+    select: path inside the saved parameter tree (e.g. `('text',)`); `()` takes the whole tree.
+    use_ema: read `ema_params` (falling back to `params` when the checkpoint has no EMA).
+    allow_missing: parameters of `target` absent from the checkpoint are returned as None leaves
+      and listed, instead of being an error (init_from into a grown model).
+  Returns:
+    (params tree shaped like `target`, with None where missing; names of the missing params).
+  """
+  directory, step = resolve_dir(path)
+  mngr = _manager(directory, read_only=True)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint at {path}")
+    where = os.path.join(directory, str(step))
+    saved = _saved_tree(mngr, step, where)
+    field = "ema_params" if use_ema and saved.get("ema_params") else "params"
+    sub = saved.get(field)
+    for i, k in enumerate(select):
+      if not isinstance(sub, dict) or k not in sub:
+        raise UserError(f"checkpoint {where} has no {'/'.join([field, *select[:i + 1]])}")
+      sub = sub[k]
+    prefix = "/".join([field, *select])
+    missing = check_shapes(_flat_shapes(sub, prefix), _flat_shapes(target, prefix), where,
+                           allow_missing=allow_missing)
+    present = _drop(target, {m[len(prefix) + 1:] for m in missing})
+    wrapped = present
+    for k in reversed((field, *select)):
+      wrapped = {k: wrapped}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        wrapped, restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
+        partial_restore=True)))["state"]
+    for k in (field, *select):
+      restored = restored[k]
+    return _fill(target, restored), missing
+  finally:
+    mngr.close()
+
+
+def _drop(tree: Any, names: set[str]) -> Any:
+  """A nested-dict copy of `tree` without the leaves whose '/'-joined path is in `names`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    sub = {n[len(str(k)) + 1:] for n in names if n.startswith(f"{k}/")}
+    if str(k) in names:
+      continue
+    v = _drop(v, sub) if isinstance(v, dict) else v
+    if not (isinstance(v, dict) and not v and isinstance(tree[k], dict) and tree[k]):
+      out[k] = v
+  return out
+
+
+def _fill(target: Any, restored: Any) -> Any:
+  """`restored` laid out like `target` (nested dicts), None where the checkpoint had nothing."""
+  if isinstance(target, dict):
+    restored = restored if isinstance(restored, dict) else {}
+    return {k: _fill(v, restored.get(k)) for k, v in target.items()}
+  return restored
+
+
+class PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag for the loop (main thread only); restores the handlers."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the end of this step", self.signal_name)
+
+  @property
+  def stop(self) -> bool:
+    return self.signal_name is not None
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)

@@ -1,0 +1,355 @@
+"""The one train loop: every stage (CLIP, tokenizer, FlowTok, test toys) runs through it.
+
+    train_and_evaluate(config, workdir, stage_name)
+
+  1. Mesh and rules from the config; the stage builds itself (`stage_api.get_builder`).
+  2. State: restore `W/checkpoints` -> `config.init.params_from` -> scratch (checkpoint.py), born
+     sharded; frozen parts loaded params-only onto their shards.
+  3. The train step is jitted once with explicit in/out shardings and the state donated, then
+     lowered and compiled before the first step; its memory analysis is logged.
+  4. Steps, with logging / evaluation / checkpoints decided by `metrics.itstime`; metrics reach the
+     host only on logging steps. SIGTERM/SIGINT save at the current step and return.
+  5. A final checkpoint; async saves are always waited for before returning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flowtok_jax import checkpoint as ckpt_lib
+from flowtok_jax import config_lib
+from flowtok_jax import metrics as metrics_lib
+from flowtok_jax import sharding
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import stage_api
+from flowtok_jax.train.state import TrainState, ema_update
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train_and_evaluate` returns.
+
+  Attributes:
+    step: the step the run stopped at (checkpointed).
+    stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT' or 'stop_at_step'.
+    last_metrics: the last logged train metrics.
+    last_eval: the last evaluation scalars.
+  """
+  step: int
+  stopped_by: str | None
+  last_metrics: dict
+  last_eval: dict
+
+
+def _namespaced(name: str, prefix: str) -> str:
+  return name if "/" in name else f"{prefix}/{name}"
+
+
+def example_batch_1(stage: stage_api.Stage) -> dict[str, np.ndarray]:
+  """Zeros shaped like one example of the stage's batch (leading dim 1) for init."""
+  return {k: np.zeros((1,) + tuple(np.shape(v))[1:], jax.dtypes.canonicalize_dtype(
+      np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype))
+          for k, v in stage.example_batch.items()}
+
+
+def make_init_fn(stage: stage_api.Stage, batch1: Mapping[str, np.ndarray]):
+  """`rng -> TrainState` with boxed params (for eval_shape / born-sharded init)."""
+  def init(rng):
+    p_rng, a_rng, s_rng = jax.random.split(rng, 3)
+    b = {k: jnp.asarray(v) for k, v in batch1.items()}
+    params = stage.init(p_rng, b)
+    aux_params = aux_opt = None
+    if stage.aux is not None:
+      aux_params = stage.aux.init(a_rng, b)
+      aux_opt = stage.aux.optimizer.init(aux_params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=stage.optimizer.init(params),
+        ema_params=params if stage.ema_decay is not None else None,
+        rng=s_rng, aux_params=aux_params, aux_opt_state=aux_opt)
+  return init
+
+
+def make_train_step(stage: stage_api.Stage):
+  """The pure `(state, frozen, batch) -> (state, metrics)` shared by every stage."""
+  aux = stage.aux
+
+  def train_step(state: TrainState, frozen, batch):
+    step = state.step
+    rng = jax.random.fold_in(state.rng, step)
+    loss_rng, aux_rng = jax.random.split(rng)
+
+    def loss_of(params):
+      loss, out = stage.loss_fn(params, frozen, batch, loss_rng, step, state.aux_params)
+      if not isinstance(out, stage_api.LossAux):
+        out = stage_api.LossAux(metrics=dict(out))
+      return loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = stage.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {_namespaced(k, "train"): v for k, v in out.metrics.items()}
+    metrics["train/loss"] = loss
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/param_norm"] = optax.global_norm(params)
+    if stage.learning_rate is not None:
+      metrics["train/lr"] = stage.learning_rate(step)
+    new = state.replace(step=step + 1, params=params, opt_state=opt_state)
+    if stage.ema_decay is not None:
+      new = new.replace(ema_params=ema_update(state.ema_params, params, stage.ema_decay))
+
+    if aux is not None:
+      outputs = jax.lax.stop_gradient(out.outputs)
+
+      def aux_loss_of(aux_params):
+        return aux.loss_fn(aux_params, outputs, batch, aux_rng, step)
+
+      (aux_loss, aux_metrics), aux_grads = jax.value_and_grad(aux_loss_of, has_aux=True)(
+          state.aux_params)
+      aux_updates, aux_opt = aux.optimizer.update(aux_grads, state.aux_opt_state,
+                                                  state.aux_params)
+      aux_params = optax.apply_updates(state.aux_params, aux_updates)
+      # Before start_step the module stays exactly as initialised (params and moments).
+      active = step >= aux.start_step
+      keep = lambda n, o: jnp.where(active, n, o)
+      new = new.replace(aux_params=jax.tree.map(keep, aux_params, state.aux_params),
+                        aux_opt_state=jax.tree.map(keep, aux_opt, state.aux_opt_state))
+      metrics[f"train/{aux.name}_loss"] = aux_loss
+      metrics.update({_namespaced(k, "train"): v for k, v in aux_metrics.items()})
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return new, metrics
+
+  return train_step
+
+
+def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int):
+  """Frozen parts: loaded params-only (or randomly initialised), sharded by their logical axes.
+
+  Returns:
+    (name -> params, name -> shardings).
+  """
+  frozen, shardings = {}, {}
+  for i, part in enumerate(stage.frozen):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + i)
+    init = lambda r, part=part: part.init(r, {k: jnp.asarray(v) for k, v in batch1.items()})
+    if part.checkpoint:
+      target, sh = sharding.abstract_with_shardings(init, mesh, rules, rng)
+      params, _ = ckpt_lib.load_params(part.checkpoint, target, select=part.select,
+                                       use_ema=part.use_ema)
+      logging.info("frozen %s: loaded from %s", part.name, part.checkpoint)
+    else:
+      logging.warning("frozen %s: no checkpoint given, randomly initialised", part.name)
+      params, sh = sharding.born_sharded(init, mesh, rules, rng)
+    frozen[part.name], shardings[part.name] = params, sh
+  return frozen, shardings
+
+
+def _init_from(state: TrainState, path: str, abstract: TrainState) -> TrainState:
+  """Copies parameters (params-only) from another run into a freshly initialised state."""
+  loaded, missing = ckpt_lib.load_params(path, abstract.params, use_ema=True, allow_missing=True)
+  if missing:
+    logging.info("init_from %s: %d params not in the checkpoint keep their init: %s", path,
+                 len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+  params = jax.tree.map(lambda new, old: old if new is None else new, loaded, state.params,
+                        is_leaf=lambda x: x is None)
+  ema = params if state.ema_params is not None else None
+  # Adam moments of a params-only load start from zero: the fresh opt_state already is.
+  return state.replace(params=params, ema_params=ema)
+
+
+def _log_compiled(compiled, stage: stage_api.Stage):
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None
+  if mem is not None:
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes")
+    logging.info("train step memory per device: %s", ", ".join(
+        f"{f.replace('_size_in_bytes', '')}={getattr(mem, f, 0) / 2**20:.1f} MiB"
+        for f in fields if hasattr(mem, f)))
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = cost.get("flops") if cost else None
+  except Exception:  # pylint: disable=broad-except
+    xla_flops = None
+  if xla_flops:
+    msg = f"train step FLOPs per device (XLA): {xla_flops:.3e}"
+    if stage.flops_per_step:
+      msg += f"; analytic (global): {stage.flops_per_step:.3e}"
+    logging.info(msg)
+
+
+def _meta(config, stage_name: str, step: int, mesh) -> dict:
+  return {"stage": stage_name, "step": int(step), "config": json.loads(config.to_json_best_effort()),
+          "mesh": dict(mesh.shape), "process_count": jax.process_count(),
+          "jax_version": jax.__version__,
+          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stage_name: str | None = None, *, stop_at_step: int | None = None
+                       ) -> RunResult:
+  """Trains `stage_name` (default `config.train.stage`) in `workdir`, resuming if possible.
+
+  Args:
+    config: the full config (per-stage sections are merged by `stage_api.config_for_stage`).
+    workdir: run directory: `checkpoints/`, `metrics.jsonl`, `tb/`, `images/`.
+    stage_name: a registered stage.
+    stop_at_step: stop (with a checkpoint) once this step is done, as a preemption would.
+  Returns:
+    RunResult.
+  """
+  stage_name = stage_name or config.train.stage
+  config = stage_api.config_for_stage(config, stage_name)
+  tcfg = config.train
+  total_steps = config_lib.steps("total", tcfg)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.get("sharding"))
+  sharding.check_batch_size(tcfg.batch_size, mesh)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  ctx = stage_api.StageContext(mesh=mesh, rules=rules, workdir=workdir,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(),
+                               global_batch_size=tcfg.batch_size, seed=config.seed)
+  stage = stage_api.get_builder(stage_name)(config, ctx)
+  logging.info("stage %s: mesh %s, global batch %d, %d steps", stage_name, dict(mesh.shape),
+               tcfg.batch_size, total_steps)
+
+  batch1 = example_batch_1(stage)
+  init_fn = make_init_fn(stage, batch1)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract, state_sh = sharding.abstract_with_shardings(init_fn, mesh, rules, rng)
+  frozen, frozen_sh = load_frozen(stage, batch1, mesh, rules, config.seed)
+  data_sh = sharding.data_sharding(mesh)
+  batch_abstract = {k: jax.ShapeDtypeStruct((tcfg.batch_size,) + v.shape[1:], v.dtype,
+                                            sharding=data_sh) for k, v in batch1.items()}
+
+  train_iter = stage.train_iter()
+  with ckpt_lib.Checkpointer(workdir, config.checkpoint) as ckpt:
+    # Resume order (checkpoint.py): this workdir -> init.params_from -> scratch.
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(abstract, train_iter)
+      if meta.get("stage", stage_name) != stage_name:
+        raise UserError(f"{workdir} holds a checkpoint of stage {meta.get('stage')!r}, "
+                        f"not {stage_name!r}: use another workdir")
+      logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    else:
+      state, _ = sharding.born_sharded(init_fn, mesh, rules, rng)
+      params_from = config.get("init", {}).get("params_from") if config.get("init") else None
+      if params_from:
+        state = _init_from(state, params_from, abstract)
+        logging.info("initialised params from %s", params_from)
+    start_step = int(jax.device_get(state.step))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      jitted = jax.jit(make_train_step(stage), in_shardings=(state_sh, frozen_sh, data_sh),
+                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+      t = time.perf_counter()
+      compiled = jitted.lower(abstract, jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), frozen),
+                              batch_abstract).compile()
+    logging.info("train step compiled in %.1f s", time.perf_counter() - t)
+    _log_compiled(compiled, stage)
+
+    peak = tcfg.get("peak_flops_per_device")
+    if stage.flops_per_step and not peak:
+      peak = metrics_lib.measure_peak_flops()
+      logging.info("measured peak %.3e FLOP/s per device (matmul)", peak)
+    throughput = metrics_lib.Throughput(
+        tcfg.batch_size, stage.flops_per_step, peak * jax.device_count() if peak else None)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+    progress = _progress(start_step, total_steps, tcfg)
+    result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
+    last_good = ckpt.latest_step()
+    try:
+      with ckpt_lib.PreemptionGuard() as guard:
+        throughput.reset(start_step)
+        for step in range(start_step + 1, total_steps + 1):
+          host_batch = next(train_iter)
+          batch = sharding.host_to_global(host_batch, mesh)
+          state, step_metrics = compiled(state, frozen, batch)
+          if progress is not None:
+            progress.update(1)
+          result.step = step
+
+          stop = guard.signal_name
+          if stop is None and jax.process_count() > 1 and ckpt.reached_preemption(step):
+            stop = "preemption"
+          if stop is None and stop_at_step is not None and step >= stop_at_step:
+            stop = "stop_at_step"
+
+          row = {}
+          if metrics_lib.itstime(step, tcfg.log_every_steps, total_steps):
+            row = metrics_lib.to_host(step_metrics)
+            metrics_lib.check_finite(row, step, last_good)
+            row.update(throughput.measure(step))
+            result.last_metrics = dict(row)
+            if progress is not None:
+              progress.set_postfix(loss=f"{row['train/loss']:.4g}", refresh=False)
+
+          with throughput.pause():
+            for ev in stage.evaluators:
+              if metrics_lib.itstime(step, ev.every_steps, total_steps,
+                                     last=bool(ev.every_steps)):
+                scalars = _run_evaluator(ev, state, frozen, step, writer)
+                result.last_eval.update(scalars)
+                row.update(scalars)
+            if row:
+              writer.write_scalars(step, row)
+
+            if stop or metrics_lib.itstime(step, tcfg.ckpt_every_steps, total_steps):
+              # Never replace the last good checkpoint by a diverged state.
+              metrics_lib.check_finite({"train/loss": float(step_metrics["train/loss"])},
+                                       step, last_good)
+              ckpt.save(step, state, train_iter, _meta(config, stage_name, step, mesh))
+              last_good = step
+          if stop:
+            result.stopped_by = stop
+            logging.warning("stopped at step %d (%s); checkpoint saved, re-run to resume",
+                            step, stop)
+            break
+    finally:
+      if progress is not None:
+        progress.close()
+      writer.close()
+      ckpt.wait()
+      if hasattr(train_iter, "close"):
+        train_iter.close()
+  return result
+
+
+def _run_evaluator(ev: stage_api.Evaluator, state: TrainState, frozen, step: int,
+                   writer: metrics_lib.MetricWriter) -> dict[str, float]:
+  t = time.perf_counter()
+  res = ev.fn(state.eval_params, frozen, step)
+  scalars = {_namespaced(k, "eval"): float(v) for k, v in res.scalars.items()}
+  scalars[f"perf/eval_{ev.name}_sec"] = time.perf_counter() - t
+  if res.images:
+    writer.write_images(step, res.images)
+  if res.texts:
+    writer.write_texts(step, res.texts)
+  logging.info("eval %s at step %d: %s", ev.name, step,
+               ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+  return scalars
+
+
+def _progress(start: int, total: int, tcfg):
+  if jax.process_index() != 0 or not tcfg.get("progress_bar", True):
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              smoothing=0.1)
