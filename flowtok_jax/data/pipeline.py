@@ -10,8 +10,8 @@ Order of operations (all on the random-access `MapDataset`, so every step is ind
 iterator state is a single position per worker):
   source[process_index::process_count] -> shuffle(seed) -> repeat(num_epochs) -> map(_Preprocess)
   -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
-Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every epoch
-has a new order that depends only on the seed. Batching before `to_iter_dataset` means worker
+Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every
+epoch has a new order that depends only on the seed. Batching before `to_iter_dataset` means worker
 processes split whole batches between them: the batch sequence is the same for any worker count.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from flowtok_jax.errors import UserError
 
 # Batches produced ahead by the in-process reader (threads) or by each worker process. Kept small:
 # one batch of 64 images at 64 px is ~3 MB, and grain's own default (500 elements) is for tiny ones.
-_DEFAULT_READ_THREADS = 2
+_DEFAULT_READ_THREADS = 1
 _DEFAULT_PREFETCH = 2
 
 
@@ -60,8 +60,10 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def to_rgb_uint8(value: Any) -> np.ndarray:
   """Turns a dataset image (decoded array or encoded PNG/JPEG bytes) into uint8 [H, W, 3]."""
-  if isinstance(value, (bytes, np.bytes_)) or (isinstance(value, np.ndarray) and value.dtype == object):
-    raw = value.item() if isinstance(value, np.ndarray) else bytes(value)
+  if isinstance(value, np.ndarray) and value.dtype == object:
+    value = value.item()
+  if isinstance(value, (bytes, np.bytes_)):
+    raw = bytes(value)
     with Image.open(io.BytesIO(raw)) as img:
       return np.asarray(img.convert("RGB"))
   arr = np.asarray(value)
@@ -97,7 +99,7 @@ class _Preprocess(grain.transforms.Map):
                         "set data.image_key / data.caption_key")
     try:
       image = to_rgb_uint8(element[self._image_key])
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
       # foreign dataset: stop rather than train on a silently altered stream.
       raise UserError(f"undecodable image in the dataset: {e}") from e

@@ -68,9 +68,11 @@ class TextTokenizer:
       The trained tokenizer.
     """
     if vocab_size < 5:
-      raise UserError(f"text_tokenizer.vocab_size must be >= 5 (4 special ids + 1), got {vocab_size}")
+      raise UserError(f"text_tokenizer.vocab_size must be >= 5 (4 special ids + 1), "
+                      f"got {vocab_size}")
     if model_type not in ("unigram", "bpe", "word", "char"):
-      raise UserError(f"text_tokenizer.model_type must be unigram|bpe|word|char, got {model_type!r}")
+      raise UserError(f"text_tokenizer.model_type must be unigram|bpe|word|char, "
+                      f"got {model_type!r}")
     sentences = [_as_str(c) for c in captions]
     sentences = [s for s in sentences if s.strip()]
     if not sentences:
@@ -148,7 +150,9 @@ class TextTokenizer:
       raise UserError(f"max_text_len must be >= 1, got {max_len}")
     if isinstance(texts, (str, bytes)):
       texts = [texts]
-    pieces = self._sp.encode([_as_str(t) for t in texts], out_type=int)
+    # One call per string: sentencepiece's list form starts a thread pool per call, which costs
+    # ~10x the encoding itself for the one-caption calls the input pipeline makes.
+    pieces = [self._sp.encode(_as_str(t), out_type=int) for t in texts]
     ids = np.full((len(pieces), max_len), PAD_ID, np.int32)
     truncated = np.zeros((len(pieces),), bool)
     for i, p in enumerate(pieces):
