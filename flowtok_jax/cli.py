@@ -123,6 +123,27 @@ def _info(args, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _convert_flags(p):
+  p.add_argument("--kind", required=True, choices=("flowtok", "flowtitok", "clip_text"),
+                 help="flowtok: FlowTok-XL/H.pth (DiT + text VAE + alignment MLP); flowtitok: "
+                      "FlowTiTok_512.bin; clip_text: an open_clip ViT-L-14-336 state dict")
+  _config_flags(p)
+  p.add_argument("--src", required=True, help="PyTorch checkpoint (.pth/.bin/.pt; needs torch) "
+                                              "or a state dict saved as .npz")
+  p.add_argument("--out", required=True, help="output directory: <tree>.msgpack + convert.json")
+
+
+@command("convert", "import released PyTorch weights into our parameter trees", _convert_flags)
+def _convert(args, overrides):
+  from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
+  result = convert.convert(args.kind, load_config(args, overrides), args.src, args.out)
+  print(json.dumps(result, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
