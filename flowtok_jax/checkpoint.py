@@ -72,7 +72,7 @@ def _manager(directory: str, *, max_to_keep: int | None = None, async_save: bool
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
-      read_only=read_only, create=not read_only)
+      read_only=read_only, create=not read_only, save_interval_steps=0 if read_only else 1)
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS,
                                item_handlers=_handlers())
 

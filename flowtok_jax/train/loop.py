@@ -101,8 +101,8 @@ def make_train_step(stage: stage_api.Stage):
     params = optax.apply_updates(state.params, updates)
     metrics = {_namespaced(k, "train"): v for k, v in out.metrics.items()}
     metrics["train/loss"] = loss
-    metrics["train/grad_norm"] = optax.global_norm(grads)
-    metrics["train/param_norm"] = optax.global_norm(params)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    metrics["train/param_norm"] = optax.tree.norm(params)
     if stage.learning_rate is not None:
       metrics["train/lr"] = stage.learning_rate(step)
     new = state.replace(step=step + 1, params=params, opt_state=opt_state)
@@ -163,7 +163,11 @@ def _init_from(state: TrainState, path: str, abstract: TrainState) -> TrainState
                  len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
   params = jax.tree.map(lambda new, old: old if new is None else new, loaded, state.params,
                         is_leaf=lambda x: x is None)
-  ema = params if state.ema_params is not None else None
+  ema = None
+  if state.ema_params is not None:
+    # A separate copy: the step donates the state, and one buffer cannot be donated twice.
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                  out_shardings=jax.tree.map(lambda a: a.sharding, abstract.ema_params))(params)
   # Adam moments of a params-only load start from zero: the fresh opt_state already is.
   return state.replace(params=params, ema_params=ema)
 

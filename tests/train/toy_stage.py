@@ -39,7 +39,7 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules=RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
   c.init = ml_collections.ConfigDict(dict(params_from=None))
-  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN))
+  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1))
   return c
 
 
@@ -75,10 +75,13 @@ def build_toy(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   sleep = config.train.get("sleep_per_step", 0.0)
 
   def loss_fn(params, frozen, batch, rng, step, aux_params):
-    del frozen, step, aux_params
+    del frozen, aux_params
     x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
     pred = model.apply({"params": params}, x)
-    return jnp.mean((pred - batch["y"]) ** 2), {"pred_mean": jnp.mean(pred)}
+    loss = jnp.mean((pred - batch["y"]) ** 2)
+    if config.toy.nan_at_step >= 0:  # Simulated divergence (0-based step).
+      loss = jnp.where(step >= config.toy.nan_at_step, jnp.nan, loss)
+    return loss, {"pred_mean": jnp.mean(pred)}
 
   def eval_fn(params, frozen, step):
     del frozen, step

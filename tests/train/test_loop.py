@@ -1,0 +1,137 @@
+"""The one train loop on the toy stage: learning, exact resume, CLI, guards, 8 devices, SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flowtok_jax import checkpoint, cli, metrics
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import loop
+
+import toy_stage  # pylint: disable=g-bad-import-order
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+STEPS = 12
+
+
+def _config(**train):
+  c = toy_stage.toy_config(**{"total_steps": STEPS, "eval_every_steps": 6, **train})
+  return c
+
+
+def _losses(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """12 steps in one go on 1 device; the reference trajectory."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  result = loop.train_and_evaluate(_config(), workdir, "toy")
+  return workdir, result
+
+
+def test_loss_drops_and_everything_is_logged(straight_run):
+  workdir, result = straight_run
+  assert result.step == STEPS and result.stopped_by is None
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  first = sum(losses[s] for s in (1, 2, 3)) / 3
+  last = sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+  assert last < 0.5 * first, (first, last)
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  by_step = {r["step"]: r for r in rows}
+  assert len(rows) == STEPS  # one line per logged step, eval merged into it
+  for key in ("perf/examples_per_sec", "perf/mfu", "train/lr", "train/grad_norm"):
+    assert key in by_step[STEPS]
+  assert "eval/mse" in by_step[6] and "eval/mse" in by_step[STEPS] and "eval/mse" not in by_step[5]
+  assert os.listdir(os.path.join(workdir, "tb"))
+  # Checkpoints every 4 steps plus the final one, newest 2 kept.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["8", "12"]
+
+
+def test_resume_is_exact_through_the_cli(straight_run, tmp_path, capsys):
+  ref = _losses(straight_run[0])
+  workdir = str(tmp_path / "resumed")
+  first = loop.train_and_evaluate(_config(), workdir, "toy", stop_at_step=STEPS // 2)
+  assert (first.step, first.stopped_by) == (STEPS // 2, "stop_at_step")
+  # Second half: `flowtok train` on the same workdir resumes from step 6.
+  cli.main(["train", "--config", os.path.join(HERE, "toy_config.py"), "--workdir", workdir,
+            f"--config.train.total_steps={STEPS}", "--config.train.eval_every_steps=6"])
+  assert '"step": 12' in capsys.readouterr().out
+  got = _losses(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1))  # each step logged exactly once
+  assert got == ref  # bit-identical losses
+
+
+def test_checkpoint_of_other_shapes_is_refused(straight_run):
+  config = _config()
+  config.toy.hidden = 48
+  with pytest.raises(UserError, match=r"params/Dense_0/bias has shape \(32,\) in the checkpoint "
+                                      r"but \(48,\) in the config"):
+    loop.train_and_evaluate(config, straight_run[0], "toy")
+
+
+def test_init_from_copies_params(straight_run, tmp_path):
+  config = _config(total_steps=1)
+  config.init.params_from = straight_run[0]
+  loop.train_and_evaluate(config, str(tmp_path), "toy")
+  # Starts from the trained (EMA) params: far below the fresh model's ~1.0 first loss.
+  assert _losses(str(tmp_path))[1] < 0.5 * _losses(straight_run[0])[1]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config(ckpt_every_steps=2)
+  config.toy.nan_at_step = 4  # the 5th step
+  with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 5.*step 4 kept"):
+    loop.train_and_evaluate(config, str(tmp_path), "toy")
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4"]
+
+
+def _run_toy(workdir, *overrides, env=None):
+  return subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "toy_stage.py"), workdir, *overrides],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_eight_devices_give_the_same_losses(straight_run, tmp_path):
+  workdir = str(tmp_path)
+  proc = _run_toy(workdir, "mesh.shape=(2,2,2)", f"train.total_steps={STEPS}",
+                  "train.eval_every_steps=6",
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out[-3000:]
+  ref, got = _losses(straight_run[0]), _losses(workdir)
+  assert sorted(got) == sorted(ref)
+  for step, loss in ref.items():
+    assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  proc = _run_toy(workdir, "train.total_steps=500", "train.ckpt_every_steps=1000",
+                  "train.sleep_per_step=0.1")
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and len(open(path).readlines()) >= 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert "stopped_by=SIGTERM" in out, out[-3000:]
+  saved = int(out.split("RESULT step=")[1].split()[0])
+  assert 2 <= saved < 500
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)]
+  # The checkpoint restores: two more steps continue from it.
+  config = toy_stage.toy_config(total_steps=saved + 2)
+  result = loop.train_and_evaluate(config, workdir, "toy")
+  assert result.step == saved + 2
+  assert sorted(_losses(workdir)) == list(range(1, saved + 3))

@@ -1,0 +1,79 @@
+"""AdamW from the config: schedule values, decay mask rules, clipping."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import optim
+
+
+def _cfg(**kw):
+  c = optim.default_config()
+  c.update(kw)
+  return c
+
+
+def test_warmup_then_constant():
+  s = optim.schedule(_cfg(lr=2.0, warmup_steps=4, schedule="constant"), total_steps=100)
+  np.testing.assert_allclose([float(s(i)) for i in (0, 1, 2, 4, 50, 100)],
+                             [0.0, 0.5, 1.0, 2.0, 2.0, 2.0], rtol=1e-6)
+
+
+def test_warmup_then_cosine_to_end_lr():
+  s = optim.schedule(_cfg(lr=1.0, warmup_steps=10, schedule="cosine", end_lr=0.1),
+                     total_steps=110)
+  # Half-way through the cosine: end + (lr - end) * (1 + cos(pi/2)) / 2 = 0.55.
+  np.testing.assert_allclose([float(s(i)) for i in (5, 10, 60, 110, 500)],
+                             [0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-5)
+
+
+def test_bad_schedule_is_user_error():
+  with pytest.raises(UserError, match="optim.schedule"):
+    optim.schedule(_cfg(schedule="linear"), 10)
+
+
+class _Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Embed(7, 8, name="tok_embedding")(x)
+    x = nn.Dense(8, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("embed", "mlp")), name="proj")(x)
+    x = nn.LayerNorm(name="ln_final")(x)
+    x = x + self.param("mask_token", nn.initializers.zeros, (1, 8))
+    return nn.Dense(3, name="head")(x)
+
+
+def test_decay_mask_rules_on_boxed_and_plain_trees():
+  params = _Net().init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+  for tree in (params, nn.meta.unbox(params)):
+    mask = nn.meta.unbox(optim.decay_mask(tree, optim.DEFAULT_DECAY_EXCLUDE))
+    assert mask["proj"]["kernel"] and mask["head"]["kernel"]  # matmul weights decay
+    assert not mask["proj"]["bias"] and not mask["head"]["bias"]  # ndim < 2
+    assert not mask["ln_final"]["scale"]
+    assert not mask["tok_embedding"]["embedding"]  # 2D but an embedding table
+    assert not mask["mask_token"]  # 2D but a learned token
+  # The exclusion list is configurable: without it only ndim decides.
+  mask = optim.decay_mask(nn.meta.unbox(params), ())
+  assert mask["tok_embedding"]["embedding"] and mask["mask_token"]
+
+
+def test_weight_decay_only_hits_masked_params():
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  tx = optim.make(_cfg(lr=0.1, weight_decay=0.5, warmup_steps=0), total_steps=10).tx
+  upd, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(upd["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(upd["b"], 0.0)
+
+
+def test_clipping_rescales_to_global_norm():
+  # With eps >> |g|, Adam's first update is ~ -lr * g / eps: linear in the (clipped) gradient.
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  g = {"w": 100.0 * jnp.ones((2, 2)), "b": jnp.zeros((2,))}  # global norm 200
+  def first_update(clip):
+    tx = optim.make(_cfg(lr=1.0, weight_decay=0.0, eps=1e6, clip_norm=clip), total_steps=10).tx
+    return np.asarray(tx.update(g, tx.init(params), params)[0]["w"])
+  np.testing.assert_allclose(first_update(None), -100.0 / 1e6, rtol=1e-3)
+  np.testing.assert_allclose(first_update(1.0), -0.5 / 1e6, rtol=1e-3)

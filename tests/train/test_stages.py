@@ -1,0 +1,257 @@
+"""The three stages on tiny models: losses drop, direction masking, stop-gradient, GAN/LeCam."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flowtok_jax import config_lib
+from flowtok_jax import sharding
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import flowtok_step, loop, stage_api, stages
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                    "configs", "demo.py")
+B, L, S = 8, 16, 16
+
+
+def tiny_config(stage: str, **sections) -> ml_collections.ConfigDict:
+  """The demo's runlocal config at 16 px, merged for `stage`, with section overrides."""
+  config = config_lib.load(DEMO + ":runlocal,res=32")
+  config = stage_api.config_for_stage(config, stage)
+  # config_for_stage copies values, so every image size is set (the demo shares them by reference).
+  for section in (config.data, config.clip_image, config.tokenizer):
+    section.image_size = S
+  config.clip_image.patch_size = 4
+  config.tokenizer.patch_size = 4
+  config.train.ema_decay = None
+  config.optim.update(lr=3e-3, warmup_steps=0, weight_decay=0.0, clip_norm=None)
+  for name, values in sections.items():
+    if name not in config:
+      config[name] = ml_collections.ConfigDict()
+    config[name].update(values)
+  return config
+
+
+def context(config, workdir="/nonexistent") -> stage_api.StageContext:
+  mesh = sharding.make_mesh(config.mesh)
+  return stage_api.StageContext(mesh=mesh, rules=sharding.logical_rules(config.get("sharding")),
+                                workdir=workdir, process_index=0, process_count=1,
+                                global_batch_size=B, seed=0)
+
+
+def fixed_batch(vocab: int, seed: int = 0) -> dict:
+  """B distinct (image, caption) pairs: smooth random images, ids with EOS and padding."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(size=(B, 4, 4, 3)).astype(np.float32)
+  images = np.repeat(np.repeat(coarse, S // 4, axis=1), S // 4, axis=2)
+  ids = np.zeros((B, L), np.int32)
+  for i in range(B):
+    n = rng.integers(5, L - 2)
+    ids[i, :n] = rng.integers(4, vocab, size=n)
+    ids[i, n] = 3  # EOS; the rest stays pad (0).
+  return {"image": images, "text_ids": ids, "truncated": np.zeros((B,), bool)}
+
+
+def build(stage_name, config):
+  return stage_api.get_builder(stage_name)(config, context(config))
+
+
+def init_all(stage, seed=0):
+  """(state, frozen) as the loop makes them (frozen parts randomly initialised)."""
+  batch1 = loop.example_batch_1(stage)
+  state = jax.jit(lambda r: sharding.strip_boxes(loop.make_init_fn(stage, batch1)(r)))(
+      jax.random.PRNGKey(seed))
+  frozen = {}
+  for i, part in enumerate(stage.frozen):
+    b = {k: jnp.asarray(v) for k, v in batch1.items()}
+    frozen[part.name] = sharding.strip_boxes(part.init(jax.random.PRNGKey(100 + i), b))
+  return state, frozen
+
+
+def run_steps(stage, batch, steps, seed=0):
+  """Trains `steps` steps on one fixed batch with the loop's own train step; metrics per step."""
+  state, frozen = init_all(stage, seed)
+  step_fn = jax.jit(loop.make_train_step(stage))
+  history = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, frozen, batch)
+    history.append(jax.device_get(metrics))
+  return state, frozen, history
+
+
+def mean_of(history, key, sl):
+  return float(np.mean([h[key] for h in history[sl]]))
+
+
+# -- clip ------------------------------------------------------------------------------------------
+
+def test_clip_stage_loss_drops():
+  config = tiny_config("clip")
+  stage = build("clip", config)
+  batch = fixed_batch(config.clip_text.vocab_size)
+  # The image tower starts with every embedding equal (class-token pooling of a 0.02-init ViT),
+  # so the loss sits at log(B) for ~30 steps before the pairs separate.
+  _, _, hist = run_steps(stage, batch, 60)
+  first, last = hist[0]["train/clip_loss"], mean_of(hist, "train/clip_loss", slice(-3, None))
+  assert last < 0.5 * first, (first, last)
+  assert hist[-1]["train/acc_i2t"] > 0.5
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+def test_tokenizer_stage_loss_drops_with_gan_and_lecam():
+  start = 4
+  config = tiny_config("tokenizer", tokenizer_stage=dict(
+      gan_weight=0.1, gan_start_step=start, lecam_weight=0.01, lecam_decay=0.9))
+  stage = build("tokenizer", config)
+  assert [p.name for p in stage.frozen] == ["clip_text"]  # text-aware decoder
+  assert stage.aux is not None and stage.aux.start_step == start
+  batch = fixed_batch(config.clip_text.vocab_size)
+  state0, frozen = init_all(stage)
+  step_fn = jax.jit(loop.make_train_step(stage))
+  state, hist = state0, []
+  for i in range(30):
+    prev = state
+    state, m = step_fn(state, frozen, batch)
+    hist.append(jax.device_get(m))
+    if i == start - 1:
+      # Before start_step the discriminator (and its LeCam anchors) is untouched.
+      jax.tree.map(np.testing.assert_array_equal, state.aux_params, state0.aux_params)
+    if i == start:
+      # First active step: the anchors moved by exactly one EMA step towards mean D(x).
+      np.testing.assert_allclose(state.aux_params["lecam"]["real"],
+                                 0.9 * prev.aux_params["lecam"]["real"]
+                                 + 0.1 * hist[-1]["train/disc_real"], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(state.aux_params["lecam"]["fake"],
+                                 0.9 * prev.aux_params["lecam"]["fake"]
+                                 + 0.1 * hist[-1]["train/disc_fake"], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(state.aux_params["disc"]["stem"]["kernel"],
+                         state0.aux_params["disc"]["stem"]["kernel"])
+  first, last = hist[0]["train/recon_loss"], mean_of(hist, "train/recon_loss", slice(-3, None))
+  assert last < 0.5 * first, (first, last)
+  assert np.isfinite(hist[-1]["train/disc_loss"])
+
+
+def test_tokenizer_without_gan_has_no_discriminator_and_perceptual_is_checked():
+  config = tiny_config("tokenizer")
+  stage = build("tokenizer", config)
+  assert stage.aux is None
+  config = tiny_config("tokenizer", tokenizer_stage=dict(perceptual_weight=1.0,
+                                                         perceptual="lpips"))
+  with pytest.raises(UserError, match="perceptual"):
+    build("tokenizer", config)
+  config = tiny_config("tokenizer", tokenizer_stage=dict(recon_kind="l2"))
+  with pytest.raises(UserError, match="recon_kind"):
+    build("tokenizer", config)
+
+
+# -- flowtok ---------------------------------------------------------------------------------------
+
+def flowtok_config(**flowtok_stage):
+  config = tiny_config("flowtok", flowtok_stage=flowtok_stage)
+  config.tokenizer.latent_scale = 1.0
+  return config
+
+
+def test_flowtok_stage_loss_drops_both_directions():
+  config = flowtok_config(p_i2t=0.5)
+  stage = build("flowtok", config)
+  assert sorted(p.name for p in stage.frozen) == ["clip_text", "tokenizer"]
+  batch = fixed_batch(config.clip_text.vocab_size)
+  _, _, hist = run_steps(stage, batch, 30)
+  for key in ("train/loss", "train/loss_fm", "train/dec_ce"):
+    first, last = mean_of(hist, key, slice(0, 3)), mean_of(hist, key, slice(-3, None))
+    assert last < 0.7 * first, (key, first, last)
+  for key in ("train/loss_t2i", "train/loss_i2t", "train/rel_loss_t2i", "train/rel_loss_i2t",
+              "train/frac_i2t", "train/kl", "train/align", "train/null_frac"):
+    assert key in hist[-1] and np.isfinite(hist[-1][key]), key
+  assert 0.2 < mean_of(hist, "train/frac_i2t", slice(None)) < 0.8
+
+
+def test_t2i_only_config_has_no_direction_params_or_i2t_metrics():
+  config = flowtok_config(p_i2t=0.0)
+  config.flow.two_directions = False
+  stage = build("flowtok", config)
+  batch1 = loop.example_batch_1(stage)
+  params = sharding.strip_boxes(jax.eval_shape(stage.init, jax.random.PRNGKey(0), batch1))
+  assert "direction_embedder" not in params["flow"]
+  frozen = {p.name: sharding.strip_boxes(jax.eval_shape(p.init, jax.random.PRNGKey(0), batch1))
+            for p in stage.frozen}
+  _, metrics = jax.eval_shape(
+      lambda p, f: stage.loss_fn(p, f, fixed_batch(config.clip_text.vocab_size),
+                                 jax.random.PRNGKey(1), jnp.int32(0), None), params, frozen)
+  assert "loss_t2i" in metrics and "loss_i2t" not in metrics and "frac_i2t" not in metrics
+  # Two-way training needs the direction embedding.
+  config = flowtok_config(p_i2t=0.5)
+  config.flow.two_directions = False
+  with pytest.raises(UserError, match="two_directions"):
+    build("flowtok", config)
+
+
+def test_flow_pair_swaps_and_stops_gradient():
+  z_t = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+  z_i = -z_t - 1.0
+  d = jnp.array([0, 1])
+  src, tgt = flowtok_step.flow_pair(z_t, z_i, d)
+  np.testing.assert_array_equal(src[0], z_t[0])  # T2I: text -> image
+  np.testing.assert_array_equal(tgt[0], z_i[0])
+  np.testing.assert_array_equal(src[1], z_i[1])  # I2T: image -> text
+  np.testing.assert_array_equal(tgt[1], z_t[1])
+  g = jax.grad(lambda z: flowtok_step.flow_pair(z, z_i, d)[1].sum())(z_t)
+  np.testing.assert_array_equal(g, np.zeros_like(g))  # the I2T target carries no gradient
+  g = jax.grad(lambda z: flowtok_step.flow_pair(z, z_i, d)[0].sum())(z_t)
+  np.testing.assert_array_equal(g[:, 0, 0], [1.0, 0.0])
+
+
+def test_i2t_flow_loss_sends_no_gradient_into_the_text_vae():
+  config = flowtok_config(p_i2t=0.5, kl_weight=0.0, align_weight=0.0, dec_weight=0.0)
+  stage = build("flowtok", config)
+  state, frozen = init_all(stage)
+  batch = fixed_batch(config.clip_text.vocab_size)
+  # Non-zero DiT output layers, so that the flow loss depends on the DiT input at all.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if "final_layer" in jax.tree_util.keystr(p) else x, state.params)
+  key = jax.random.PRNGKey(3)
+
+  def per_direction(p):
+    _, m = stage.loss_fn(p, frozen, batch, key, jnp.int32(0), None)
+    return jnp.stack([m["loss_t2i"], m["loss_i2t"]]), m
+
+  jac, metrics = jax.jit(jax.jacrev(per_direction, has_aux=True))(params)
+  assert 0 < float(metrics["frac_i2t"]) < 1  # this key mixes both directions
+  sq = lambda tree, i: sum(float(jnp.sum(jnp.square(g[i]))) for g in jax.tree.leaves(tree))
+  # I2T: source z_I (frozen), target stop_gradient(z_T): nothing reaches the text VAE.
+  assert sq(jac["text_vae"], 1) == 0.0 and sq(jac["flow"], 1) > 0
+  # T2I: z_T is the source, so the flow loss trains the text VAE.
+  assert sq(jac["text_vae"], 0) > 0
+
+
+def test_flowtok_section_and_model_checks():
+  with pytest.raises(UserError, match="p_i2t"):
+    build("flowtok", flowtok_config(p_i2t=1.5))
+  with pytest.raises(UserError, match="not a known key"):
+    build("flowtok", flowtok_config(p_t2i=0.5))
+  config = flowtok_config()
+  config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
+  assert stages._latent_scale(config, context(config), None, None,
+                              stages._section(config, "flowtok_stage")) == 1.0
+
+
+def test_estimate_latent_scale():
+  rng = np.random.default_rng(0)
+  batches = [{"image": jnp.asarray(rng.normal(size=(4, 3, 2)) * 2.5 + 1.0, jnp.float32)}
+             for _ in range(8)]
+  encode = lambda x: (x, jnp.full_like(x, -60.0))  # posterior std ~ 0
+  scale = flowtok_step.estimate_latent_scale(encode, batches)
+  np.testing.assert_allclose(scale, 1 / 2.5, rtol=0.1)
+  allz = np.concatenate([np.asarray(b["image"]).ravel() for b in batches])
+  np.testing.assert_allclose(scale, 1 / allz.std(), rtol=1e-4)
+
+
+def test_stage_defaults_are_all_commented_keys():
+  d = stages.stage_defaults()
+  assert set(d) == {"clip_stage", "tokenizer_stage", "flowtok_stage"}
+  assert d.flowtok_stage.p_i2t == 0.0 and d.flowtok_stage.kl_reduction == "sum"
