@@ -8,6 +8,7 @@ that subprocess tests (8 fake devices, SIGTERM) train it:
 """
 import os
 import sys
+import time
 
 import flax.linen as nn
 import grain
@@ -39,7 +40,7 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules=RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
   c.init = ml_collections.ConfigDict(dict(params_from=None))
-  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1))
+  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1))  # NaN data after it
   return c
 
 
@@ -73,15 +74,13 @@ def build_toy(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   model = MLP(hidden=config.toy.hidden)
   opt = optim.make(config.optim, total_steps=config.train.total_steps)
   sleep = config.train.get("sleep_per_step", 0.0)
+  nan_at = config.toy.nan_at_step
 
   def loss_fn(params, frozen, batch, rng, step, aux_params):
-    del frozen, aux_params
+    del frozen, step, aux_params
     x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
     pred = model.apply({"params": params}, x)
-    loss = jnp.mean((pred - batch["y"]) ** 2)
-    if config.toy.nan_at_step >= 0:  # Simulated divergence (0-based step).
-      loss = jnp.where(step >= config.toy.nan_at_step, jnp.nan, loss)
-    return loss, {"pred_mean": jnp.mean(pred)}
+    return jnp.mean((pred - batch["y"]) ** 2), {"pred_mean": jnp.mean(pred)}
 
   def eval_fn(params, frozen, step):
     del frozen, step
@@ -91,9 +90,7 @@ def build_toy(config, ctx: stage_api.StageContext) -> stage_api.Stage:
 
   def train_iter():
     it = make_iter(ctx.host_batch_size, ctx.process_index, ctx.process_count, config.seed)
-    if not sleep:
-      return it
-    return _Slow(it, sleep)
+    return _Wrapped(it, sleep, nan_at)
 
   return stage_api.Stage(
       name="toy", init=lambda rng, b: model.init(rng, b["x"])["params"], loss_fn=loss_fn,
@@ -105,23 +102,29 @@ def build_toy(config, ctx: stage_api.StageContext) -> stage_api.Stage:
                                                       + config.toy.hidden * OUT))
 
 
-class _Slow(grain.DatasetIterator):
-  """Slows the data so a subprocess test can signal the run mid-way."""
+class _Wrapped(grain.DatasetIterator):
+  """Slows the data (so a subprocess test can signal the run mid-way) or poisons it with NaN
+  from batch `nan_at` on (a simulated divergence that leaves the compiled program unchanged)."""
 
-  def __init__(self, it, sleep):
+  def __init__(self, it, sleep, nan_at):
     super().__init__()
-    self._it, self._sleep = it, sleep
+    self._it, self._sleep, self._nan_at, self._n = it, sleep, nan_at, 0
 
   def __next__(self):
-    import time  # pylint: disable=g-import-not-at-top
-    time.sleep(self._sleep)
-    return next(self._it)
+    if self._sleep:
+      time.sleep(self._sleep)
+    batch = next(self._it)
+    self._n += 1
+    if 0 <= self._nan_at < self._n:
+      batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+    return batch
 
   def get_state(self):
-    return self._it.get_state()
+    return {"inner": self._it.get_state(), "n": self._n}
 
   def set_state(self, state):
-    self._it.set_state(state)
+    self._it.set_state(state["inner"])
+    self._n = state["n"]
 
 
 def main(argv):
