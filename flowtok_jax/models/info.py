@@ -6,7 +6,7 @@ component with `jax.eval_shape`, so paper-scale models cost no memory. `flowtok 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -106,13 +106,25 @@ def count(tree: Any) -> int:
   return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
-def param_counts(config) -> dict[str, Any]:
+def param_counts(config, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Parameter counts per component, the paper's FlowTok total, and the grand total.
 
   `flowtok` = DiT + text VAE + alignment MLP: the quantity the paper reports (153M / 698M / 1.1B
   for B / XL / H). The fixed position table of the DiT is not a parameter.
+
+  Args:
+    config: a ConfigDict with the model sections.
+    names: count only these components (default: all); `total` then sums those.
   """
-  counts = {name: count(abstract_params(c)) for name, c in component_modules(config).items()}
-  return {"params": counts,
-          "flowtok": counts["flow"] + counts["text_vae"] + counts["align_mlp"],
-          "total": sum(counts.values())}
+  comps = component_modules(config)
+  if names is not None:
+    unknown = sorted(set(names) - set(comps))
+    if unknown:
+      raise UserError(f"unknown model components {unknown} (known: {', '.join(comps)})")
+    comps = {n: comps[n] for n in names}
+  counts = {name: count(abstract_params(c)) for name, c in comps.items()}
+  out = {"params": counts}
+  if {"flow", "text_vae", "align_mlp"} <= set(counts):
+    out["flowtok"] = counts["flow"] + counts["text_vae"] + counts["align_mlp"]
+  out["total"] = sum(counts.values())
+  return out

@@ -88,6 +88,16 @@ class TokenizerConfig:
                logvar_max=section.logvar_max, dtype=dtype)
 
 
+def pixel_shuffle(x: jax.Array, grid: int, patch: int) -> jax.Array:
+  """[B, g·g, (p1 p2 c)] row-major patches -> [B, g·p, g·p, c] NHWC image.
+
+  The channel order (p1, p2, c) is the reference's 'b (p1 p2 c) h w -> b c (h p1) (w p2)'.
+  """
+  b, c = x.shape[0], x.shape[-1] // (patch * patch)
+  x = x.reshape(b, grid, grid, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid * patch, grid * patch, c)
+
+
 def _token_init(width: int):
   # width^-0.5 · N(0, 1), as the reference initialises latent tokens, mask token and tables.
   return layers.normal(width ** -0.5)
@@ -167,8 +177,7 @@ class FlowTiTokDecoder(nn.Module):
     x = layers.layer_norm("ln_post", dtype=dt)(x[:, : g * g])
     x = layers.dense(p * p * 3, ("embed", None), name="pixel_head", dtype=dt,
                      kernel_init=init)(x)
-    # Pixel shuffle: [B, g·g, (p1 p2 c)] -> [B, g·p, g·p, 3].
-    x = x.reshape(b, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * p, g * p, 3)
+    x = pixel_shuffle(x, g, p)
     x = nn.Conv(3, (3, 3), padding="SAME", dtype=dt, param_dtype=jnp.float32, name="conv_out",
                 kernel_init=layers.with_axes(init, (None, None, None, None)),
                 bias_init=layers.with_axes(layers.zeros, (None,)))(x)

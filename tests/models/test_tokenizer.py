@@ -1,0 +1,127 @@
+"""FlowTiTok: encode/decode shapes, logvar clip, text-aware decoding, pixel layout, sizes."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowtok_jax.models import layers, tokenizer
+
+B, S, K, C, L, D = 2, 16, 8, 4, 8, 24
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.uniform(0, 1, (B, S, S, 3)), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  return images, text
+
+
+@pytest.fixture(scope="module")
+def tok():
+  """A tiny text-aware FlowTiTok, random parameters, and its jitted entry points (compiled once)."""
+  cfg = tokenizer.TokenizerConfig(
+      image_size=S, patch_size=4, enc_width=32, enc_depth=1, enc_heads=2, dec_width=32,
+      dec_depth=1, dec_heads=2, num_tokens=K, token_channels=C, text_aware=True, text_width=D,
+      text_len=L)
+  model = tokenizer.FlowTiTok(cfg)
+  images, text = _data()
+  shapes = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b, sample=False),
+                          images, text)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
+                        shapes)
+  fns = dict(
+      encode=jax.jit(functools.partial(model.apply, method=tokenizer.FlowTiTok.encode)),
+      decode=jax.jit(functools.partial(model.apply, method=tokenizer.FlowTiTok.decode)),
+      forward=jax.jit(lambda p, a, b, key: model.apply(p, a, b, rngs={"sample": key})))
+  return model, params, fns
+
+
+def _with_logvar_bias(params, value):
+  """Copy of params whose encoder output bias puts logvar at `value` (mean bias 0)."""
+  bias = np.zeros((2 * C,), np.float32)
+  bias[C:] = value
+  enc = dict(params["params"]["encoder"])
+  enc["out"] = dict(enc["out"], bias=nn.meta.replace_boxed(enc["out"]["bias"], bias))
+  return {"params": dict(params["params"], encoder=enc)}
+
+
+def test_encode_decode_shapes_logvar_clip_and_sampling(tok):
+  _, params, fns = tok
+  images, text = _data()
+  key = jax.random.key(0)
+  # logvar far below the clip: it sits at -30, σ ≈ 3e-7, so a sample decodes like the mean.
+  low = _with_logvar_bias(params, -100.0)
+  recon, mean, logvar = fns["forward"](low, images, text, key)
+  assert recon.shape == (B, S, S, 3) and recon.dtype == jnp.float32
+  assert mean.shape == logvar.shape == (B, K, C)
+  np.testing.assert_array_equal(np.asarray(logvar), -30.0)
+  assert np.abs(np.asarray(mean)).max() > 1e-3
+  from_mean = np.asarray(fns["decode"](low, mean, text))
+  np.testing.assert_allclose(np.asarray(recon), from_mean, atol=1e-4)
+  # logvar far above: clipped to 20, σ = e^10, and the sampled reconstruction moves.
+  high = _with_logvar_bias(params, 100.0)
+  recon_high, _, logvar_high = fns["forward"](high, images, text, key)
+  np.testing.assert_array_equal(np.asarray(logvar_high), 20.0)
+  assert np.abs(np.asarray(recon_high) - from_mean).max() > 1e-3
+  # The encode method is the forward's first half (shapes only: no extra compile).
+  enc = jax.eval_shape(fns["encode"], params, images)
+  assert [e.shape for e in enc] == [(B, K, C), (B, K, C)]
+
+
+def test_text_aware_decoder_needs_and_uses_text(tok, make_test_model):
+  model, params, fns = tok
+  images, text = _data()
+  dec = nn.meta.unbox(params)["params"]["decoder"]
+  assert dec["text_proj"]["kernel"].shape == (D, 32)
+  assert dec["text_pos"].shape == (L, 32)
+  z = jnp.asarray(np.random.default_rng(1).standard_normal((B, K, C)), jnp.float32)
+  a = np.asarray(fns["decode"](params, z, text))
+  assert a.shape == (B, S, S, 3)
+  assert np.abs(a - np.asarray(fns["decode"](params, z, text * 2))).max() > 1e-4
+  with pytest.raises(ValueError, match="text-aware"):
+    model.apply(params, z, None, method=tokenizer.FlowTiTok.decode)
+  blind = make_test_model("tokenizer", text_aware=False)
+  shapes = jax.eval_shape(lambda a: blind.init(jax.random.key(0), a, None, sample=False), images)
+  assert "text_proj" not in shapes["params"]["decoder"]
+  assert "text_pos" not in shapes["params"]["decoder"]
+
+
+def test_pixel_shuffle_matches_the_reference_rearrange():
+  g, p, c = 3, 2, 3
+  x = np.random.default_rng(0).standard_normal((1, g * g, p * p * c)).astype(np.float32)
+  # Reference: tokens -> NCHW [B, (p1 p2 c), g, g] -> 'b (p1 p2 c) h w -> b c (h p1) (w p2)'.
+  nchw = x.transpose(0, 2, 1).reshape(1, p * p * c, g, g)
+  want = np.zeros((1, c, g * p, g * p), np.float32)
+  for ch in range(p * p * c):
+    p1, rem = divmod(ch, p * c)
+    p2, cc = divmod(rem, c)
+    for h in range(g):
+      for w in range(g):
+        want[0, cc, h * p + p1, w * p + p2] = nchw[0, ch, h, w]
+  got = np.asarray(tokenizer.pixel_shuffle(jnp.asarray(x), g, p))
+  np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+
+
+def test_paper_sizes_and_swiglu_shapes():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  sec = ml_collections.ConfigDict(dict(
+      image_size=256, patch_size=16, encoder_size="base", decoder_size="large",
+      encoder_width=None, encoder_depth=None, encoder_heads=None, decoder_width=None,
+      decoder_depth=None, decoder_heads=None, num_tokens=77, token_channels=16,
+      text_aware=True, text_width=768, text_len=77, logvar_min=-30.0, logvar_max=20.0))
+  cfg = tokenizer.TokenizerConfig.from_config(sec)
+  assert (cfg.enc_width, cfg.enc_depth, cfg.enc_heads) == (768, 12, 12)
+  assert (cfg.dec_width, cfg.dec_depth, cfg.dec_heads, cfg.grid) == (1024, 24, 16, 16)
+  # One decoder block at paper width: SwiGLU hidden 2730, RoPE over 64-dim heads.
+  block = layers.PreLNBlock(16, mlp="swiglu")
+  x = jax.ShapeDtypeStruct((1, 256 + 77 + 77, 1024), jnp.float32)
+  rope = layers.rope_2d(64, 16, num_extra=154)
+  shapes = jax.eval_shape(lambda a: block.init(jax.random.key(0), a, rope=rope), x)["params"]
+  shapes = nn.meta.unbox(shapes)
+  assert shapes["mlp"]["w12"]["kernel"].shape == (1024, 2, 2730)
+  assert shapes["mlp"]["w3"]["kernel"].shape == (2730, 1024)
+  assert shapes["attn"]["qkv"]["kernel"].shape == (1024, 3, 16, 64)
