@@ -44,6 +44,12 @@ ITEMS = ("state", "data_iter", "meta")
 _PARAM_FIELDS = ("params", "ema_params", "aux_params")
 
 
+def quiet_orbax():
+  """Orbax logs every save phase at INFO through absl; keep run logs to warnings from it."""
+  if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def _handlers():
   return {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
           "data_iter": grain.checkpoint.CheckpointHandler()}
@@ -135,6 +141,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+    quiet_orbax()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._mngr = _manager(self.directory, max_to_keep=cfg.max_to_keep,
                           async_save=cfg.async_save)
@@ -229,6 +236,7 @@ def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: 
   Returns:
     (params tree shaped like `target`, with None where missing; names of the missing params).
   """
+  quiet_orbax()
   directory, step = resolve_dir(path)
   mngr = _manager(directory, read_only=True)
   try:
@@ -284,14 +292,21 @@ def _fill(target: Any, restored: Any) -> Any:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM/SIGINT into a flag for the loop (main thread only); restores the handlers."""
+  """Turns SIGTERM/SIGINT into a flag for the loop (main thread only); restores the handlers.
 
-  def __init__(self):
+  Args:
+    enabled: install the handlers. Multi-host runs leave SIGTERM to JAX's preemption notifier
+      (read through `Checkpointer.reached_preemption`), which makes every host stop at the same
+      step; a per-host Python flag could not.
+  """
+
+  def __init__(self, enabled: bool = True):
     self.signal_name: str | None = None
+    self._enabled = enabled
     self._old = {}
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if self._enabled and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._old[sig] = signal.signal(sig, self._handle)
     return self

@@ -258,6 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = _init_from(state, params_from, abstract)
         logging.info("initialised params from %s", params_from)
     start_step = int(jax.device_get(state.step))
+    if start_step >= total_steps:
+      logging.info("checkpoint at step %d: nothing left to train (total_steps %d)", start_step,
+                   total_steps)
+      return RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       jitted = jax.jit(make_train_step(stage), in_shardings=(state_sh, frozen_sh, data_sh),
@@ -280,11 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
     last_good = ckpt.latest_step()
     try:
-      with ckpt_lib.PreemptionGuard() as guard:
+      with ckpt_lib.PreemptionGuard(enabled=jax.process_count() == 1) as guard:
         throughput.reset(start_step)
         for step in range(start_step + 1, total_steps + 1):
           host_batch = next(train_iter)
-          batch = sharding.host_to_global(host_batch, mesh)
+          # Only the keys (and dtypes) the step was compiled for; the rest stays on the host.
+          batch = sharding.host_to_global(
+              {k: np.asarray(host_batch[k], v.dtype) for k, v in batch1.items()}, mesh)
           state, step_metrics = compiled(state, frozen, batch)
           if progress is not None:
             progress.update(1)
@@ -299,8 +305,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           row = {}
           if metrics_lib.itstime(step, tcfg.log_every_steps, total_steps):
             row = metrics_lib.to_host(step_metrics)
-            metrics_lib.check_finite(row, step, last_good)
             row.update(throughput.measure(step))
+            try:
+              metrics_lib.check_finite(row, step, last_good)
+            except UserError:
+              writer.write_scalars(step, row)  # The diverged step stays visible in the log.
+              raise
             result.last_metrics = dict(row)
             if progress is not None:
               progress.set_postfix(loss=f"{row['train/loss']:.4g}", refresh=False)

@@ -198,7 +198,9 @@ class Stage:
       arrays `[host_batch, ...]` and has `get_state()`/`set_state()` (a grain `DatasetIterator`,
       so orbax can checkpoint it). Called once per run, before any restore.
     example_batch: one host batch (or arrays with the right trailing shapes and dtypes); only
-      shapes/dtypes of `x[:1]` are used, for `init` and for compiling.
+      shapes/dtypes of `x[:1]` are used, for `init` and for compiling. It names the keys the
+      train step receives: other keys of the iterator's batches (e.g. raw caption strings) stay
+      on the host, and values are cast to these dtypes.
     learning_rate: optional `step -> lr` schedule, logged as `train/lr`.
     frozen: frozen parts (see `FrozenPart`).
     aux: optional auxiliary module (see `AuxModule`).

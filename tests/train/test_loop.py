@@ -91,6 +91,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 5.*step 4 kept"):
     loop.train_and_evaluate(config, str(tmp_path), "toy")
   assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4"]
+  assert _losses(str(tmp_path))[5] == "nan"  # the diverged step is logged before stopping
 
 
 def _run_toy(workdir, *overrides, env=None):
