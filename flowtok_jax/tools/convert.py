@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -61,6 +62,13 @@ def _unwrap(obj: Any) -> dict:
   return out
 
 
+def _is_torchscript(path: str) -> bool:
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a .pth/.bin/.pt checkpoint (also an OpenAI TorchScript archive) as float32 numpy."""
   try:
@@ -69,14 +77,14 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     raise UserError(f"reading {path} needs PyTorch: pip install torch==2.13.0 "
                     "(or the flowtok_jax[torch] extra)") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except RuntimeError as e:
-    # OpenAI's CLIP .pt files are TorchScript archives; torch.load tells us to use jit.load.
-    if "jit" not in str(e):
-      raise UserError(f"cannot read {path} with torch.load: {e}") from e
-    obj = torch.jit.load(path, map_location="cpu").state_dict()
-  except Exception as e:  # pickle errors, truncated zip files, ...
-    raise UserError(f"cannot read {path} with torch.load: {e}") from e
+    if _is_torchscript(path):
+      # OpenAI's CLIP .pt files are TorchScript archives, which torch.load(weights_only) refuses.
+      obj = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors, truncated files, non-tensor objects, ...
+    raise UserError(f"cannot read {path} as a PyTorch state dict (torch.load, weights_only): "
+                    f"{str(e).splitlines()[0]}") from e
   out = {}
   for k, v in _unwrap(obj).items():
     if isinstance(v, torch.Tensor):

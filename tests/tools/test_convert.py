@@ -329,6 +329,19 @@ def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatc
     convert.load_state_dict(str(path))
 
 
+def test_torch_checkpoint_with_wrapper_prefix_and_bf16(tmp_path, config):
+  torch = pytest.importorskip("torch")  # Optional extra: skipped where torch is absent.
+  sd = flowtok_sd()
+  wrapped = {"state_dict": {"module." + k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}
+  wrapped["state_dict"]["module.x_embedder.bias"] = torch.ones(W, dtype=torch.bfloat16)
+  path = tmp_path / "FlowTok-tiny.pth"
+  torch.save(wrapped, path)
+  loaded = convert.load_state_dict(str(path))
+  assert loaded["x_embedder.bias"].dtype == np.float32
+  trees, _ = convert.convert_state_dict("flowtok", loaded, config)
+  np.testing.assert_array_equal(trees["flow"]["x_embedder"]["bias"], np.ones(W))
+
+
 def test_load_converted_refuses_empty_dir(tmp_path):
   with pytest.raises(UserError, match="no converted weights"):
     convert.load_converted(str(tmp_path))
