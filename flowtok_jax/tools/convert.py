@@ -21,7 +21,7 @@ float32 numpy arrays (the `params` collection of that module), plus DIR/convert.
 converted, counts, ignored keys). `load_converted(DIR)` reads them back.
 
 Reading .pth/.bin/.pt needs torch (`pip install torch==2.13.0`, the `torch` extra); a state dict
-saved as .npz (name -> array) is read without it.
+saved as .npz (name -> array) is read without it, a .safetensors file with `safetensors`.
 """
 from __future__ import annotations
 
@@ -94,12 +94,20 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a state dict from .npz (no torch needed) or a torch checkpoint."""
+  """Reads a state dict from .npz (no torch needed), .safetensors, or a torch checkpoint."""
   if not os.path.exists(path):
     raise UserError(f"checkpoint not found: {path}")
   if path.endswith(".npz"):
     with np.load(path) as f:
       return _unwrap({k: f[k] for k in f.files})
+  if path.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise UserError(f"reading {path} needs the safetensors package: pip install "
+                      "safetensors") from e
+    return _unwrap({k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
+                    for k, v in load_file(path).items()})
   return load_torch_state_dict(path)
 
 
