@@ -145,6 +145,7 @@ def get_config(arg=None):
   tr.ema_decay = 0.999  # EMA of trainable params (None: no EMA, evaluators use raw params).
   tr.peak_flops_per_device = None  # FLOP/s for perf/mfu; None: measured matmul peak at start.
   tr.progress_bar = True  # tqdm bar with ETA on process 0.
+  tr.compilation_cache_dir = None  # Persistent XLA cache: resumes skip compiling (None: off).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
   op.lr = 4e-4  # Peak learning rate.
