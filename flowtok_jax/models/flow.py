@@ -163,15 +163,12 @@ class FlowTransformer(nn.Module):
     h = layers.constrain(h + pos.astype(dt), ("batch", "length", "embed"))
 
     c = TimestepEmbedder(cfg.width, cfg.freq_dim, dtype=cfg.dtype, name="t_embedder")(t)
-    table = layers.with_axes(layers.normal(0.02), (None, "embed"))
-    c = c + nn.Embed(2, cfg.width, embedding_init=table, dtype=dt,
-                     name="null_embedder")(null.astype(jnp.int32))
+    c = c + layers.Embed(2, cfg.width, dtype=dt, name="null_embedder")(null.astype(jnp.int32))
     if cfg.two_directions:
       # Zero rows: a T2I-only checkpoint loads and behaves identically for either direction.
-      zero_table = layers.with_axes(layers.zeros, (None, "embed"))
       d = jnp.zeros_like(null) if direction is None else direction
-      c = c + nn.Embed(2, cfg.width, embedding_init=zero_table, dtype=dt,
-                       name="direction_embedder")(d.astype(jnp.int32))
+      c = c + layers.Embed(2, cfg.width, dtype=dt, init=layers.zeros,
+                           name="direction_embedder")(d.astype(jnp.int32))
 
     block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
     for i in range(cfg.depth):

@@ -52,10 +52,65 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+class Dense(nn.Module):
+  """y = x · kernel + bias, contracting the last `in_dims` axes of x; kernel [*in, *features].
+
+  Unlike nn.DenseGeneral, the kernel is created (and logically annotated) at its full shape, so
+  the logical sharding constraint applies to the real array; `kernel_init` still sees the
+  flattened [fan_in, fan_out] shape, so xavier / fan-in scaling match a PyTorch Linear.
+  """
+  features: tuple[int, ...]
+  axes: tuple[Optional[str], ...]  # Logical names of the kernel dims.
+  in_dims: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+  bias_init: Initializer = zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
+
+    def init(key, shape, dtype=jnp.float32):
+      return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
+
+    kernel = self.param("kernel", with_axes(init, self.axes), in_shape + self.features,
+                        jnp.float32)
+    contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract, tuple(range(self.in_dims))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", with_axes(self.bias_init, self.axes[self.in_dims:]),
+                        self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Lookup table [num, features] (parameter 'embedding', as nn.Embed names it).
+
+  The table is stored split along its feature dim (FSDP) and gathered whole right before the
+  lookup, as FSDP does for every weight: a lookup into a split table otherwise makes XLA's
+  partitioner replicate the result ("involuntary full rematerialization").
+  """
+  num: int
+  features: int
+  dtype: Dtype = jnp.float32
+  init: Initializer = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    table = self.param("embedding", with_axes(self.init, (None, "embed")),
+                       (self.num, self.features), jnp.float32)
+    table = constrain(table, (None, None))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
 def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = jnp.float32,
           kernel_init: Initializer = xavier_uniform, bias_init: Initializer = zeros,
-          use_bias: bool = True, axis=-1) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel (and bias: the output axes) carry logical names.
+          use_bias: bool = True, in_dims: int = 1) -> Dense:
+  """A `Dense` with logical names on the kernel (and on the bias: the output dims).
 
   Args:
     features: int or tuple of output dims.
@@ -65,13 +120,14 @@ def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = 
     kernel_init: unboxed initializer; applied to the flattened [fan_in, fan_out] kernel.
     bias_init: unboxed initializer for the bias.
     use_bias: add a bias.
-    axis: contracted input axis (or tuple).
+    in_dims: number of trailing input axes contracted.
   """
-  n_out = len(features) if isinstance(features, (tuple, list)) else 1
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=with_axes(kernel_init, axes), bias_init=with_axes(bias_init, axes[-n_out:]),
-      name=name)
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  if len(axes) != in_dims + len(features):
+    raise ValueError(f"{name}: {len(axes)} axis names for a kernel of rank "
+                     f"{in_dims + len(features)}")
+  return Dense(features, tuple(axes), in_dims=in_dims, use_bias=use_bias, dtype=dtype,
+               kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 def layer_norm(name: str, *, eps: float = 1e-5, affine: bool = True,
@@ -233,7 +289,7 @@ class Attention(nn.Module):
       probs = nn.Dropout(self.dropout)(probs, deterministic=False)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    return dense(w, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1),
+    return dense(w, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, in_dims=2,
                  kernel_init=self.proj_init or self.kernel_init)(out)
 
 

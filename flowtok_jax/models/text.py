@@ -115,8 +115,7 @@ class CLIPTextTower(nn.Module):
     dt = layers.dtype_of(cfg.dtype)
     if ids.shape[1] > cfg.max_len:
       raise ValueError(f"CLIPTextTower: {ids.shape[1]} tokens > max_len {cfg.max_len}")
-    x = nn.Embed(cfg.vocab_size, cfg.width, dtype=dt, name="token_embedding",
-                 embedding_init=layers.with_axes(layers.normal(0.02), ("vocab", "embed")))(ids)
+    x = layers.Embed(cfg.vocab_size, cfg.width, dtype=dt, name="token_embedding")(ids)
     pos = self.param("positional_embedding", layers.with_axes(layers.normal(0.01),
                                                               (None, "embed")),
                      (cfg.max_len, cfg.width))
