@@ -1,4 +1,4 @@
-"""Mesh from the config, logical-axis rules, born-sharded state, host-local batches -> global arrays.
+"""Mesh from the config, logical-axis rules, born-sharded state, host batches -> global arrays.
 
 Model code names only logical axes ('batch', 'embed', 'mlp', ...); this module maps them onto the
 mesh ('data', 'fsdp', 'tensor') with the config's rules (default: the models' table). The state is
@@ -162,7 +162,8 @@ def shardings_for(abstract: Any, mesh: Mesh, rules: Sequence) -> Any:
   return jax.tree.map(one, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def born_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence, *args) -> tuple[Any, Any]:
+def born_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence,
+                 *args) -> tuple[Any, Any]:
   """Runs `init_fn(*args)` (returning a boxed tree) so every leaf is created on its shards.
 
   Returns:

@@ -197,7 +197,8 @@ def _log_compiled(compiled, stage: stage_api.Stage):
 
 
 def _meta(config, stage_name: str, step: int, mesh) -> dict:
-  return {"stage": stage_name, "step": int(step), "config": json.loads(config.to_json_best_effort()),
+  return {"stage": stage_name, "step": int(step),
+          "config": json.loads(config.to_json_best_effort()),
           "mesh": dict(mesh.shape), "process_count": jax.process_count(),
           "jax_version": jax.__version__,
           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -291,7 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with ckpt_lib.PreemptionGuard(enabled=jax.process_count() == 1) as guard:
         throughput.reset(start_step)
         for step in range(start_step + 1, total_steps + 1):
-          host_batch = next(train_iter)
+          try:
+            host_batch = next(train_iter)
+          except StopIteration:
+            raise UserError(f"the training data ran out before step {step} of {total_steps} "
+                            "(a finite number of epochs?)") from None
           # Only the keys (and dtypes) the step was compiled for; the rest stays on the host.
           batch = sharding.host_to_global(
               {k: np.asarray(host_batch[k], v.dtype) for k, v in batch1.items()}, mesh)

@@ -79,7 +79,8 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any]
     after = optax.constant_schedule(lr)
   else:
     decay_steps = max(int(total_steps) - warmup, 1)
-    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.end_lr) / lr if lr else 0.0)
+    alpha = float(cfg.end_lr) / lr if lr else 0.0
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=alpha)
   if warmup == 0:
     return after
   ramp = optax.linear_schedule(0.0, lr, warmup)

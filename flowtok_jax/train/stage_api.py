@@ -13,8 +13,8 @@ stage.
 
 Conventions every stage follows:
   * Parameter trees returned by `init` functions are **boxed** with logical axes
-    (`nn.with_logical_partitioning` / `nn.LogicallyPartitioned`) so the loop can shard them; the loop
-    unboxes them, so `loss_fn` and evaluators always receive plain arrays.
+    (`nn.with_logical_partitioning` / `nn.LogicallyPartitioned`) so the loop can shard them; the
+    loop unboxes them, so `loss_fn` and evaluators always receive plain arrays.
   * `init` functions receive a batch of ONE example (leading dim 1, zeros shaped like
     `Stage.example_batch`): init must not depend on the batch size.
   * `loss_fn` is traced once inside the jitted train step: pure jnp, no Python branching on values.
@@ -105,7 +105,8 @@ class AuxModule:
   """A second module trained with its own optimizer in the same jitted step (two-player update).
 
   Each step computes the main loss (given the current `aux_params`) and this module's loss (given
-  the main loss's `LossAux.outputs`, stop-gradiented) from the same state, then applies both updates.
+  the main loss's `LossAux.outputs`, stop-gradiented) from the same state, then applies both
+  updates.
   Before `start_step` the module's parameters and optimizer state are left unchanged.
 
   Attributes:

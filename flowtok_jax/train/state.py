@@ -1,7 +1,8 @@
 """The explicit train state every stage shares, and the EMA update.
 
 The state is a `flax.struct.dataclass`, so it is a pytree: the train step is a pure
-`(state, batch) -> (state, metrics)`, jitted with shardings for every leaf, and orbax saves it as is.
+`(state, batch) -> (state, metrics)`, jitted with shardings for every leaf, and orbax saves it
+as is.
 """
 from __future__ import annotations
 
