@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flowtok_jax.models import text
+
 B, L, D, C = 2, 8, 32, 4
 
 
@@ -12,9 +14,15 @@ def _ids(seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(1, 50, (B, L)), jnp.int32)
 
 
-def test_clip_text_is_causal_with_ln_final_at_every_position(make_test_model, random_params):
-  model = make_test_model("clip_text")
-  apply = jax.jit(model.apply)
+@pytest.fixture(scope="module")
+def clip_quick():
+  model = text.CLIPTextTower(text.CLIPTextConfig(vocab_size=50, max_len=L, width=D, depth=2,
+                                                 heads=2, act="quick_gelu"))
+  return model, jax.jit(model.apply)
+
+
+def test_clip_text_is_causal_with_ln_final_at_every_position(clip_quick, random_params):
+  model, apply = clip_quick
   ids = _ids()
   params = random_params(model, ids, scale=0.3)
   # ln_final with unit scale / zero bias: every position is normalised (no pooling).
@@ -33,13 +41,14 @@ def test_clip_text_is_causal_with_ln_final_at_every_position(make_test_model, ra
   assert np.abs(feats[:, j:] - feats2[:, j:]).max() > 1e-4
 
 
-def test_clip_text_activation_knob_changes_the_function(make_test_model, random_params):
-  quick = make_test_model("clip_text", act="quick_gelu")
+def test_clip_text_activation_knob_changes_the_function(clip_quick, make_test_model,
+                                                       random_params):
+  quick, quick_apply = clip_quick
   plain = make_test_model("clip_text", act="gelu")
   ids = _ids()
   params = random_params(quick, ids, scale=0.5)
   # Same tree: OpenAI weights load into either; the knob alone changes the output.
-  a = np.asarray(jax.jit(quick.apply)(params, ids))
+  a = np.asarray(quick_apply(params, ids))
   b = np.asarray(jax.jit(plain.apply)(params, ids))
   assert a.shape == b.shape and np.abs(a - b).max() > 1e-3
 
@@ -80,13 +89,14 @@ def test_text_vae_matches_numpy_post_ln_forward_and_dropout_is_stochastic(make_t
   want_mean, want_logvar = _np_text_vae(p, np.asarray(feats, np.float64), heads=2)
   np.testing.assert_allclose(np.asarray(mean), want_mean, atol=2e-4, rtol=2e-4)
   np.testing.assert_allclose(np.asarray(logvar), want_logvar, atol=2e-4, rtol=2e-4)
-  r1 = apply(params, feats, deterministic=False, rngs={"dropout": jax.random.key(1)})[0]
-  r2 = apply(params, feats, deterministic=False, rngs={"dropout": jax.random.key(2)})[0]
+  # RBG keys: the dropout masks compile faster than with threefry on CPU.
+  keys = [jax.random.key(i, impl="unsafe_rbg") for i in (1, 2)]
+  r1 = apply(params, feats, deterministic=False, rngs={"dropout": keys[0]})[0]
+  r2 = apply(params, feats, deterministic=False, rngs={"dropout": keys[1]})[0]
   assert np.abs(np.asarray(r1) - np.asarray(r2)).max() > 1e-4
 
 
 def test_align_mlp_shape_and_temperature_init(make_test_model):
-  from flowtok_jax.models import text  # pylint: disable=g-import-not-at-top
   model = make_test_model("align_mlp")
   feats = jnp.ones((B, L, D))
   shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), feats))["params"]
