@@ -58,14 +58,17 @@ class ParserConfig:
       are noise.
     triangle_max_skewness: a vertical mass profile more skewed (negative: mass low) than this
       is a point-up triangle (ideal -0.57, circles and squares 0).
-    square_min_fill: fill ratio from which a non-triangle is a square (circles <= 0.89, and
-      only at 6 px; 0.76-0.81 from 12 px up).
+    square_min_fill: fill ratio from which a non-triangle is a square. Digital discs fill
+      0.76-0.85 of their box from 7 px up, squares 1.0; degraded renders measured 0.76-0.88
+      for discs and >= 0.86 for squares.
+    square_min_fill_tiny: the same for objects at most 6 px wide (a 6-px disc fills 0.889).
   """
   min_coverage: float = 0.5
   max_angle_residual: float = 0.45
   min_area_fraction: float = 0.3
   triangle_max_skewness: float = -0.2
-  square_min_fill: float = 0.93
+  square_min_fill: float = 0.9
+  square_min_fill_tiny: float = 0.94
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +102,13 @@ def _pixel_classes(image: np.ndarray, cfg: ParserConfig):
     label int [H, W] (palette index), object bool [H, W], coverage float [H, W, 6] (>= 0).
   """
   t = np.maximum(image @ _PALETTE.T / _PALETTE_SQ, 0.0)  # [H, W, 6]
-  resid = np.linalg.norm(image[..., None, :] - t[..., None] * _PALETTE, axis=-1)  # [H, W, 6]
-  label = resid.argmin(-1)
+  norm_sq = (image ** 2).sum(-1)  # [H, W]
+  # |p - t c|^2 = |p|^2 - t^2 |c|^2 at the projection t = <p, c> / |c|^2 (t >= 0).
+  resid_sq = norm_sq[..., None] - t ** 2 * _PALETTE_SQ  # [H, W, 6]
+  label = resid_sq.argmin(-1)
   t_best = np.take_along_axis(t, label[..., None], -1)[..., 0]
-  r_best = np.take_along_axis(resid, label[..., None], -1)[..., 0]
-  norm = np.linalg.norm(image, axis=-1)
-  obj = (t_best >= cfg.min_coverage) & (r_best <= cfg.max_angle_residual * norm)
+  r_best_sq = np.take_along_axis(resid_sq, label[..., None], -1)[..., 0]
+  obj = (t_best >= cfg.min_coverage) & (r_best_sq <= cfg.max_angle_residual ** 2 * norm_sq)
   return label, obj, t
 
 
@@ -183,25 +187,30 @@ def detect_objects(image, cfg: ParserConfig = ParserConfig()) -> list[Detection]
   min_area = cfg.min_area_fraction * _smallest_area(size)
   found = []
   for k, color in enumerate(shapes.COLORS):
-    comps, num = scipy.ndimage.label(obj & (label == k), _EIGHT)
-    for idx in range(1, num + 1):
-      mine = comps == idx
+    comps, _ = scipy.ndimage.label(obj & (label == k), _EIGHT)
+    for idx, sl in enumerate(scipy.ndimage.find_objects(comps), 1):
+      # A window 1 px larger than the component holds everything measured below.
+      win = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+      mine = comps[win] == idx
       area = int(mine.sum())
       if area >= min_area:
-        found.append((k, color, mine, area))
+        found.append((k, color, win, mine, area))
   taken = np.zeros(obj.shape, bool)
-  for _, _, mine, _ in found:
-    taken |= mine
+  for _, _, win, mine, _ in found:
+    taken[win] |= mine
   detections = []
-  for k, color, mine, area in found:
+  for k, color, win, mine, area in found:
+    cov = coverage[win][..., k]
     # Coverage relative to the object's own interior level: a generated colour may be a bit
     # darker or brighter than the palette, which must not change the fill ratio.
     inner = scipy.ndimage.binary_erosion(mine, _EIGHT)
-    level = max(float(np.median(coverage[..., k][inner if inner.any() else mine])), 0.5)
+    level = max(float(np.median(cov[inner if inner.any() else mine])), 0.5)
     # Mass within 1 px of the component, of pixels of its colour that no other object owns:
     # the blurred rim is counted, a neighbour's rim is not.
-    near = scipy.ndimage.binary_dilation(mine, _EIGHT) & (mine | ~taken) & (label == k)
-    mass = np.where(near, np.minimum(coverage[..., k] / level, 1.0), 0.0)
+    near = scipy.ndimage.binary_dilation(mine, _EIGHT) & (mine | ~taken[win]) & (label[win] == k)
+    mass = np.where(near, np.minimum(cov / level, 1.0), 0.0)
+    # Speckle inside an object is a hole in its component, not a notch in its shape.
+    mass[scipy.ndimage.binary_fill_holes(mine) & ~mine] = 1.0
     # Fill ratio against the longest row and column of mass rather than the bbox, so that
     # a stray pixel at the edge does not change it: square 1, disc pi/4, triangle ~0.55.
     rows, cols = mass.sum(1), mass.sum(0)
@@ -209,15 +218,15 @@ def detect_objects(image, cfg: ParserConfig = ParserConfig()) -> list[Detection]
     # A point-up triangle keeps most of its mass low (skewness -0.57 for the ideal shape; a
     # circle or square 0); moments do not depend on where the box edges are read.
     skew = _skewness(rows)
+    x0, x1 = (v + win[1].start for v in _trimmed_extent(mine.sum(0)))
+    y0, y1 = (v + win[0].start for v in _trimmed_extent(mine.sum(1)))
+    side = max(x1 - x0, y1 - y0)
     if skew < cfg.triangle_max_skewness:
       shape = "triangle"
-    elif fill >= cfg.square_min_fill:
+    elif fill >= (cfg.square_min_fill_tiny if side <= 6 else cfg.square_min_fill):
       shape = "square"
     else:
       shape = "circle"
-    x0, x1 = _trimmed_extent(mine.sum(0))
-    y0, y1 = _trimmed_extent(mine.sum(1))
-    side = max(x1 - x0, y1 - y0)
     cx = (x0 + x1) / 2
     # A blurred apex can fall below the coverage threshold; the base is reliable, so a
     # triangle's box is measured up from its base.
