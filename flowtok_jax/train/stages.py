@@ -1,0 +1,410 @@
+"""The three training stages: `clip`, `tokenizer`, `flowtok` (registered with `stage_api`).
+
+Each builder turns its config sections into the models' small frozen dataclasses and returns a
+`stage_api.Stage`; the one train loop (`train/loop.py`) does the rest.
+
+  clip       contrastive pretraining of the tiny CLIP (text tower + image tower) for the demo;
+             its `params['text']` is the frozen text tower of the later stages.
+  tokenizer  FlowTiTok: reconstruction (L2 | L1) + β·KL + optional PatchGAN hinge loss from a
+             start step (+ LeCam) + optional perceptual term (pluggable, `PERCEPTUAL_LOSSES`).
+  flowtok    the unified two-direction step of SPEC §3 (`train/flowtok_step.py`).
+
+Stage-specific knobs live in `config.clip_stage`, `config.tokenizer_stage`, `config.flowtok_stage`
+(defaults below; `stage_defaults()` lists them all). Earlier stages' checkpoints are named by
+`config.init.clip_from` and `config.init.tokenizer_from`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flowtok_jax import config_lib
+from flowtok_jax import losses
+from flowtok_jax.errors import UserError
+from flowtok_jax.models import clip as clip_lib
+from flowtok_jax.models import discriminator as disc_lib
+from flowtok_jax.models import flow as flow_lib
+from flowtok_jax.models import text as text_lib
+from flowtok_jax.models import tokenizer as tok_lib
+from flowtok_jax.train import flowtok_step, optim, stage_api
+
+# name -> factory(config) -> (images [B,H,W,3], recon [B,H,W,3]) -> scalar. Empty by default: a
+# perceptual network (e.g. LPIPS from a local weights file) registers itself here.
+PERCEPTUAL_LOSSES: dict[str, Callable[[ml_collections.ConfigDict], Callable]] = {}
+
+
+def stage_defaults() -> ml_collections.ConfigDict:
+  """Every stage-specific key with its default (each commented); configs override them."""
+  c = ml_collections.ConfigDict()
+  c.clip_stage = ml_collections.ConfigDict(dict(
+      negatives="global",  # Contrastive negatives: global (whole batch) | local (per shard).
+  ))
+  c.tokenizer_stage = ml_collections.ConfigDict(dict(
+      recon="l2",  # Reconstruction loss: l2 | l1.
+      kl_weight=1e-6,  # β of the Gaussian KL (TA-TiTok uses ~1e-6).
+      gan_weight=0.0,  # Weight of the hinge generator loss; 0 builds no discriminator.
+      gan_start_step=0,  # First step of the GAN terms (generator and discriminator).
+      lecam_weight=0.0,  # LeCam regulariser of the discriminator; 0 disables it.
+      lecam_decay=0.999,  # EMA decay of the LeCam anchors.
+      perceptual="",  # Name in stages.PERCEPTUAL_LOSSES, or "" for none.
+      perceptual_weight=0.0,  # Weight of the perceptual term.
+      disc_optim=optim.default_config(),  # Discriminator AdamW (same keys as config.optim).
+  ))
+  c.flowtok_stage = ml_collections.ConfigDict(dict(
+      p_i2t=0.0,  # Share of examples trained image->text; 0 = T2I only (no direction input).
+      null_prob=0.1,  # CFG null-indicator marking probability per example.
+      fm_weight=1.0,  # Weight of the flow-matching loss.
+      kl_weight=0.01,  # γ1: text-VAE KL weight (0.01 with 'sum' is the released code).
+      kl_reduction="sum",  # Text KL reduction: sum (over the batch, parity) | mean (per element).
+      align_weight=1.0,  # γ2: contrastive alignment weight.
+      align_negatives="global",  # Alignment negatives: global | local (per shard, parity).
+      dec_weight=1.0,  # Text-decoder CE weight; 0 builds no text decoder.
+      image_sample=True,  # z_I = posterior sample (True) or posterior mean.
+      latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
+  ))
+  return c
+
+
+def _section(config, name: str) -> ml_collections.ConfigDict:
+  """`config.<name>` over its defaults; a key the defaults do not know is a UserError."""
+  out = ml_collections.ConfigDict(stage_defaults()[name].to_dict())
+  given = config.get(name)
+  if given:
+    for key, value in given.items():
+      if key not in out:
+        raise UserError(f"config.{name}.{key} is not a known key "
+                        f"(known: {', '.join(sorted(out))})")
+      out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return out
+
+
+def _dtype(config) -> str:
+  return config.get("model_dtype", "float32")
+
+
+def _num_shards(ctx: stage_api.StageContext) -> int:
+  """Data-parallel size: per-shard null roll and 'local' negatives work on blocks of B / this."""
+  return math.prod(ctx.mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+
+
+def _init_get(config, key: str, default=None):
+  init = config.get("init")
+  return init.get(key, default) if init else default
+
+
+def _check_image_size(config, section: str, size: int):
+  if config.data.image_size != size:
+    raise UserError(f"data.image_size = {config.data.image_size} must equal "
+                    f"{section}.image_size = {size}")
+
+
+def _example_batch(config) -> dict[str, np.ndarray]:
+  s, l = config.data.image_size, config.data.max_text_len
+  return {"image": np.zeros((1, s, s, 3), np.float32), "text_ids": np.zeros((1, l), np.int32),
+          "truncated": np.zeros((1,), bool)}
+
+
+def _text_tokenizer(config, ctx: stage_api.StageContext):
+  """The sentencepiece model: `text_tokenizer.path`, else W/ or W/../text_tokenizer.model."""
+  from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  path = config.text_tokenizer.get("path") if config.get("text_tokenizer") else None
+  candidates = [path] if path else [os.path.join(d, "text_tokenizer.model") for d in
+                                    (ctx.workdir, os.path.dirname(ctx.workdir))]
+  for c in candidates:
+    if c and os.path.exists(c):
+      return TextTokenizer.load(c)
+  raise UserError(f"no text tokenizer model found (looked for {', '.join(candidates)}); "
+                  "set text_tokenizer.path")
+
+
+def _train_iter(config, ctx: stage_api.StageContext):
+  def make():
+    from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.make_iterator(
+        config.data, _text_tokenizer(config, ctx), split=config.data.train_split,
+        global_batch_size=ctx.global_batch_size,
+        seed=config.data.get("shuffle_seed", config.seed), process_index=ctx.process_index,
+        process_count=ctx.process_count)
+  return make
+
+
+def _optimizer(config) -> optim.Optimizer:
+  return optim.make(config.optim, total_steps=config_lib.steps("total", config.train))
+
+
+def _ema(config) -> Optional[float]:
+  return config.train.get("ema_decay") if config.get("train") else None
+
+
+def _clip_text_part(config, ct: text_lib.CLIPTextConfig) -> stage_api.FrozenPart:
+  tower = text_lib.CLIPTextTower(ct)
+  return stage_api.FrozenPart(
+      "clip_text", init=lambda rng, b: tower.init(rng, b["text_ids"])["params"],
+      checkpoint=_init_get(config, "clip_from"),
+      select=tuple(_init_get(config, "clip_select", ("text",))))
+
+
+# -- clip --------------------------------------------------------------------------------------
+
+@stage_api.register("clip")
+def build_clip(config, ctx: stage_api.StageContext) -> stage_api.Stage:
+  """Contrastive pretraining of CLIPModel on (image, caption) pairs."""
+  sc = _section(config, "clip_stage")
+  ct = text_lib.CLIPTextConfig.from_config(config.clip_text, dtype=_dtype(config))
+  ci = clip_lib.CLIPImageConfig.from_config(config.clip_image, dtype=_dtype(config))
+  _check_image_size(config, "clip_image", ci.image_size)
+  model = clip_lib.CLIPModel(ct, ci)
+  shards = _num_shards(ctx)
+
+  def loss_fn(params, frozen, batch, rng, step, aux_params):
+    del frozen, rng, step, aux_params
+    txt, img, scale = model.apply({"params": params}, batch["text_ids"], batch["image"])
+    loss = losses.clip_loss(img, txt, jnp.log(scale), negatives=sc.negatives, num_shards=shards)
+    return loss, {"clip_loss": loss, "logit_scale": scale,
+                  "acc_i2t": losses.contrastive_accuracy(img, txt),
+                  "acc_t2i": losses.contrastive_accuracy(txt, img)}
+
+  opt = _optimizer(config)
+  return stage_api.Stage(
+      name="clip", init=lambda rng, b: model.init(rng, b["text_ids"], b["image"])["params"],
+      loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
+      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
+      ema_decay=_ema(config))
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+def _lecam_anchor_optimizer(decay: float) -> optax.GradientTransformation:
+  # The anchors' loss is 0.5·(a - sg(mean D))², whose gradient is a - mean D; plain SGD with
+  # rate (1 - decay) then performs exactly a ← decay·a + (1 - decay)·mean D, so the EMA
+  # lives in the auxiliary params and needs no extra state in the loop.
+  return optax.sgd(1.0 - decay)
+
+
+@stage_api.register("tokenizer")
+def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
+  """FlowTiTok: reconstruction + KL (+ GAN after a start step, + perceptual)."""
+  sc = _section(config, "tokenizer_stage")
+  dtype = _dtype(config)
+  tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
+  _check_image_size(config, "tokenizer", tc.image_size)
+  model = tok_lib.FlowTiTok(tc)
+  frozen_parts = []
+  tower = None
+  if tc.text_aware:
+    ct = text_lib.CLIPTextConfig.from_config(config.clip_text, dtype=dtype)
+    tower = text_lib.CLIPTextTower(ct)
+    frozen_parts.append(_clip_text_part(config, ct))
+  perceptual = None
+  if sc.perceptual_weight:
+    if sc.perceptual not in PERCEPTUAL_LOSSES:
+      raise UserError(f"tokenizer_stage.perceptual {sc.perceptual!r} is not a registered "
+                      f"perceptual loss (known: {', '.join(PERCEPTUAL_LOSSES) or 'none'})")
+    perceptual = PERCEPTUAL_LOSSES[sc.perceptual](config)
+  use_gan = bool(sc.gan_weight)
+  use_lecam = use_gan and bool(sc.lecam_weight)
+  disc = None
+  if use_gan:
+    disc = disc_lib.PatchDiscriminator(
+        disc_lib.DiscriminatorConfig.from_config(config.discriminator, dtype=dtype))
+  start = int(sc.gan_start_step)
+
+  def text_features(frozen, ids):
+    return None if tower is None else tower.apply({"params": frozen["clip_text"]}, ids)
+
+  def init(rng, b):
+    feats = None
+    if tc.text_aware:
+      feats = jnp.zeros((1, tc.text_len, tc.text_width), jnp.float32)
+    return model.init({"params": rng, "sample": rng}, b["image"], feats)["params"]
+
+  def loss_fn(params, frozen, batch, rng, step, aux_params):
+    images = batch["image"]
+    feats = text_features(frozen, batch["text_ids"])
+    recon, mean, logvar = model.apply({"params": params}, images, feats, rngs={"sample": rng})
+    rec = losses.reconstruction_loss(recon, images, sc.recon)
+    kl = losses.gaussian_kl(mean, logvar)
+    total = rec + sc.kl_weight * kl
+    mse = jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - images))
+    metrics = {"recon_loss": rec, "kl": kl, "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+               "posterior_std": jnp.mean(jnp.exp(0.5 * logvar)), "latent_std": jnp.std(mean)}
+    if perceptual is not None:
+      p = perceptual(images, recon)
+      total = total + sc.perceptual_weight * p
+      metrics["perceptual_loss"] = p
+    if use_gan:
+      g = losses.hinge_g_loss(disc.apply({"params": aux_params["disc"]}, recon))
+      total = total + jnp.where(step >= start, sc.gan_weight, 0.0) * g
+      metrics["gan_g_loss"] = g
+    return total, stage_api.LossAux(metrics=metrics, outputs={"recon": recon})
+
+  aux = None
+  if use_gan:
+    def disc_init(rng, b):
+      p = {"disc": disc.init(rng, b["image"])["params"]}
+      if use_lecam:
+        box = lambda: nn.LogicallyPartitioned(jnp.zeros((), jnp.float32), ())
+        p["lecam"] = {"real": box(), "fake": box()}
+      return p
+
+    def disc_loss(aux_params, outputs, batch, rng, step):
+      del rng, step
+      apply = lambda x: disc.apply({"params": aux_params["disc"]}, x)
+      real, fake = apply(batch["image"]), apply(outputs["recon"])
+      d = losses.hinge_d_loss(real, fake)
+      metrics = {"disc_hinge": d, "disc_real": jnp.mean(real), "disc_fake": jnp.mean(fake)}
+      loss = d
+      if use_lecam:
+        anchors = aux_params["lecam"]
+        ar, af = jax.lax.stop_gradient(anchors["real"]), jax.lax.stop_gradient(anchors["fake"])
+        lc = losses.lecam_loss(real, fake, ar, af)
+        track = 0.5 * (jnp.square(anchors["real"] - jax.lax.stop_gradient(jnp.mean(real)))
+                       + jnp.square(anchors["fake"] - jax.lax.stop_gradient(jnp.mean(fake))))
+        loss = loss + sc.lecam_weight * lc + track
+        metrics["lecam"] = lc
+      return loss, metrics
+
+    disc_opt = optim.make(ml_collections.ConfigDict(sc.disc_optim),
+                          total_steps=config_lib.steps("total", config.train)).tx
+    if use_lecam:
+      disc_opt = optax.multi_transform(
+          {"disc": disc_opt, "lecam": _lecam_anchor_optimizer(sc.lecam_decay)},
+          lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()})
+    aux = stage_api.AuxModule("disc", init=disc_init, optimizer=disc_opt, loss_fn=disc_loss,
+                              start_step=start)
+
+  opt = _optimizer(config)
+  return stage_api.Stage(
+      name="tokenizer", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
+      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
+      frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config))
+
+
+# -- flowtok -----------------------------------------------------------------------------------
+
+def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTokEncoder,
+                  init_fn, sc) -> float:
+  """`tokenizer.latent_scale`, or 1/std of the trained tokenizer's latents when it is None.
+
+  The estimate reads the first `flowtok_stage.latent_scale_batches` global batches of the
+  training split (same seed, so a resumed run gets the same value) and is written back into
+  `config.tokenizer.latent_scale`, so the checkpoint metadata and exports carry it.
+  """
+  scale = config.tokenizer.get("latent_scale")
+  if scale is not None:
+    return float(scale)
+  path = _init_get(config, "tokenizer_from")
+  if not path:
+    logging.warning("tokenizer.latent_scale is None and init.tokenizer_from is unset: using 1.0")
+    return 1.0
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
+  example = {k: jnp.asarray(v) for k, v in _example_batch(config).items()}
+  target, _ = sharding.abstract_with_shardings(lambda r: init_fn(r, example), ctx.mesh,
+                                               ctx.rules, jax.random.PRNGKey(0))
+  params, _ = ckpt_lib.load_params(path, target,
+                                   select=_tokenizer_select(config) + ("encoder",))
+  it = _train_iter(config, ctx)()
+  try:
+    batches = [ctx.to_global(next(it)) for _ in range(int(sc.latent_scale_batches))]
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  encode = lambda x: encoder.apply({"params": params}, x)
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    scale = flowtok_step.estimate_latent_scale(encode, batches, sample=bool(sc.image_sample),
+                                               seed=config.seed)
+  logging.info("tokenizer.latent_scale estimated from %d batches: %.6f", len(batches), scale)
+  config.tokenizer.latent_scale = scale
+  return scale
+
+
+def _tokenizer_select(config) -> tuple:
+  return tuple(_init_get(config, "tokenizer_select", ()) or ())
+
+
+@stage_api.register("flowtok")
+def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
+  """The unified FlowTok step (SPEC §3): text VAE + alignment MLP + DiT (+ text decoder)."""
+  from flowtok_jax.models import info  # pylint: disable=g-import-not-at-top
+  sc = _section(config, "flowtok_stage")
+  dtype = _dtype(config)
+  info.check_model_config(config)
+  fc = flow_lib.FlowConfig.from_config(config.flow, dtype=dtype)
+  p_i2t = float(sc.p_i2t)
+  if not 0.0 <= p_i2t <= 1.0:
+    raise UserError(f"flowtok_stage.p_i2t must be in [0, 1], got {p_i2t}")
+  if p_i2t > 0 and not fc.two_directions:
+    raise UserError("flowtok_stage.p_i2t > 0 trains image-to-text too: set "
+                    "flow.two_directions = True")
+  ct = text_lib.CLIPTextConfig.from_config(config.clip_text, dtype=dtype)
+  tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
+  _check_image_size(config, "tokenizer", tc.image_size)
+  decoder = None
+  if sc.dec_weight:
+    if config.get("text_decoder") is None:
+      raise UserError("flowtok_stage.dec_weight > 0 needs a text_decoder section")
+    decoder = text_lib.TextDecoder(
+        text_lib.TextDecoderConfig.from_config(config.text_decoder, dtype=dtype))
+  models = flowtok_step.FlowTokModels(
+      flow=flow_lib.FlowTransformer(fc),
+      text_vae=text_lib.TextVAE(text_lib.TextVAEConfig.from_config(config.text_vae, dtype=dtype)),
+      align_mlp=text_lib.AlignMLP(
+          text_lib.AlignMLPConfig.from_config(config.align_mlp, dtype=dtype)),
+      text_decoder=decoder, clip_text=text_lib.CLIPTextTower(ct),
+      image_encoder=tok_lib.FlowTiTokEncoder(tc))
+  feats1 = jnp.zeros((1, ct.max_len, ct.width), jnp.float32)
+
+  # Only the tokenizer's encoder is frozen in: the flow never decodes during training (and a
+  # paper-scale decoder is a ViT-L that would sit idle in device memory).
+  encoder_init = lambda rng, b: models.image_encoder.init(rng, b["image"])["params"]
+  scale = _latent_scale(config, ctx, models.image_encoder, encoder_init, sc)
+  lc = flowtok_step.FlowTokLossConfig(
+      p_i2t=p_i2t, null_prob=float(sc.null_prob), fm_weight=float(sc.fm_weight),
+      kl_weight=float(sc.kl_weight), kl_reduction=sc.kl_reduction,
+      align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
+      dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
+      num_shards=_num_shards(ctx), pad_id=ct.pad_id)
+  if lc.kl_reduction not in losses.KL_REDUCTIONS:
+    raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")
+  if lc.align_negatives not in losses.NEGATIVES:
+    raise UserError(f"flowtok_stage.align_negatives must be one of {losses.NEGATIVES}")
+
+  def init(rng, b):
+    k_flow, k_vae, k_align, k_dec = jax.random.split(rng, 4)
+    z = jnp.zeros((1, fc.num_tokens, fc.channels), jnp.float32)
+    zero = jnp.zeros((1,), jnp.int32)
+    params = {
+        "flow": models.flow.init(k_flow, z, jnp.zeros((1,)), zero,
+                                 zero if fc.two_directions else None)["params"],
+        "text_vae": models.text_vae.init(k_vae, feats1)["params"],
+        "align_mlp": models.align_mlp.init(k_align, feats1)["params"],
+    }
+    if decoder is not None:
+      params["text_decoder"] = decoder.init(k_dec, z)["params"]
+    return params
+
+  def loss_fn(params, frozen, batch, rng, step, aux_params):
+    del step, aux_params
+    return flowtok_step.flowtok_loss(models, lc, params, frozen, batch, rng)
+
+  frozen_parts = (
+      _clip_text_part(config, ct),
+      stage_api.FrozenPart("image_encoder", init=encoder_init,
+                           checkpoint=_init_get(config, "tokenizer_from"),
+                           select=_tokenizer_select(config) + ("encoder",)),
+  )
+  opt = _optimizer(config)
+  return stage_api.Stage(
+      name="flowtok", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
+      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
+      frozen=frozen_parts, ema_decay=_ema(config))
