@@ -1,8 +1,13 @@
 """Shared layers: logical-axis rules, dense helpers, attention with 2D RoPE, MLPs, norms, tables.
 
-Every parameter is created through `dense`/`param` helpers that attach logical axis names, so the
-sharding module can map them onto the mesh with `DEFAULT_LOGICAL_RULES` (or the config's rules).
+Every parameter is created with logical axis names (`dense`, `Embed`, `with_axes`), so the
+sharding module can map it onto the mesh with `DEFAULT_LOGICAL_RULES` (or the config's rules).
 Parameters are always float32; `dtype` on each module is the compute dtype.
+
+PyTorch weights map as: Linear weight [out, in] -> kernel = weight.T (reshaped to the kernel's
+multi-dim shape, e.g. [W, 3, H, Dh] for fused qkv, [H, Dh, W] for the output projection);
+Conv2d weight [out, in, kh, kw] -> kernel = weight.permute(2, 3, 1, 0) (NHWC); LayerNorm
+weight/bias -> scale/bias.
 """
 from __future__ import annotations
 
@@ -132,8 +137,10 @@ def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = 
 
 def layer_norm(name: str, *, eps: float = 1e-5, affine: bool = True,
                dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  # Two-pass variance (E[(x - mean)²], as PyTorch): the fast E[x²] − mean² form loses digits
+  # on large-mean activations, which would break weight-import parity.
   return nn.LayerNorm(epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype,
-                      param_dtype=jnp.float32, name=name,
+                      param_dtype=jnp.float32, name=name, use_fast_variance=False,
                       scale_init=with_axes(nn.initializers.ones_init(), ("embed",)),
                       bias_init=with_axes(zeros, ("embed",)))
 
