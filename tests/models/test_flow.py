@@ -126,6 +126,8 @@ def test_bfloat16_compute_keeps_float32_params(random_params):
   x, t, null = _inputs()
   shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, null)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
+  plain = jax.eval_shape(flow.FlowTransformer(CFG).init, jax.random.key(0), x, t, null)
+  assert jax.tree.structure(shapes) == jax.tree.structure(plain)  # remat keeps the names.
   v = jax.jit(model.apply)(random_params(model, x, t, null), x, t, null)
   assert v.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v)))
 
