@@ -183,11 +183,24 @@ def build_clip(config, ctx: stage_api.StageContext) -> stage_api.Stage:
 
 # -- tokenizer ---------------------------------------------------------------------------------
 
-def _lecam_anchor_optimizer(decay: float) -> optax.GradientTransformation:
-  # The anchors' loss is 0.5·(a - sg(mean D))², whose gradient is a - mean D; plain SGD with
-  # rate (1 - decay) then performs exactly a ← decay·a + (1 - decay)·mean D, so the EMA
-  # lives in the auxiliary params and needs no extra state in the loop.
-  return optax.sgd(1.0 - decay)
+def _with_lecam_anchors(disc_tx: optax.GradientTransformation,
+                        decay: float) -> optax.GradientTransformation:
+  """The discriminator's optimizer on params {'disc': ..., 'lecam': {'real', 'fake'}}.
+
+  The anchors' loss is 0.5·(a - sg(mean D))², whose gradient is a - mean D; a plain step of
+  -(1 - decay)·gradient then performs exactly a ← decay·a + (1 - decay)·mean D, so the LeCam EMA
+  lives in the auxiliary params and needs no extra state in the loop. (Hand-written rather than
+  optax.multi_transform, whose MaskedNode leaves the sharding code cannot place.)
+  """
+  def init(params):
+    return disc_tx.init(params["disc"])
+
+  def update(grads, state, params=None):
+    upd, state = disc_tx.update(grads["disc"], state, None if params is None else params["disc"])
+    anchors = jax.tree.map(lambda g: -(1.0 - decay) * g, grads["lecam"])
+    return {"disc": upd, "lecam": anchors}, state
+
+  return optax.GradientTransformation(init, update)
 
 
 @stage_api.register("tokenizer")
@@ -276,9 +289,7 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     disc_opt = optim.make(ml_collections.ConfigDict(sc.disc_optim),
                           total_steps=config_lib.steps("total", config.train)).tx
     if use_lecam:
-      disc_opt = optax.multi_transform(
-          {"disc": disc_opt, "lecam": _lecam_anchor_optimizer(sc.lecam_decay)},
-          lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()})
+      disc_opt = _with_lecam_anchors(disc_opt, float(sc.lecam_decay))
     aux = stage_api.AuxModule("disc", init=disc_init, optimizer=disc_opt, loss_fn=disc_loss,
                               start_step=start)
 
