@@ -25,7 +25,8 @@ def _f32(x: jax.Array) -> jax.Array:
 
 # -- KL --------------------------------------------------------------------------------------------
 
-def text_kl(mean: jax.Array, logvar: jax.Array, reduction: str = "sum") -> jax.Array:
+def text_kl(mean: jax.Array, logvar: jax.Array, reduction: str = "sum",
+            num_shards: int = 1) -> jax.Array:
   """The text VAE's KL term in the reference form -0.5·Σ(1 + logvar - (0.3·μ)⁶ - exp(logvar)).
 
   The μ-penalty is (0.3·μ)⁶ rather than μ² (the reference's "naive KLD"): it barely acts for
@@ -34,8 +35,11 @@ def text_kl(mean: jax.Array, logvar: jax.Array, reduction: str = "sum") -> jax.A
   Args:
     mean: [B, L, C] posterior means.
     logvar: [B, L, C] posterior log-variances.
-    reduction: 'sum' over the whole batch (parity with the released code, whose weight 0.01
-      assumes it) or 'mean' per element (batch-size independent).
+    reduction: 'sum' (parity with the released code, whose weight 0.01 assumes it) or 'mean'
+      per element (batch-size independent).
+    num_shards: for 'sum': the reference sums over each device's local batch and then averages
+      gradients over devices, i.e. it optimises Σ_global / num_devices; the global sum is
+      divided by this to match (1 = the plain sum over the whole batch).
   Returns:
     scalar KL.
   """
@@ -43,7 +47,7 @@ def text_kl(mean: jax.Array, logvar: jax.Array, reduction: str = "sum") -> jax.A
     raise UserError(f"unknown KL reduction {reduction!r} (choose from {', '.join(KL_REDUCTIONS)})")
   mean, logvar = _f32(mean), _f32(logvar)
   terms = 1.0 + logvar - (0.3 * mean) ** 6 - jnp.exp(logvar)
-  return -0.5 * (terms.sum() if reduction == "sum" else terms.mean())
+  return -0.5 * (terms.sum() / num_shards if reduction == "sum" else terms.mean())
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:

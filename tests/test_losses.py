@@ -34,6 +34,9 @@ def test_text_kl_sum_and_mean():
   terms = 1 + lv - (0.3 * mu) ** 6 - np.exp(lv)
   np.testing.assert_allclose(losses.text_kl(mu, lv, "sum"), -0.5 * terms.sum(), rtol=1e-5)
   np.testing.assert_allclose(losses.text_kl(mu, lv, "mean"), -0.5 * terms.mean(), rtol=1e-5)
+  # Per-shard sums averaged over 2 shards (the reference's per-GPU sum under DDP averaging).
+  np.testing.assert_allclose(losses.text_kl(mu, lv, "sum", num_shards=2), -0.25 * terms.sum(),
+                             rtol=1e-5)
   # The penalty is (0.3μ)^6, not μ²: a standard-normal posterior at μ = 1 costs ~0.3^6/2 each.
   ones = np.ones((1, 1, 1))
   np.testing.assert_allclose(losses.text_kl(ones, 0 * ones), 0.5 * 0.3 ** 6, rtol=1e-4)

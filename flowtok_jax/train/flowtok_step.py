@@ -104,7 +104,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   mean_t, logvar_t = models.text_vae.apply({"params": params["text_vae"]}, feats,
                                            deterministic=False, rngs={"dropout": k_drop})
   z_text = mean_t + jnp.exp(0.5 * logvar_t) * jax.random.normal(k_zt, mean_t.shape)
-  kl = losses.text_kl(mean_t, logvar_t, lc.kl_reduction)
+  kl = losses.text_kl(mean_t, logvar_t, lc.kl_reduction, num_shards=lc.num_shards)
   aligned = models.align_mlp.apply({"params": params["align_mlp"]}, feats)
   tau = models.align_mlp.apply({"params": params["align_mlp"]},
                                method=text_lib.AlignMLP.logit_scale)

@@ -47,6 +47,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.clip_stage = ml_collections.ConfigDict(dict(
       negatives="global",  # Contrastive negatives: global (whole batch) | local (per shard).
+      num_shards=None,  # Shards of 'local' negatives; None: the data-parallel device count.
   ))
   c.tokenizer_stage = ml_collections.ConfigDict(dict(
       recon="l2",  # Reconstruction loss: l2 | l1.
@@ -70,6 +71,10 @@ def stage_defaults() -> ml_collections.ConfigDict:
       dec_weight=1.0,  # Text-decoder CE weight; 0 builds no text decoder.
       image_sample=True,  # z_I = posterior sample (True) or posterior mean.
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
+      # Per-shard semantics of the reference (null roll, 'local' negatives, KL 'sum' per shard)
+      # split the batch into this many blocks; None: the data-parallel device count (parity).
+      # Fix it to make losses independent of the device count.
+      num_shards=None,
   ))
   return c
 
@@ -91,9 +96,13 @@ def _dtype(config) -> str:
   return config.get("model_dtype", "float32")
 
 
-def _num_shards(ctx: stage_api.StageContext) -> int:
-  """Data-parallel size: per-shard null roll and 'local' negatives work on blocks of B / this."""
-  return math.prod(ctx.mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+def _num_shards(ctx: stage_api.StageContext, sc) -> int:
+  """Blocks of the batch for per-shard semantics: `sc.num_shards`, or the data-parallel size."""
+  n = sc.get("num_shards") or math.prod(ctx.mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+  if ctx.global_batch_size % n:
+    raise UserError(f"batch size {ctx.global_batch_size} does not split into {n} shards "
+                    "(num_shards)")
+  return int(n)
 
 
 def _init_get(config, key: str, default=None):
@@ -163,7 +172,7 @@ def build_clip(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   ci = clip_lib.CLIPImageConfig.from_config(config.clip_image, dtype=_dtype(config))
   _check_image_size(config, "clip_image", ci.image_size)
   model = clip_lib.CLIPModel(ct, ci)
-  shards = _num_shards(ctx)
+  shards = _num_shards(ctx, sc)
 
   def loss_fn(params, frozen, batch, rng, step, aux_params):
     del frozen, rng, step, aux_params
@@ -384,7 +393,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       kl_weight=float(sc.kl_weight), kl_reduction=sc.kl_reduction,
       align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
       dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
-      num_shards=_num_shards(ctx), pad_id=ct.pad_id)
+      num_shards=_num_shards(ctx, sc), pad_id=ct.pad_id)
   if lc.kl_reduction not in losses.KL_REDUCTIONS:
     raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")
   if lc.align_negatives not in losses.NEGATIVES:

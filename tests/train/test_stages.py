@@ -264,6 +264,8 @@ def test_flowtok_section_and_model_checks():
     build("flowtok", flowtok_config(p_i2t=1.5))
   with pytest.raises(UserError, match="not a known key"):
     build("flowtok", flowtok_config(p_t2i=0.5))
+  with pytest.raises(UserError, match="shards"):
+    build("flowtok", flowtok_config(num_shards=3))  # B = 8
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
