@@ -181,11 +181,12 @@ class FeatureNet:
   """A trained `ShapesFeatureNet` with its held-out accuracy."""
   params: Any
   features_dim: int = 64
+  channels: tuple[int, ...] = (16, 32, 64)
   val_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def module(self) -> ShapesFeatureNet:
-    return ShapesFeatureNet(self.features_dim)
+    return ShapesFeatureNet(self.features_dim, tuple(self.channels))
 
   def _apply(self, images, batch_size: int = 256):
     x = to_net_input(images)
@@ -216,12 +217,14 @@ class FeatureNet:
   def to_bytes(self) -> bytes:
     return flax.serialization.msgpack_serialize(
         {"params": self.params, "features_dim": self.features_dim,
-         "val_accuracy": self.val_accuracy})
+         "channels": list(self.channels), "val_accuracy": self.val_accuracy})
 
   @classmethod
   def from_bytes(cls, data: bytes) -> "FeatureNet":
     state = flax.serialization.msgpack_restore(data)
     return cls(params=state["params"], features_dim=int(state["features_dim"]),
+               channels=tuple(int(c) for c in state["channels"].values())
+               if isinstance(state["channels"], dict) else tuple(state["channels"]),
                val_accuracy={k: float(v) for k, v in state["val_accuracy"].items()})
 
 
@@ -250,8 +253,9 @@ def one_object_examples(render_cfg: shapes.ShapesConfig, seed: int, split: str,
 
 
 def train_feature_net(train: tuple, val: tuple | None = None, steps: int = 300,
-                      batch_size: int = 128, learning_rate: float = 3e-3,
-                      features_dim: int = 64, seed: int = 0) -> FeatureNet:
+                      batch_size: int = 128, learning_rate: float = 1e-2,
+                      features_dim: int = 64, channels: tuple[int, ...] = (16, 32, 64),
+                      seed: int = 0) -> FeatureNet:
   """Trains `ShapesFeatureNet` on (images, colour ids, shape ids); accuracy on `val` if given.
 
   Returns:
@@ -262,7 +266,7 @@ def train_feature_net(train: tuple, val: tuple | None = None, steps: int = 300,
     raise UserError("the feature net needs one-object training images; the train split has "
                     f"{len(images)}")
   x = to_net_input(images)
-  module = ShapesFeatureNet(features_dim)
+  module = ShapesFeatureNet(features_dim, tuple(channels))
   params = module.init(jax.random.PRNGKey(seed), x[:1])
   tx = optax.adam(learning_rate)
   opt_state = tx.init(params)
@@ -284,7 +288,8 @@ def train_feature_net(train: tuple, val: tuple | None = None, steps: int = 300,
     idx = rng.choice(len(x), batch, replace=False)
     params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]),
                                 jnp.asarray(colors[idx]), jnp.asarray(kinds[idx]))
-  net = FeatureNet(params=jax.device_get(params), features_dim=features_dim)
+  net = FeatureNet(params=jax.device_get(params), features_dim=features_dim,
+                   channels=tuple(channels))
   acc = {"color": math.nan, "shape": math.nan, "both": math.nan}
   if val is not None and len(val[0]):
     pc, ps = net.predict(val[0])
