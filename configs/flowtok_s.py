@@ -10,6 +10,13 @@ import os
 from flowtok_jax import config_lib
 
 
+def _base():
+  return config_lib.load_module(os.path.join(os.path.dirname(__file__), "flowtok.py"))
+
+
 def get_config(arg=None):
-  base = config_lib.load_module(os.path.join(os.path.dirname(__file__), "flowtok.py"))
-  return base.get_config(f"variant=S,{arg}" if arg else "variant=S")
+  return _base().get_config(f"variant=S,{arg}" if arg else "variant=S")
+
+
+def get_sweep(add, arg=None):
+  return _base().get_sweep(add, f"variant=S,{arg}" if arg else "variant=S")

@@ -27,6 +27,29 @@ import jax.numpy as jnp
 from flowtok_jax.errors import UserError
 from flowtok_jax.models import layers
 
+# Rematerialisation of the DiT blocks in the backward pass (`flow.remat`): what each block keeps
+# from its forward pass. 'full' keeps only the block input (least memory, about one extra
+# forward); 'dots' keeps the outputs of the weight matmuls (qkv, proj, MLP, adaLN) and
+# recomputes attention and the elementwise ops; 'none' keeps everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(value) -> str:
+  """Normalises a `flow.remat` value: False/None -> 'none', True -> 'full', or a policy name."""
+  if value is None or value is False:
+    return "none"
+  if value is True:
+    return "full"
+  if value not in REMAT_POLICIES:
+    raise UserError(f"flow.remat {value!r} is unknown (known: {', '.join(REMAT_POLICIES)}, "
+                    "or True/False)")
+  return value
+
+
 # depth, width, heads (SPEC §1 table; L is defined by the reference code too).
 FLOW_SIZES = {
     "S": (12, 384, 6),
@@ -49,7 +72,7 @@ class FlowConfig:
   two_directions: bool = False  # Adds the zero-initialised direction embedding.
   freq_dim: int = 256  # Timestep sinusoid size.
   dtype: str = "float32"  # Compute dtype; parameters are float32.
-  remat: bool = False  # Rematerialise each block in the backward pass.
+  remat: bool | str = "none"  # Block rematerialisation: a REMAT_POLICIES name (True = 'full').
 
   @classmethod
   def from_config(cls, section, dtype: str = "float32") -> "FlowConfig":
@@ -68,7 +91,7 @@ class FlowConfig:
     return cls(depth=depth, width=width, heads=heads, num_tokens=section.num_tokens,
                channels=section.channels, mlp_ratio=section.get("mlp_ratio", 4.0),
                two_directions=bool(section.get("two_directions", False)),
-               remat=bool(section.get("remat", False)), dtype=dtype)
+               remat=remat_policy(section.get("remat", False)), dtype=dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -170,7 +193,10 @@ class FlowTransformer(nn.Module):
       c = c + layers.Embed(2, cfg.width, dtype=dt, init=layers.zeros,
                            name="direction_embedder")(d.astype(jnp.int32))
 
-    block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+    policy = remat_policy(cfg.remat)
+    block = DiTBlock
+    if policy != "none":
+      block = nn.remat(DiTBlock, policy=REMAT_POLICIES[policy])
     for i in range(cfg.depth):
       h = block(cfg.heads, cfg.mlp_ratio, dtype=cfg.dtype, name=f"blocks_{i}")(h, c)
     v = FinalLayer(cfg.channels, dtype=cfg.dtype, name="final_layer")(h, c)
