@@ -96,8 +96,13 @@ def draw_curve(points: Sequence[tuple[float, float]], title: str, out: str,
   if y_hi == y_lo:
     y_lo, y_hi = y_lo - max(abs(y_lo) * 0.1, 1e-3), y_hi + max(abs(y_hi) * 0.1, 1e-3)
   pw, ph = width - left - right, height - top - bottom
-  px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * pw  # pylint: disable=unnecessary-lambda-assignment
-  py = lambda y: top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph  # pylint: disable=unnecessary-lambda-assignment
+
+  def px(x):
+    return left + (x - x_lo) / (x_hi - x_lo) * pw
+
+  def py(y):
+    return top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
+
   for y in _nice_ticks(y_lo, y_hi):
     yy = py(y)
     draw.line([left, yy, width - right, yy], fill=(230, 230, 230))

@@ -13,14 +13,17 @@ so every step tolerates blur, colour shifts, speckle and soft edges:
    direction is close to a palette colour, not white or grey).
 2. Objects. Connected components (8-neighbour) per colour; components far smaller than the
    smallest object the rules allow are noise and dropped.
-3. Shape. Coverage *mass* near the component (blur moves mass, it does not create it) over its
-   bounding-box area is the fill ratio: square 1.0, circle 0.76-0.89, triangle 0.53-0.67. A
-   triangle (point up) also has about 1/3 of its mass in the top half of its box, a circle or
-   square 1/2; that asymmetry separates triangles first, the fill ratio then separates circles
-   from squares.
-4. Size, location, relation. Bounding-box side and centre against `shapes.geometry`, taking the
-   nearest word when a value falls between the rules' ranges (a generated object is rarely
-   exact); the relation is the dominant axis of the centre offset.
+3. Shape. The coverage *mass* within 1 px of the component (blur moves mass, it does not
+   create it), relative to the object's own interior level (a generated colour may be darker
+   than the palette), with holes filled (speckle). Its vertical skewness finds point-up
+   triangles (-0.57 ideal, circles and squares 0); then the fill ratio, mass / (longest row x
+   longest column), which a stray edge pixel cannot move the way it moves a bounding box,
+   separates squares (1.0) from discs (0.76-0.85, 0.89 at 6 px).
+4. Size, location, relation. Bounding-box side and centre (a 1-pixel end row or column, a
+   stuck speckle, is trimmed; a triangle's box is measured up from its base, its apex may
+   fade) against `shapes.geometry`, taking the nearest word when a value falls between the
+   rules' ranges (a generated object is rarely exact); the relation is the dominant axis of
+   the centre offset.
 
 `validate_parser` measures the parser on ground-truth renders: the T2I number is void unless
 that reaches 99 %.
@@ -350,7 +353,10 @@ def t2i_accuracy(images, prompts, cfg: ParserConfig = ParserConfig()) -> dict[st
       sums["relation"].append(s["relation"])
     for key in _ATTRS:
       sums[key].extend(v for v in s[key] if v is not None)
-  mean = lambda v: float(np.mean(v)) if v else float("nan")  # pylint: disable=unnecessary-lambda-assignment
+
+  def mean(values):
+    return float(np.mean(values)) if values else float("nan")
+
   out = {k: mean(v) for k, v in sums.items()}
   out.update(accuracy=mean(correct[1] + correct[2]), accuracy_one=mean(correct[1]),
              accuracy_two=mean(correct[2]), num=float(len(prompts)))

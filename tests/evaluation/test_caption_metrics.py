@@ -124,7 +124,8 @@ def test_exact_match_ignores_paraphrase_and_object_order():
   for cap in ("a big red circle at the top left corner", "A large red circle is in the top left."):
     assert cm.compare_attributes(_attrs(cap), target)["exact"], cap
   target = _attrs("a red circle to the left of a blue square")
-  for cap in ("a blue square is right of a red circle", "a red circle on the left of a blue square"):
+  for cap in ("a blue square is right of a red circle",
+              "a red circle on the left of a blue square"):
     assert cm.compare_attributes(_attrs(cap), target)["exact"], cap
 
 

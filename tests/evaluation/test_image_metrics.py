@@ -45,7 +45,8 @@ def _ssim_by_loops(a, b, win=11, sigma=1.5):
         ma, mb = (w2 * pa).sum(), (w2 * pb).sum()
         va, vb = (w2 * (pa - ma) ** 2).sum(), (w2 * (pb - mb) ** 2).sum()
         cov = (w2 * (pa - ma) * (pb - mb)).sum()
-        vals.append((2 * ma * mb + C1) * (2 * cov + C2) / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
+        vals.append((2 * ma * mb + C1) * (2 * cov + C2)
+                    / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
   return np.mean(vals)
 
 
@@ -69,7 +70,8 @@ def test_ssim_matches_the_windowed_definition():
 def test_ssim_falls_with_noise_and_checks_inputs():
   rng = np.random.default_rng(2)
   x = rng.random((16, 16, 3))
-  scores = [im.ssim(x, np.clip(x + s * rng.standard_normal(x.shape), 0, 1)) for s in (0.01, 0.1, 0.3)]
+  scores = [im.ssim(x, np.clip(x + s * rng.standard_normal(x.shape), 0, 1))
+            for s in (0.01, 0.1, 0.3)]
   assert scores[0] > scores[1] > scores[2]
   with pytest.raises(UserError):
     im.ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))  # Smaller than the window.
