@@ -168,6 +168,8 @@ def get_config(arg=None):
   config.checkpoint.async_save = True  # Write checkpoints in the background.
   config.init = ml_collections.ConfigDict()
   config.init.params_from = None  # Workdir to copy trainable params from (params only) at step 0.
+  config.init.clip_from = None  # Workdir of the clip stage: its text tower is frozen later.
+  config.init.tokenizer_from = None  # Workdir of the tokenizer stage (encoder frozen in flowtok).
 
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
   st = config.stages = ml_collections.ConfigDict()
