@@ -162,6 +162,114 @@ def _demo(args, overrides):
 # ---------------------------------------------------------------------------------------------
 
 
+# export | generate | caption | eval: serving from an inference bundle (export.py, inference.py)
+
+
+def _no_config(overrides, name):
+  if overrides:
+    raise UserError(f"{name} reads its config from the bundle/workdir; --config.{overrides[0]} "
+                    "does not apply")
+
+
+def _sampler_flags(p, what):
+  p.add_argument("--steps", type=int, default=None, help=f"ODE steps (default: {what})")
+  p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default: {what})")
+  p.add_argument("--sampler", choices=("euler", "heun"), default=None,
+                 help=f"ODE solver (default: {what})")
+  p.add_argument("--grid", choices=("parity", "uniform"), default=None,
+                 help="time grid: parity (Euler, the reference's) or uniform (Heun needs it)")
+  p.add_argument("--batch_size", type=int, default=8, help="images per compiled call")
+
+
+def _knobs(args) -> dict:
+  return {"steps": args.steps, "cfg_scale": args.cfg, "sampler": args.sampler, "grid": args.grid}
+
+
+def _export_flags(p):
+  p.add_argument("--workdir", required=True, help="a trained flowtok-stage workdir")
+  p.add_argument("--out", required=True, help="bundle directory (an old bundle is replaced)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="parameter dtype in the bundle")
+  p.add_argument("--programs", action="store_true",
+                 help="also write jax.export T2I / I2T programs (symbolic batch)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="default ODE steps of the bundle and its programs (20)")
+  p.add_argument("--sampler", choices=("euler", "heun"), default=None,
+                 help="default solver of the bundle and its programs (euler)")
+
+
+@command("export", "write an inference bundle from a trained flowtok-stage workdir",
+         _export_flags)
+def _export(args, overrides):
+  _no_config(overrides, "export")
+  from flowtok_jax import export  # pylint: disable=g-import-not-at-top
+  print(json.dumps(export.export_bundle(args.workdir, args.out, dtype=args.dtype,
+                                        programs=args.programs, steps=args.steps,
+                                        sampler=args.sampler), sort_keys=True))
+
+
+def _generate_flags(p):
+  p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="text to draw; repeat the flag for several prompts")
+  p.add_argument("--num", type=int, default=1, help="images per prompt")
+  p.add_argument("--seed", type=int, default=0, help="seed of the first image (image j: seed+j)")
+  p.add_argument("--out", required=True, help="directory for NNNN.png and samples.json")
+  _sampler_flags(p, "the bundle's: 20 Euler steps, CFG 2.0")
+
+
+@command("generate", "text to image from a bundle: DIR/NNNN.png + DIR/samples.json",
+         _generate_flags)
+def _generate(args, overrides):
+  _no_config(overrides, "generate")
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  records = inference.generate_to_dir(args.bundle, args.prompt, args.out, num=args.num,
+                                      seed=args.seed, batch_size=args.batch_size,
+                                      **_knobs(args))
+  print(json.dumps({"out": os.path.abspath(args.out), "images": len(records)}))
+
+
+def _caption_flags(p):
+  p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
+  p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size: resized "
+                 "and centre-cropped)")
+  _sampler_flags(p, "the bundle's: 20 Euler steps, no CFG")
+
+
+@command("caption", "image to text from a bundle: one JSON line per image", _caption_flags)
+def _caption(args, overrides):
+  _no_config(overrides, "caption")
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  for record in inference.caption_files(args.bundle, args.images, batch_size=args.batch_size,
+                                        **_knobs(args)):
+    print(json.dumps(record), flush=True)
+
+
+def _eval_flags(p):
+  p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
+  p.add_argument("--data_dir", required=True, help="TFDS data dir with the built captioned_shapes")
+  p.add_argument("--split", default="test,compositional",
+                 help="comma-separated evaluation splits (never train)")
+  p.add_argument("--num", type=int, default=None, help="examples per split (default: all)")
+  p.add_argument("--out", default=None, help="directory for eval.json + report.html "
+                                             "(default: BUNDLE/eval)")
+  _sampler_flags(p, "the bundle's")
+
+
+@command("eval", "T2I / I2T / tokenizer metrics of a bundle on captioned-shapes",
+         _eval_flags)
+def _eval(args, overrides):
+  _no_config(overrides, "eval")
+  from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
+  results = run_eval.evaluate(args.bundle, args.data_dir, splits=args.split, num=args.num,
+                              out=args.out, batch_size=args.batch_size, steps=args.steps,
+                              cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid)
+  print(json.dumps(results["summary"], sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="flowtok", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)

@@ -33,3 +33,23 @@ def shapes_data_dir(runlocal_config, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   builders.build(runlocal_config.data, data_dir)
   return runlocal_config.data, data_dir
+
+
+# -- export / inference / eval: a tiny bundle from fake runs (tests/tiny_bundle.py) --------------
+
+@pytest.fixture(scope="session")
+def tiny_runs(shapes_data_dir, tmp_path_factory):
+  """Untrained clip / tokenizer / flowtok runs written as checkpoints (no training)."""
+  import tiny_bundle  # pylint: disable=g-import-not-at-top
+  data_cfg, data_dir = shapes_data_dir
+  return tiny_bundle.make_runs(str(tmp_path_factory.mktemp("runs")), data_cfg, data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tiny_runs):
+  """The two-way run exported with 4-step sampler defaults (+ programs when serialisable)."""
+  import tiny_bundle  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import export  # pylint: disable=g-import-not-at-top
+  out = os.path.join(tiny_runs.root, "bundle")
+  export.export_bundle(tiny_runs.flowtok, out, programs=tiny_bundle.has_flatbuffers(), steps=4)
+  return out

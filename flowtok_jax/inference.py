@@ -1,0 +1,578 @@
+"""Serving FlowTok from an export bundle: `Generator` (text -> image), `Captioner` (image -> text).
+
+    gen = Generator("runs/demo/bundle")
+    images = gen.generate(["a red circle in the center"], seeds=[0])      # uint8 [1, S, S, 3]
+    cap = Captioner("runs/demo/bundle")
+    cap.caption_images([images[0]])                                        # ['a red circle ...']
+
+A bundle (written by `export.py`, read by `load_bundle` here) is a directory:
+
+    bundle.json           format version, latent scale, capabilities, sampler defaults, checksums
+    config.json           the flowtok stage's config (models are rebuilt from it)
+    params.msgpack        {clip_text, text_vae, align_mlp, flow[, text_decoder], tokenizer/{encoder,
+                          decoder}} (flax msgpack, float32 or bfloat16)
+    text_tokenizer.model  the sentencepiece model
+    t2i.jaxexport, i2t.jaxexport   optional `jax.export` programs (symbolic batch) that run
+                          without this package: `jax.export.deserialize(data).call(params, ...)`
+
+Both directions are pure functions of (params, inputs) whose whole ODE is one compiled program
+(`text_to_image`, `image_to_text`); the classes load the bundle once, pad requests to a fixed
+batch so each knob setting compiles once, and serve any number of inputs. Randomness enters
+only through per-image seeds (the text-VAE sample of z_T), so a (prompt, seed) pair gives the
+same image in any batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flowtok_jax import flow_matching as fm
+from flowtok_jax.errors import UserError
+
+FORMAT_NAME = "flowtok_bundle"
+FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+CONFIG_JSON = "config.json"
+PARAMS_FILE = "params.msgpack"
+TOKENIZER_FILE = "text_tokenizer.model"
+PROGRAM_FILES = {"t2i": "t2i.jaxexport", "i2t": "i2t.jaxexport"}
+# The PRNG behind the per-image seeds, pinned so that a different default (e.g. RBG keys set by a
+# test session or a user's JAX flags) cannot change which image a seed gives.
+SEED_PRNG = "threefry2x32"
+# Images below this many pixels per side carry too little to caption (a 1x1 "image" is an error).
+MIN_IMAGE_SIDE = 8
+
+
+# -- models and pure pipelines --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The modules of a bundle (stateless Flax modules; parameters travel separately).
+
+  Attributes:
+    clip_text, text_vae, flow, tokenizer, text_decoder: the modules (text_decoder None when the
+      run trained none).
+    two_directions: the DiT takes a direction input (0 = T2I, 1 = I2T).
+    text_aware: the tokenizer decoder reads the prompt's CLIP features.
+    latent_scale: the flow works on tokenizer latents times this.
+    text_len: L (= K image tokens).
+    image_size: S, pixels per side.
+  """
+  clip_text: Any
+  text_vae: Any
+  flow: Any
+  tokenizer: Any
+  text_decoder: Any
+  two_directions: bool
+  text_aware: bool
+  latent_scale: float
+  text_len: int
+  image_size: int
+
+
+def build_models(config: ml_collections.ConfigDict, latent_scale: float) -> Models:
+  """Rebuilds the inference modules from a flowtok-stage config (as the stage builder does)."""
+  from flowtok_jax.models import flow as flow_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  dtype = config.get("model_dtype", "float32")
+  fc = flow_lib.FlowConfig.from_config(config.flow, dtype=dtype)
+  tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
+  decoder = None
+  if config.get("text_decoder") is not None:
+    decoder = text_lib.TextDecoder(
+        text_lib.TextDecoderConfig.from_config(config.text_decoder, dtype=dtype))
+  return Models(
+      clip_text=text_lib.CLIPTextTower(text_lib.CLIPTextConfig.from_config(config.clip_text,
+                                                                           dtype=dtype)),
+      text_vae=text_lib.TextVAE(text_lib.TextVAEConfig.from_config(config.text_vae, dtype=dtype)),
+      flow=flow_lib.FlowTransformer(fc), tokenizer=tok_lib.FlowTiTok(tc), text_decoder=decoder,
+      two_directions=fc.two_directions, text_aware=tc.text_aware,
+      latent_scale=float(latent_scale), text_len=int(config.clip_text.max_len),
+      image_size=tc.image_size)
+
+
+def seed_noise(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """[B] uint32 seeds -> [B, *shape] standard normal noise, each row a function of its seed only."""
+  def one(seed):
+    return jax.random.normal(jax.random.key(seed, impl=SEED_PRNG), shape, jnp.float32)
+  return jax.vmap(one)(seeds.astype(jnp.uint32))
+
+
+def _velocity_fn(models: Models, flow_params):
+  def v(x, t, null, direction):
+    return models.flow.apply({"params": flow_params}, x, t, null, direction)
+  return v
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """[B, S, S, 3] float (about [0, 1]) -> uint8, clipped and rounded."""
+  return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def text_to_image(models: Models, params, ids: jax.Array, seeds: jax.Array, cfg_scale, *,
+                  steps: int, sampler: str, grid: str) -> jax.Array:
+  """Text-to-image: prompt ids -> CLIP -> text VAE sample z_T -> ODE (direction 0) -> decoder.
+
+  Args:
+    models: from `build_models`.
+    params: the bundle's parameter tree.
+    ids: [B, L] int32 prompt ids (EOS, then pad).
+    seeds: [B] uint32, one per image: the noise of the z_T sample.
+    cfg_scale: guidance scale (Python float: 1.0 skips the null pass; or a traced scalar).
+    steps, sampler, grid: see `flow_matching.sample`.
+  Returns:
+    uint8 [B, S, S, 3] images.
+  """
+  from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  feats = models.clip_text.apply({"params": params["clip_text"]}, ids)
+  mean, logvar = models.text_vae.apply({"params": params["text_vae"]}, feats)
+  # SPEC §1: z_T is sampled at inference too, not the posterior mean.
+  z_text = mean + jnp.exp(0.5 * logvar) * seed_noise(seeds, mean.shape[1:])
+  z_image = fm.sample(_velocity_fn(models, params["flow"]), z_text, steps=steps,
+                      cfg_scale=cfg_scale, sampler=sampler, grid=grid,
+                      direction=0 if models.two_directions else None)
+  images = models.tokenizer.apply({"params": params["tokenizer"]},
+                                  z_image / models.latent_scale,
+                                  feats if models.text_aware else None,
+                                  method=tok_lib.FlowTiTok.decode)
+  return to_uint8(images)
+
+
+def image_to_text(models: Models, params, images: jax.Array, cfg_scale, *, steps: int,
+                  sampler: str, grid: str) -> jax.Array:
+  """Image-to-text (SPEC §4): encoder mean · scale -> ODE (direction 1) -> text decoder -> argmax.
+
+  Args:
+    models: from `build_models` (two-direction, with a text decoder).
+    params: the bundle's parameter tree.
+    images: [B, S, S, 3] float32 in [0, 1].
+    cfg_scale, steps, sampler, grid: see `flow_matching.sample`.
+  Returns:
+    [B, L] int32 token ids (argmax per position; the caller cuts at EOS).
+  """
+  from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  mean, _ = models.tokenizer.apply({"params": params["tokenizer"]}, images,
+                                   method=tok_lib.FlowTiTok.encode)
+  z_text = fm.sample(_velocity_fn(models, params["flow"]), mean * models.latent_scale,
+                     steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid, direction=1)
+  logits = models.text_decoder.apply({"params": params["text_decoder"]}, z_text)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+# -- bundles --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Bundle:
+  """A loaded export bundle.
+
+  Attributes:
+    path: its directory.
+    meta: bundle.json.
+    config: the flowtok stage's config.
+    params: the parameter tree (numpy arrays).
+    tokenizer: the `TextTokenizer`.
+    models: the modules, rebuilt from the config.
+  """
+  path: str
+  meta: dict
+  config: ml_collections.ConfigDict
+  params: Any
+  tokenizer: Any
+  models: Models
+
+  @property
+  def can_caption(self) -> bool:
+    return bool(self.meta.get("capabilities", {}).get("i2t"))
+
+  def defaults(self, direction: str) -> dict:
+    """Sampler defaults recorded at export ('t2i' or 'i2t')."""
+    return dict(self.meta.get("defaults", {}).get(direction, {}))
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{what} is missing ({path})") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"{what} is unreadable ({path}): {e}") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{what} is not a JSON object ({path})")
+  return value
+
+
+def read_bundle_meta(path: str) -> dict:
+  """bundle.json of the bundle at `path`, with its format checked (UserError if not a bundle)."""
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  if not os.path.isdir(path):
+    raise UserError(f"no bundle at {path}" + (" (it is a file, not a bundle directory)"
+                                              if os.path.exists(path) else ""))
+  meta_path = os.path.join(path, BUNDLE_JSON)
+  if not os.path.exists(meta_path):
+    raise UserError(f"{path} is not a flowtok bundle (no {BUNDLE_JSON}; make one with "
+                    "`flowtok export`)")
+  meta = _read_json(meta_path, f"bundle {path}: {BUNDLE_JSON}")
+  if meta.get("format") != FORMAT_NAME:
+    raise UserError(f"{path} is not a flowtok bundle ({BUNDLE_JSON} has format "
+                    f"{meta.get('format')!r})")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"bundle {path} has format version {meta.get('format_version')}; this "
+                    f"flowtok reads version {FORMAT_VERSION} (re-export it)")
+  return meta
+
+
+def load_bundle(path: str) -> Bundle:
+  """Reads and checks a bundle; anything missing, corrupt or mismatched is one UserError line."""
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  meta = read_bundle_meta(path)
+  config = ml_collections.ConfigDict(_read_json(os.path.join(path, CONFIG_JSON),
+                                                f"bundle {path}: {CONFIG_JSON}"))
+  params_path = os.path.join(path, PARAMS_FILE)
+  if not os.path.isfile(params_path):
+    raise UserError(f"bundle {path} is incomplete: {PARAMS_FILE} is missing")
+  want = meta.get("files", {}).get(PARAMS_FILE)
+  if want and file_sha256(params_path) != want:
+    raise UserError(f"bundle {path} is corrupt: {PARAMS_FILE} does not match its checksum "
+                    "(re-export it)")
+  try:
+    with open(params_path, "rb") as f:
+      params = flax.serialization.msgpack_restore(f.read())
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"bundle {path} is corrupt: {PARAMS_FILE} does not parse "
+                    f"({type(e).__name__})") from None
+  tok = TextTokenizer.load(os.path.join(path, TOKENIZER_FILE))
+  try:
+    models = build_models(config, meta["latent_scale"])
+  except (KeyError, AttributeError, TypeError) as e:
+    raise UserError(f"bundle {path}: config.json or bundle.json lacks a needed entry ({e})") \
+        from None
+  missing = [k for k in ("clip_text", "text_vae", "flow", "tokenizer")
+             if not isinstance(params, dict) or k not in params]
+  if missing:
+    raise UserError(f"bundle {path} is corrupt: parameters lack {', '.join(missing)}")
+  return Bundle(path=path, meta=meta, config=config, params=params, tokenizer=tok, models=models)
+
+
+def as_bundle(bundle) -> Bundle:
+  return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+
+
+def load_program(bundle, direction: str, compiler_options: Optional[dict] = None):
+  """The bundle's exported `jax.export` program for 't2i' or 'i2t', with its params bound.
+
+  Returns:
+    t2i: `fn(ids [B, L] int32, seeds [B] uint32, cfg_scale f32) -> uint8 [B, S, S, 3]`;
+    i2t: `fn(images [B, S, S, 3] f32 in [0, 1], cfg_scale f32) -> int32 ids [B, L]`.
+    Steps, sampler and grid are fixed at export (`bundle.meta['programs'][direction]`).
+    `compiler_options` go to the XLA compile of the deserialised program.
+  """
+  b = as_bundle(bundle)
+  info = b.meta.get("programs", {}).get(direction)
+  if not info:
+    raise UserError(f"bundle {b.path} has no exported {direction} program (export with "
+                    "--programs)")
+  path = os.path.join(b.path, PROGRAM_FILES[direction])
+  try:
+    with open(path, "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"bundle {b.path}: the {direction} program does not load "
+                    f"({type(e).__name__})") from None
+  params = jax.device_put(b.params)
+  run = jax.jit(exported.call, compiler_options=compiler_options)
+
+  def call(*args):
+    return run(params, *args)
+  return call
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> np.ndarray:
+  """Prompts -> ids [N, L]; empty or over-long prompts are UserErrors (never silently cut)."""
+  from flowtok_jax.data import text_tokenizer as tt  # pylint: disable=g-import-not-at-top
+  if not prompts:
+    raise UserError("no prompt given")
+  for p in prompts:
+    if not isinstance(p, str) or not p.strip():
+      raise UserError("empty prompt: give some text to draw")
+  ids, truncated = tokenizer.encode(list(prompts), max_len=text_len)
+  for p, cut in zip(prompts, truncated):
+    if cut:
+      full, _ = tokenizer.encode([p], max_len=max(4 * text_len, len(p) + 2))
+      n = int(np.argmax(full[0] == tt.EOS_ID))
+      raise UserError(f"prompt is too long: {p!r} is {n} tokens, this model reads at most "
+                      f"{text_len - 1} (text length L = {text_len} including EOS)")
+  unknown = [p for p, row in zip(prompts, ids) if tt.UNK_ID in row]
+  if unknown:
+    logging.warning("words unknown to the text tokenizer in %r", unknown[0])
+  return ids
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """Reads an image file -> uint8 [S, S, 3] (shorter side resized to S, centre crop).
+
+  Raises:
+    UserError: missing or unreadable file, not an image, or smaller than MIN_IMAGE_SIDE.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise UserError(f"cannot read image {path}: no such file")
+  if os.path.isdir(path):
+    raise UserError(f"cannot read image {path}: it is a directory")
+  try:
+    with Image.open(path) as img:
+      img.load()
+      array = np.asarray(img.convert("RGB"))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise UserError(f"cannot read image {path}: not a readable image file "
+                    f"({type(e).__name__})") from None
+  return prepare_image(array, image_size, name=path)
+
+
+def prepare_image(image: np.ndarray, image_size: int, name: str = "image") -> np.ndarray:
+  """uint8 [H, W, 3] (or [H, W], [H, W, 4]) -> uint8 [S, S, 3] by resize + centre crop."""
+  from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8:
+    raise UserError(f"{name}: expected uint8 pixels, got {arr.dtype}")
+  if arr.ndim == 2:
+    arr = np.stack([arr] * 3, axis=-1)
+  if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+    raise UserError(f"{name}: expected an RGB image [H, W, 3], got shape {arr.shape}")
+  h, w = arr.shape[:2]
+  if min(h, w) < MIN_IMAGE_SIDE:
+    raise UserError(f"{name} is {w}x{h} pixels: too small to caption (at least "
+                    f"{MIN_IMAGE_SIDE} px per side; the model sees {image_size}x{image_size})")
+  return pipeline.resize_center_crop(np.ascontiguousarray(arr[..., :3]), image_size)
+
+
+def check_knobs(steps: int, cfg_scale: float, sampler: str, grid: Optional[str]) -> str:
+  if sampler not in fm.SAMPLERS:
+    raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(fm.SAMPLERS)})")
+  grid = grid or ("parity" if sampler == "euler" else "uniform")
+  if grid not in fm.GRIDS:
+    raise UserError(f"unknown time grid {grid!r} (choose from {', '.join(fm.GRIDS)})")
+  if sampler == "heun" and grid != "uniform":
+    raise UserError("the heun sampler runs on the uniform grid (--grid uniform)")
+  if int(steps) < 1:
+    raise UserError(f"--steps must be at least 1, got {steps}")
+  if not math.isfinite(float(cfg_scale)):
+    raise UserError(f"the guidance scale must be a finite number, got {cfg_scale}")
+  return grid
+
+
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads the leading axis to `size` by repeating the last row (one compile per batch size)."""
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+# (config.json checksum, latent scale, direction, knobs, compiler options) -> jitted pipeline.
+# Servers of equal bundles share compiled programs: parameters are arguments, not constants.
+_JITTED: dict[tuple, Any] = {}
+
+
+class _Server:
+  """Loads a bundle once and keeps one jitted program per knob setting."""
+
+  direction = ""
+
+  def __init__(self, bundle, *, batch_size: int = 8, steps: Optional[int] = None,
+               cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
+               grid: Optional[str] = None, compiler_options: Optional[dict] = None):
+    self.bundle = as_bundle(bundle)
+    self.compiler_options = dict(compiler_options or {})
+    if int(batch_size) < 1:
+      raise UserError(f"batch size must be at least 1, got {batch_size}")
+    self.batch_size = int(batch_size)
+    d = self.bundle.defaults(self.direction)
+    self.steps = int(steps if steps is not None else d.get("steps", 20))
+    self.cfg_scale = float(cfg_scale if cfg_scale is not None else d.get("cfg_scale", 1.0))
+    self.sampler = sampler or d.get("sampler", "euler")
+    self.grid = check_knobs(self.steps, self.cfg_scale, self.sampler,
+                             grid or (d.get("grid") if self.sampler == d.get("sampler") else None))
+    self.params = jax.device_put(self.bundle.params)
+    self._programs = {}
+
+  def knobs(self) -> dict:
+    return {"steps": self.steps, "cfg_scale": self.cfg_scale, "sampler": self.sampler,
+            "grid": self.grid}
+
+  def _program(self, fn):
+    key = (self.bundle.meta.get("files", {}).get(CONFIG_JSON), self.bundle.models.latent_scale,
+           fn.__name__, self.steps, self.cfg_scale, self.sampler, self.grid,
+           tuple(sorted(self.compiler_options.items())))
+    if key[0] is None:  # No checksum to tell configs apart: keep the program to this server.
+      key = (id(self),) + key
+    if key not in _JITTED:
+      models, steps, cfg, sampler, grid = (self.bundle.models, self.steps, self.cfg_scale,
+                                           self.sampler, self.grid)
+      _JITTED[key] = jax.jit(
+          lambda params, *x: fn(models, params, *x, cfg, steps=steps, sampler=sampler,
+                                grid=grid), compiler_options=self.compiler_options or None)
+    return _JITTED[key]
+
+
+class Generator(_Server):
+  """Text-to-image from a bundle.
+
+  Args:
+    bundle: a bundle directory or a loaded `Bundle`.
+    batch_size: images per compiled call (requests are chunked and the last chunk padded).
+    steps, cfg_scale, sampler, grid: sampler knobs; None takes the bundle's defaults (20 Euler
+      steps on the parity grid, CFG 2.0).
+    compiler_options: XLA options of the compile (e.g. a lower optimisation level in tests).
+  """
+
+  direction = "t2i"
+
+  def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    """One image per (prompt, seed) pair.
+
+    Args:
+      prompts: N prompts (repeat a prompt for several images).
+      seeds: N seeds in [0, 2^32); the same (prompt, seed) gives the same image.
+    Returns:
+      uint8 [N, S, S, 3].
+    """
+    if len(prompts) != len(seeds):
+      raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    seeds = [int(s) for s in seeds]
+    if any(not 0 <= s < 2 ** 32 for s in seeds):
+      raise UserError("seeds must be in [0, 2^32)")
+    ids = encode_prompts(self.bundle.tokenizer, list(prompts), self.bundle.models.text_len)
+    seeds = np.asarray(seeds, np.uint32)
+    run = self._program(text_to_image)
+    out = []
+    for a, b in _chunks(len(ids), self.batch_size):
+      images = run(self.params, _pad_rows(ids[a:b], self.batch_size),
+                   _pad_rows(seeds[a:b], self.batch_size))
+      out.append(np.asarray(jax.device_get(images))[: b - a])
+    return np.concatenate(out)
+
+
+class Captioner(_Server):
+  """Image-to-text from a bundle (needs a model trained in both directions with a text decoder).
+
+  Args:
+    bundle: a bundle directory or a loaded `Bundle`.
+    batch_size, steps, cfg_scale, sampler, grid: as for `Generator` (default CFG 1.0: none).
+  """
+
+  direction = "i2t"
+
+  def __init__(self, bundle, **kwargs):
+    b = as_bundle(bundle)
+    if not b.can_caption:
+      why = b.meta.get("capabilities", {}).get("i2t_missing") or "it was trained text-to-image only"
+      raise UserError(f"bundle {b.path} cannot caption images: {why}")
+    super().__init__(b, **kwargs)
+
+  def caption_images(self, images: Sequence[np.ndarray]) -> list[str]:
+    """Captions uint8 images of any size (each resized / centre-cropped to the model's size)."""
+    size = self.bundle.models.image_size
+    prepared = np.stack([prepare_image(im, size, name=f"image {i}")
+                         for i, im in enumerate(images)]) if len(images) else None
+    return self._caption(prepared)
+
+  def caption_files(self, paths: Sequence[str]) -> list[str]:
+    """Captions image files; any unreadable or too small file is a UserError before any work."""
+    size = self.bundle.models.image_size
+    prepared = np.stack([load_image(p, size) for p in paths]) if paths else None
+    return self._caption(prepared)
+
+  def _caption(self, images: Optional[np.ndarray]) -> list[str]:
+    if images is None:
+      raise UserError("no image given")
+    x = images.astype(np.float32) * np.float32(1 / 255)
+    run = self._program(image_to_text)
+    ids = []
+    for a, b in _chunks(len(x), self.batch_size):
+      out = run(self.params, _pad_rows(x[a:b], self.batch_size))
+      ids.append(np.asarray(jax.device_get(out))[: b - a])
+    return list(self.bundle.tokenizer.decode(np.concatenate(ids)))
+
+
+# -- command-line entry points (one call each from cli.py) ----------------------------------------
+
+def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, seed: int = 0,
+                    batch_size: int = 8, **knobs) -> list[dict]:
+  """`flowtok generate`: `num` images per prompt -> `out/NNNN.png` + `out/samples.json`.
+
+  Image j (prompt-major order) uses seed `seed + j`; `samples.json` lists, per image, its file,
+  prompt, seed and the sampler knobs, so any single image can be regenerated alone.
+
+  Args:
+    bundle: bundle directory (or loaded `Bundle`).
+    prompts: the prompts.
+    out: output directory (created).
+    num: images per prompt.
+    seed: seed of the first image.
+    batch_size: images per compiled call.
+    **knobs: steps, cfg_scale, sampler, grid (None: the bundle's defaults).
+  Returns:
+    The samples.json records.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if int(num) < 1:
+    raise UserError(f"--num must be at least 1, got {num}")
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out} is a file; give a directory")
+  all_prompts = [p for p in prompts for _ in range(int(num))]
+  seeds = [int(seed) + j for j in range(len(all_prompts))]
+  if int(seed) < 0 or seeds and seeds[-1] >= 2 ** 32:
+    raise UserError(f"--seed must be in [0, 2^32 - {len(seeds)}], got {seed}")
+  gen = Generator(bundle, batch_size=batch_size, **knobs)
+  images = gen.generate(all_prompts, seeds)
+  os.makedirs(out, exist_ok=True)
+  records = []
+  for j, (prompt, s, image) in enumerate(zip(all_prompts, seeds, images)):
+    name = f"{j:04d}.png"
+    Image.fromarray(image).save(os.path.join(out, name))
+    records.append({"file": name, "prompt": prompt, "seed": s, **gen.knobs()})
+  tmp = os.path.join(out, "samples.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(records, f, indent=1)
+  os.replace(tmp, os.path.join(out, "samples.json"))
+  return records
+
+
+def caption_files(bundle, paths: Sequence[str], *, batch_size: int = 8,
+                  **knobs) -> list[dict]:
+  """`flowtok caption`: [{"image": path, "caption": text}] for each image file, in order."""
+  if not paths:
+    raise UserError("no image given")
+  cap = Captioner(bundle, batch_size=batch_size, **knobs)
+  return [{"image": p, "caption": c} for p, c in zip(paths, cap.caption_files(list(paths)))]

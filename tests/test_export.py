@@ -1,0 +1,206 @@
+"""Export bundles: contents from the right checkpoints; programs and bundle match the sampler."""
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_bundle
+
+from flowtok_jax import cli
+from flowtok_jax import export
+from flowtok_jax import flow_matching as fm
+from flowtok_jax import inference
+from flowtok_jax.errors import UserError
+from flowtok_jax.models import flow as flow_lib
+from flowtok_jax.models import text as text_lib
+from flowtok_jax.models import tokenizer as tok_lib
+
+PROMPTS = ["a red circle in the center", "a big blue square at the top left",
+           "a green triangle left of a purple circle"]
+STEPS = 4  # The fixture bundle's default (and its programs').
+FAST = tiny_bundle.FAST_COMPILE
+
+
+def run_cli(argv, capsys):
+  """(exit code, stdout, stderr) of `flowtok ARGV` run in this process."""
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def assert_one_error(code, err, *needles):
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert code == 2, err
+  assert len(lines) == 1 and lines[0].startswith("flowtok: error: "), err
+  for n in needles:
+    assert n in lines[0], lines[0]
+
+
+# -- the in-training sampler, straight from the runs' checkpoints --------------------------------
+
+def _training_modules(config):
+  return (text_lib.CLIPTextTower(text_lib.CLIPTextConfig.from_config(config.clip_text)),
+          text_lib.TextVAE(text_lib.TextVAEConfig.from_config(config.text_vae)),
+          flow_lib.FlowTransformer(flow_lib.FlowConfig.from_config(config.flow)),
+          tok_lib.FlowTiTok(tok_lib.TokenizerConfig.from_config(config.tokenizer)),
+          text_lib.TextDecoder(text_lib.TextDecoderConfig.from_config(config.text_decoder)))
+
+
+def reference_t2i(runs, ids, seeds, cfg_scale):
+  clip, vae, flow, tok, _ = _training_modules(runs.config)
+  p = runs.params
+
+  @functools.partial(jax.jit, compiler_options=FAST)
+  def run(ids, noise):
+    feats = clip.apply({"params": runs.clip_text}, ids)
+    mean, logvar = vae.apply({"params": p["text_vae"]}, feats)
+    z = fm.sample(lambda x, t, n, d: flow.apply({"params": p["flow"]}, x, t, n, d),
+                  mean + jnp.exp(0.5 * logvar) * noise, steps=STEPS, cfg_scale=cfg_scale,
+                  sampler="euler", grid="parity", direction=0)
+    x = tok.apply({"params": runs.tokenizer_params}, z / tiny_bundle.LATENT_SCALE, feats,
+                  method=tok_lib.FlowTiTok.decode)
+    return jnp.round(jnp.clip(x, 0, 1) * 255).astype(jnp.uint8)
+
+  shape = (runs.config.clip_text.max_len, runs.config.tokenizer.token_channels)
+  noise = np.stack([jax.random.normal(jax.random.key(int(s), impl="threefry2x32"), shape)
+                    for s in seeds])
+  return np.asarray(run(ids, noise))
+
+
+def reference_i2t(runs, images):
+  _, _, flow, tok, dec = _training_modules(runs.config)
+  p = runs.params
+
+  @functools.partial(jax.jit, compiler_options=FAST)
+  def run(images):
+    mean, _ = tok.apply({"params": runs.tokenizer_params}, images,
+                        method=tok_lib.FlowTiTok.encode)
+    z = fm.sample(lambda x, t, n, d: flow.apply({"params": p["flow"]}, x, t, n, d),
+                  mean * tiny_bundle.LATENT_SCALE, steps=STEPS, cfg_scale=1.0,
+                  sampler="euler", grid="parity", direction=1)
+    return jnp.argmax(dec.apply({"params": p["text_decoder"]}, z), -1)
+
+  return np.asarray(run(images))
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+def test_bundle_holds_the_runs_parameters(tiny_runs, tiny_bundle_dir):
+  b = inference.load_bundle(tiny_bundle_dir)
+  meta = b.meta
+  assert meta["format_version"] == inference.FORMAT_VERSION
+  assert meta["latent_scale"] == pytest.approx(tiny_bundle.LATENT_SCALE)
+  assert meta["capabilities"]["i2t"] and meta["random_parts"] == []
+  assert meta["source"]["step"] == tiny_bundle.STEP
+  assert meta["defaults"]["t2i"] == {"steps": STEPS, "cfg_scale": 2.0, "sampler": "euler",
+                                     "grid": "parity"}
+  eq = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  for name in ("flow", "text_vae", "align_mlp", "text_decoder"):
+    assert eq(b.params[name], tiny_runs.params[name]), name
+  assert eq(b.params["clip_text"], tiny_runs.clip_text)
+  # The decoder is not part of the flowtok run: it must come from init.tokenizer_from.
+  assert eq(b.params["tokenizer"], tiny_runs.tokenizer_params)
+  assert b.tokenizer.encode(["a red circle"], 16)[0].tolist() == \
+      inference.encode_prompts(b.tokenizer, ["a red circle"], 16).tolist()
+
+
+def test_reexport_bfloat16_replaces_atomically(tiny_runs, tiny_bundle_dir, tmp_path):
+  out = tmp_path / "b"
+  shutil.copytree(tiny_bundle_dir, out)
+  summary = export.export_bundle(tiny_runs.flowtok, str(out), dtype="bfloat16")
+  assert sorted(os.listdir(tmp_path)) == ["b"]  # No temporary or old directories left.
+  assert not (out / "t2i.jaxexport").exists()  # Replaced, not merged.
+  b = inference.load_bundle(str(out))
+  assert b.meta["param_dtype"] == "bfloat16" and summary["dtype"] == "bfloat16"
+  kernel = b.params["flow"]["x_embedder"]["kernel"]
+  assert kernel.dtype == jnp.bfloat16
+  np.testing.assert_allclose(kernel.astype(np.float32),
+                             tiny_runs.params["flow"]["x_embedder"]["kernel"], rtol=1e-2)
+
+
+_STANDALONE = """
+import sys, numpy as np, jax, flax.serialization
+d, tmp = sys.argv[1], sys.argv[2]
+params = flax.serialization.msgpack_restore(open(d + "/params.msgpack", "rb").read())
+exp = jax.export.deserialize(bytearray(open(d + "/t2i.jaxexport", "rb").read()))
+ids, seeds = np.load(tmp + "/ids.npy"), np.load(tmp + "/seeds.npy")
+np.save(tmp + "/out.npy", np.asarray(exp.call(params, ids, seeds, np.float32(2.0))))
+assert not any(m.startswith("flowtok_jax") for m in sys.modules)
+"""
+
+
+def test_t2i_bundle_and_program_match_the_training_sampler(tiny_runs, tiny_bundle_dir,
+                                                           tmp_path):
+  gen = inference.Generator(tiny_bundle_dir, batch_size=3, compiler_options=FAST)
+  seeds = [5, 6, 7]
+  images = gen.generate(PROMPTS, seeds)
+  ids = inference.encode_prompts(gen.bundle.tokenizer, PROMPTS, 16)
+  ref = reference_t2i(tiny_runs, ids, seeds, 2.0)
+  assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+  assert images.std() > 5  # Not a constant image: the comparison below means something.
+  assert np.abs(images.astype(int) - ref).max() <= 1
+  if not tiny_bundle.has_flatbuffers():
+    return
+  program = inference.load_program(tiny_bundle_dir, "t2i", FAST)
+  out = np.asarray(program(ids, np.asarray(seeds, np.uint32), np.float32(2.0)))
+  assert np.abs(out.astype(int) - ref).max() <= 1
+  # The program alone, in an interpreter that never imports this package.
+  np.save(tmp_path / "ids.npy", ids[:2])
+  np.save(tmp_path / "seeds.npy", np.asarray(seeds[:2], np.uint32))
+  subprocess.run([sys.executable, "-c", _STANDALONE, tiny_bundle_dir, str(tmp_path)],
+                 check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=tmp_path,
+                 timeout=120)
+  assert np.abs(np.load(tmp_path / "out.npy").astype(int) - ref[:2]).max() <= 1
+
+
+def test_i2t_bundle_and_program_match_the_training_sampler(tiny_runs, tiny_bundle_dir):
+  rng = np.random.default_rng(0)
+  images = (rng.uniform(size=(3, 8, 8, 3)) * 255).astype(np.uint8).repeat(8, 1).repeat(8, 2)
+  cap = inference.Captioner(tiny_bundle_dir, batch_size=3, compiler_options=FAST)
+  captions = cap.caption_images(list(images))
+  ref_ids = reference_i2t(tiny_runs, images.astype(np.float32) / 255)
+  assert captions == cap.bundle.tokenizer.decode(ref_ids)
+  if tiny_bundle.has_flatbuffers():
+    program = inference.load_program(tiny_bundle_dir, "i2t", FAST)
+    ids = np.asarray(program(images.astype(np.float32) / 255, np.float32(1.0)))
+    np.testing.assert_array_equal(ids, ref_ids)
+
+
+def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):
+  out = str(tmp_path / "bundle")
+  code, _, err = run_cli(["export", "--workdir", str(tmp_path / "nope"), "--out", out], capsys)
+  assert_one_error(code, err, "no workdir at")
+  (tmp_path / "empty").mkdir()
+  code, _, err = run_cli(["export", "--workdir", str(tmp_path / "empty"), "--out", out], capsys)
+  assert_one_error(code, err, "no checkpoint")
+  code, _, err = run_cli(["export", "--workdir", tiny_runs.tokenizer, "--out", out], capsys)
+  assert_one_error(code, err, "'tokenizer'-stage", "flowtok-stage")
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "notes.txt").write_text("mine")
+  code, _, err = run_cli(["export", "--workdir", tiny_runs.flowtok, "--out",
+                          str(tmp_path / "busy")], capsys)
+  assert_one_error(code, err, "not a bundle", "refusing")
+  assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+  assert not os.path.exists(out)
+
+
+def test_export_cli_writes_a_loadable_bundle(tiny_runs, tmp_path, capsys):
+  out = str(tmp_path / "t2i_only")
+  code, stdout, err = run_cli(["export", "--workdir", tiny_runs.flowtok_t2i, "--out", out],
+                              capsys)
+  assert code == 0, err
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert summary["t2i"] and not summary["i2t"] and summary["programs"] == []
+  b = inference.load_bundle(out)
+  assert "p_i2t = 0" in b.meta["capabilities"]["i2t_missing"]
+  with pytest.raises(UserError, match="cannot caption"):
+    inference.Captioner(b)
