@@ -65,6 +65,8 @@ class ParserConfig:
       0.76-0.85 of their box from 7 px up, squares 1.0; degraded renders measured 0.76-0.88
       for discs and >= 0.86 for squares.
     square_min_fill_tiny: the same for objects at most 6 px wide (a 6-px disc fills 0.889).
+    max_blemish_fraction: a component whose box overlaps a larger object's box and whose area
+      is below this share of it belongs to that object (objects never overlap).
   """
   min_coverage: float = 0.5
   max_angle_residual: float = 0.45
@@ -72,6 +74,7 @@ class ParserConfig:
   triangle_max_skewness: float = -0.2
   square_min_fill: float = 0.9
   square_min_fill_tiny: float = 0.94
+  max_blemish_fraction: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,10 @@ def _trimmed_extent(counts: np.ndarray) -> tuple[int, int]:
   return lo, hi
 
 
+def _overlap(a: tuple[slice, slice], b: tuple[slice, slice]) -> bool:
+  return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
+
+
 def _skewness(profile: np.ndarray) -> float:
   """Skewness of a 1D mass profile (position = index)."""
   pos = np.arange(len(profile), dtype=np.float64)
@@ -197,7 +204,16 @@ def detect_objects(image, cfg: ParserConfig = ParserConfig()) -> list[Detection]
       mine = comps[win] == idx
       area = int(mine.sum())
       if area >= min_area:
-        found.append((k, color, win, mine, area))
+        found.append((k, color, win, mine, area, sl))
+  # Objects never overlap, so a much smaller blob inside another object's box is a blemish of
+  # that object (a patch of off colour in a generated image), not an object of its own.
+  found.sort(key=lambda f: -f[4])
+  kept = []
+  for f in found:
+    inside = any(_overlap(f[5], g[5]) and f[4] < cfg.max_blemish_fraction * g[4] for g in kept)
+    if not inside:
+      kept.append(f)
+  found = [f[:5] for f in kept]
   taken = np.zeros(obj.shape, bool)
   for _, _, win, mine, _ in found:
     taken[win] |= mine
@@ -295,7 +311,10 @@ def score_image(detections: Sequence[Detection], target: dict[str, Any]) -> dict
   want = target["objects"]
   dets = list(detections)
   best, best_score = None, -1
-  for perm in itertools.permutations(range(len(dets)), min(len(want), len(dets))):
+  # Only the largest few can be meant (the count check already sees all of them); this bounds
+  # the search on a noisy image with many blobs.
+  candidates = range(min(len(dets), 8))
+  for perm in itertools.permutations(candidates, min(len(want), len(candidates))):
     score = sum((dets[j].color == w["color"]) + (dets[j].shape == w["shape"])
                 for w, j in zip(want, perm))
     if score > best_score:

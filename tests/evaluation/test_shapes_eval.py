@@ -115,6 +115,12 @@ def test_generated_looking_colours_and_inputs():
   tinted = np.clip(images.astype(np.float32) * 0.85 + np.array([12, 0, -8]) * (images > 0),
                    0, 255).astype(np.uint8)
   assert se.t2i_accuracy(tinted, attrs)["accuracy"] == 1.0
+  # A patch of a neighbouring colour painted into an object is a blemish, not a second object.
+  square = {"color": "cyan", "shape": "square", "bbox": [30, 30, 58, 58]}
+  image = shapes.render_objects([square], 64)
+  image[40:46, 50:56] = shapes.PALETTE["blue"]
+  assert se.parse_image(image) == {"objects": [dict(color="cyan", shape="square", size="large",
+                                                    location="bottom right")], "relation": ""}
   # Floats in [0, 1] read like uint8; captions work as prompts.
   captions = [shapes.canonical_caption(a) for a in attrs]
   assert se.t2i_accuracy(images.astype(np.float32) / 255, captions)["accuracy"] == 1.0
