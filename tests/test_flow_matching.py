@@ -15,8 +15,8 @@ roll_marked = jax.jit(fm._roll_marked)
 
 # -- analytic flow ---------------------------------------------------------------------------------
 # Source x0 ~ N(0, 1) per channel, target x1 ~ N(m, s²) independent. Along the path
-# x_t = a(t)·x0 + t·x1 with a(t) = 1 - (1 - σ)t, the marginal-optimal velocity is linear in x and the
-# ODE maps x0 to x(t) = t·m + sqrt(a(t)² + t²s²)·x0 in closed form.
+# x_t = a(t)·x0 + t·x1 with a(t) = 1 - (1 - σ)t, the marginal-optimal velocity is linear in x
+# and the ODE maps x0 to x(t) = t·m + sqrt(a(t)² + t²s²)·x0 in closed form.
 
 M = jnp.array([1.5, -0.7, 0.3])
 S = jnp.array([0.5, 2.0, 1.0])

@@ -129,6 +129,7 @@ def test_tokenizer_stage_loss_drops_with_gan_and_lecam():
   start = 4
   config = tiny_config("tokenizer", tokenizer_stage=dict(
       gan_weight=0.1, gan_start_step=start, lecam_weight=0.01, lecam_decay=0.9))
+  config.discriminator.num_stages = 1
   stage = build("tokenizer", config)
   assert [p.name for p in stage.frozen] == ["clip_text"]  # text-aware decoder
   assert stage.aux is not None and stage.aux.start_step == start
