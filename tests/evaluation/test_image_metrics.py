@@ -1,6 +1,7 @@
 """PSNR, SSIM, the Fréchet distance and the in-project feature network."""
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
@@ -143,3 +144,27 @@ def test_feature_net_learns_colour_and_shape_and_separates_distributions():
   assert back.val_accuracy == net.val_accuracy
   big = np.repeat(np.repeat(real_a[:5], 2, axis=1), 2, axis=2)
   np.testing.assert_allclose(net.features(big), net.features(real_a[:5]), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_net_for_reads_train_and_val_of_the_config(runlocal_config, monkeypatch):
+  seen = {}
+
+  def fake_train(train, val, steps, seed):
+    seen.update(train=train, val=val, steps=steps)
+    return "net"
+
+  monkeypatch.setattr(im, "train_feature_net", fake_train)
+  data = runlocal_config.data
+  assert im.feature_net_for(data, steps=7, num_train=40, num_val=30) == "net"
+  cfg = shapes.ShapesConfig(image_size=data.image_size, heldout=tuple(data.shapes.heldout),
+                            two_object_fraction=data.shapes.two_object_fraction,
+                            paraphrase_prob=data.shapes.paraphrase_prob)
+  expected = im.one_object_examples(cfg, data.shapes.seed, "train", 40)
+  np.testing.assert_array_equal(seen["train"][0], expected[0])
+  np.testing.assert_array_equal(seen["train"][1], expected[1])
+  assert len(seen["val"][0]) < 30 and seen["steps"] == 7  # One-object val scenes only.
+  held = {tuple(p.split()) for p in data.shapes.heldout}
+  pairs = {(shapes.COLORS[c], shapes.SHAPES[s]) for c, s in zip(*seen["train"][1:])}
+  assert pairs and not pairs & held  # The TRAIN split: no held-out pair.
+  with pytest.raises(UserError, match="captioned_shapes"):
+    im.feature_net_for(ml_collections.ConfigDict({"name": "coco"}))
