@@ -72,24 +72,71 @@ def _data(args, overrides):
 
 
 def _bench_flags(p):
-  p.add_argument("what", choices=("pipeline",), help="what to measure")
+  p.add_argument("what", choices=("pipeline", "train", "sample"),
+                 help="pipeline: input pipeline; train: train step (compile, step time, MFU, "
+                      "memory); sample: images/s and captions/s")
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
-  p.add_argument("--batch_size", type=int, default=64, help="examples per batch")
+  p.add_argument("--batch_size", type=int, default=None,
+                 help="examples per batch (pipeline: 64; train: config.train.batch_size; "
+                      "sample: config.sample.batch_size)")
+  p.add_argument("--steps", type=int, default=5, help="train/sample: timed calls after warm-up")
+  p.add_argument("--stage", default=None, help="train: stage (default: config.train.stage)")
+  p.add_argument("--sample_steps", type=int, default=None,
+                 help="sample: ODE steps (default: config.sample.steps, else 20)")
+  p.add_argument("--cfg_scale", type=float, default=None,
+                 help="sample: guidance scale (default: config.sample.cfg_scale, else 2.0)")
   p.add_argument("--num_batches", type=int, default=50, help="batches timed after the first")
   p.add_argument("--num_workers", type=int, default=None,
                  help="grain worker processes (default: config.data.num_workers)")
 
 
-@command("bench", "measure speed: input pipeline (more to come)", _bench_flags)
+@command("bench", "measure speed: input pipeline, train step (MFU), sampling", _bench_flags)
 def _bench(args, overrides):
   import json  # pylint: disable=g-import-not-at-top
   from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
   config = load_config(args, overrides)
   if args.what == "pipeline":
     result = bench.bench_pipeline(config, args.data_dir, num_batches=args.num_batches,
-                                  num_workers=args.num_workers, batch_size=args.batch_size)
+                                  num_workers=args.num_workers, batch_size=args.batch_size or 64)
+  elif args.what == "train":
+    result = bench.bench_train(config, stage=args.stage, batch_size=args.batch_size,
+                               steps=args.steps)
+  elif args.what == "sample":
+    result = bench.bench_sample(config, batch_size=args.batch_size, steps=args.sample_steps,
+                                cfg_scale=args.cfg_scale, repeats=args.steps)
   print(json.dumps({"bench": args.what, **result}))
+
+
+# ---------------------------------------------------------------------------------------------
+# aot (compile for a TPU topology on this machine; needs libtpu, the `tpu` extra)
+
+
+def _aot_flags(p):
+  _config_flags(p)
+  p.add_argument("--topology", required=True,
+                 help="TPU slice, e.g. v5p:2x2x1 (4 chips), v5p:2x2x2 (8), v5e:4x4, v6e:2x2")
+  p.add_argument("--what", default="train,sample",
+                 help="comma list of train, sample (text->image), caption (image->text)")
+  p.add_argument("--batch_size", type=int, default=None,
+                 help="global train batch (default: config.train.batch_size)")
+  p.add_argument("--sample_batch", type=int, default=None,
+                 help="global sampling batch (default: config.sample.batch_size)")
+  p.add_argument("--sample_steps", type=int, default=None,
+                 help="ODE steps (default: config.sample.steps)")
+  p.add_argument("--stage", default=None, help="train stage (default: config.train.stage)")
+
+
+@command("aot", "compile the train step / sampler for a TPU topology: per-chip memory, FLOPs",
+         _aot_flags)
+def _aot(args, overrides):
+  from flowtok_jax.tools import aot  # pylint: disable=g-import-not-at-top
+  result = aot.run(load_config(args, overrides), args.topology,
+                   what=[w.strip() for w in args.what.split(",") if w.strip()],
+                   batch_size=args.batch_size, sample_batch=args.sample_batch,
+                   steps=args.sample_steps, stage=args.stage)
+  print(aot.summary(result))
+  print(json.dumps(result, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------

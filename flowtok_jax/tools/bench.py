@@ -1,6 +1,8 @@
 """Speed measurements behind `flowtok bench WHAT`.
 
     flowtok bench pipeline --config configs/demo.py --data_dir D --batch_size 64 --num_workers 2
+    flowtok bench train --config configs/demo.py --stage flowtok --batch_size 32
+    flowtok bench sample --config configs/demo.py --batch_size 16 --sample_steps 20
 
 Each benchmark returns a flat dict of numbers (printed as JSON by the CLI). Times exclude one-off
 costs that the name does not claim: the pipeline benchmark reports the first batch (worker start,
@@ -8,6 +10,8 @@ file opening) separately from the steady-state rate.
 """
 from __future__ import annotations
 
+import resource
+import statistics
 import time
 
 from flowtok_jax.errors import UserError
@@ -77,3 +81,158 @@ def bench_pipeline(config, data_dir: str | None, num_batches: int = 50,
       "num_workers": data_cfg.num_workers,
       "image_size": data_cfg.image_size,
   }
+
+
+# -- train step and sampling (issue 7) ----------------------------------------------------------
+
+def _peak_flops_per_device() -> float:
+  """Measured matmul FLOP/s of one device: the MFU denominator (metrics.measure_peak_flops)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import metrics  # pylint: disable=g-import-not-at-top
+  # 2048³ on CPU (f32) is large enough to reach the BLAS plateau; 8192³ bf16 on accelerators.
+  return metrics.measure_peak_flops(n=2048 if jax.devices()[0].platform == "cpu" else None)
+
+
+def _memory(compiled) -> dict:
+  """Per-device memory: XLA's plan for the program and, where the runtime reports it, the peak."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = {}
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None
+  if mem is not None:
+    for f in ("argument", "output", "alias", "temp"):
+      out[f"{f}_mib"] = round(getattr(mem, f"{f}_size_in_bytes", 0) / 2**20, 2)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_device_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+  # CPU devices report nothing: the process's high-water resident memory (params, activations
+  # and everything else the process holds) is the closest measure there.
+  out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return out
+
+
+def _xla_flops(compiled):
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def _time_calls(call, repeats: int) -> list[float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def bench_train(config, *, stage: str | None = None, batch_size: int | None = None,
+                steps: int = 5, warmup: int = 1) -> dict:
+  """Compiles and times the train step on this host's devices with random weights and data.
+
+  The step is `train/loop.py`'s (same shardings, state donated); frozen parts are random, the
+  batch is one random batch reused. MFU = analytic FLOPs (flops.py; the stage's
+  `flops_per_step` when it has one) / step time / (measured matmul peak × devices).
+
+  Args:
+    config: full config; the mesh comes from `config.mesh`.
+    stage: stage to benchmark (default config.train.stage).
+    batch_size: global batch (default config.train.batch_size).
+    steps: timed steps after `warmup` untimed ones.
+    warmup: untimed steps (the first runs allocate buffers).
+  Returns:
+    A flat dict of timings, rates, FLOPs, MFU and memory (see the keys).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.tools import programs  # pylint: disable=g-import-not-at-top
+  if steps < 1:
+    raise UserError(f"steps must be >= 1, got {steps}")
+  mesh = sharding.make_mesh(config.mesh)
+  prog = programs.train_program(config, mesh, stage_name=stage, batch_size=batch_size,
+                                process_count=jax.process_count())
+  t = time.perf_counter()
+  lowered = prog.lower()
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  state, frozen, batch = prog.make_args()
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], frozen, batch)
+    return holder["state"], metrics
+
+  _time_calls(step, warmup)
+  times = _time_calls(step, steps)
+  step_s = statistics.median(times)
+  devices = mesh.size
+  peak = _peak_flops_per_device()
+  xla = _xla_flops(compiled)
+  out = {"stage": stage or config.train.stage, "devices": devices,
+         "mesh": dict(mesh.shape), "batch_size": prog.examples,
+         "dtype": config.get("model_dtype", "float32"),
+         "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+         "step_s": round(step_s, 4), "step_s_min": round(min(times), 4),
+         "examples_per_sec": round(prog.examples / step_s, 2),
+         "peak_flops_per_device": peak,
+         "xla_flops_per_step": xla * devices if xla else None}
+  if prog.flops:
+    achieved = prog.flops / step_s
+    out.update(flops_per_step=prog.flops, flops_per_example=prog.flops / prog.examples,
+               flops_per_sec=achieved, flops_per_sec_per_device=achieved / devices,
+               mfu=round(achieved / (peak * devices), 4))
+    if xla:
+      out["xla_over_analytic"] = round(xla * devices / prog.flops, 3)
+  out.update(_memory(compiled))
+  return out
+
+
+def bench_sample(config, *, batch_size: int | None = None, steps: int | None = None,
+                 cfg_scale: float | None = None, repeats: int = 3) -> dict:
+  """Times text -> image (and image -> caption for two-direction configs) generation.
+
+  Each direction is one compiled program (ODE with CFG + decoders, `inference.py`) on random
+  weights; rates count a whole batch per call after one untimed call.
+
+  Returns:
+    {'images_per_sec', ['captions_per_sec'], '<dir>_compile_s', '<dir>_call_s',
+     '<dir>_flops_per_example', '<dir>_mfu', 'steps', 'cfg_scale', 'batch_size', ...}.
+  """
+  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.tools import programs  # pylint: disable=g-import-not-at-top
+  if repeats < 1:
+    raise UserError(f"repeats must be >= 1, got {repeats}")
+  mesh = sharding.make_mesh(config.mesh)
+  directions = ["t2i"]
+  if config.flow.get("two_directions") and config.get("text_decoder") is not None:
+    directions.append("i2t")
+  peak = _peak_flops_per_device()
+  out = {"devices": mesh.size, "peak_flops_per_device": peak}
+  for d in directions:
+    prog = programs.sample_program(config, mesh, direction=d, batch_size=batch_size,
+                                   steps=steps, cfg_scale=cfg_scale)
+    t = time.perf_counter()
+    compiled = prog.lower().compile()
+    out[f"{d}_compile_s"] = round(time.perf_counter() - t, 2)
+    args = prog.make_args()
+    _time_calls(lambda: compiled(*args), 1)
+    call_s = statistics.median(_time_calls(lambda: compiled(*args), repeats))
+    rate = "images_per_sec" if d == "t2i" else "captions_per_sec"
+    out[rate] = round(prog.examples / call_s, 3)
+    out[f"{d}_call_s"] = round(call_s, 4)
+    out[f"{d}_flops_per_example"] = prog.flops / prog.examples
+    out[f"{d}_mfu"] = round(prog.flops / call_s / (peak * mesh.size), 4)
+    out["batch_size"] = prog.examples
+  sc = config.get("sample") or {}
+  out["steps"] = steps if steps is not None else sc.get("steps", 20)
+  out["cfg_scale"] = cfg_scale if cfg_scale is not None else sc.get("cfg_scale", 2.0)
+  out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return out
