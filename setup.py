@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "einops==0.8.2",
     "etils==1.15.0",
+    "scipy==1.17.1",  # Connected components and sqrtm in evaluation/.
+    "portpicker==1.6.0",  # Free ports for local multi-process runs.
 ]
 
 EXTRAS = {
