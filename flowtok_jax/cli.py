@@ -300,6 +300,11 @@ def _eval_flags(p):
   p.add_argument("--num", type=int, default=None, help="examples per split (default: all)")
   p.add_argument("--out", default=None, help="directory for eval.json + report.html "
                                              "(default: BUNDLE/eval)")
+  p.add_argument("--seed", type=int, default=0, help="seed of each split's first image")
+  p.add_argument("--caption_cfg", type=float, default=None,
+                 help="guidance scale of the captions (default: the bundle's, 1.0)")
+  p.add_argument("--frechet_steps", type=int, default=300,
+                 help="training steps of the shapes feature net (0: no Fréchet distance)")
   _sampler_flags(p, "the bundle's")
 
 
@@ -310,7 +315,9 @@ def _eval(args, overrides):
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
   results = run_eval.evaluate(args.bundle, args.data_dir, splits=args.split, num=args.num,
                               out=args.out, batch_size=args.batch_size, steps=args.steps,
-                              cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid)
+                              cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid,
+                              caption_cfg_scale=args.caption_cfg, seed=args.seed,
+                              frechet_steps=args.frechet_steps)
   print(json.dumps(results["summary"], sort_keys=True))
 
 

@@ -310,8 +310,10 @@ def load_program(bundle, direction: str, compiler_options: Optional[dict] = None
 
 # -- input checks ---------------------------------------------------------------------------------
 
-def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> np.ndarray:
-  """Prompts -> ids [N, L]; empty or over-long prompts are UserErrors (never silently cut)."""
+def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int,
+                   truncate: bool = False) -> np.ndarray:
+  """Prompts -> ids [N, L]; empty prompts are UserErrors, and so are over-long ones unless
+  `truncate` (then they keep their first L - 1 tokens and EOS, as in training)."""
   from flowtok_jax.data import text_tokenizer as tt  # pylint: disable=g-import-not-at-top
   if not prompts:
     raise UserError("no prompt given")
@@ -320,7 +322,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> np.ndarr
       raise UserError("empty prompt: give some text to draw")
   ids, truncated = tokenizer.encode(list(prompts), max_len=text_len)
   for p, cut in zip(prompts, truncated):
-    if cut:
+    if cut and not truncate:
       full, _ = tokenizer.encode([p], max_len=max(4 * text_len, len(p) + 2))
       n = int(np.argmax(full[0] == tt.EOS_ID))
       raise UserError(f"prompt is too long: {p!r} is {n} tokens, this model reads at most "
@@ -389,7 +391,7 @@ def _chunks(n: int, size: int):
     yield start, min(start + size, n)
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   """Pads the leading axis to `size` by repeating the last row (one compile per batch size)."""
   if len(x) == size:
     return x
@@ -398,6 +400,8 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 # -- serving --------------------------------------------------------------------------------------
 
+# XLA options of servers made without explicit ones (tests lower the optimisation level here).
+DEFAULT_COMPILER_OPTIONS: dict = {}
 # (config.json checksum, latent scale, direction, knobs, compiler options) -> jitted pipeline.
 # Servers of equal bundles share compiled programs: parameters are arguments, not constants.
 _JITTED: dict[tuple, Any] = {}
@@ -412,7 +416,8 @@ class _Server:
                cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
                grid: Optional[str] = None, compiler_options: Optional[dict] = None):
     self.bundle = as_bundle(bundle)
-    self.compiler_options = dict(compiler_options or {})
+    self.compiler_options = dict(DEFAULT_COMPILER_OPTIONS if compiler_options is None
+                                 else compiler_options)
     if int(batch_size) < 1:
       raise UserError(f"batch size must be at least 1, got {batch_size}")
     self.batch_size = int(batch_size)
@@ -457,12 +462,14 @@ class Generator(_Server):
 
   direction = "t2i"
 
-  def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+  def generate(self, prompts: Sequence[str], seeds: Sequence[int],
+               truncate: bool = False) -> np.ndarray:
     """One image per (prompt, seed) pair.
 
     Args:
       prompts: N prompts (repeat a prompt for several images).
       seeds: N seeds in [0, 2^32); the same (prompt, seed) gives the same image.
+      truncate: cut over-long prompts to L tokens instead of refusing them.
     Returns:
       uint8 [N, S, S, 3].
     """
@@ -471,13 +478,14 @@ class Generator(_Server):
     seeds = [int(s) for s in seeds]
     if any(not 0 <= s < 2 ** 32 for s in seeds):
       raise UserError("seeds must be in [0, 2^32)")
-    ids = encode_prompts(self.bundle.tokenizer, list(prompts), self.bundle.models.text_len)
+    ids = encode_prompts(self.bundle.tokenizer, list(prompts), self.bundle.models.text_len,
+                         truncate)
     seeds = np.asarray(seeds, np.uint32)
     run = self._program(text_to_image)
     out = []
     for a, b in _chunks(len(ids), self.batch_size):
-      images = run(self.params, _pad_rows(ids[a:b], self.batch_size),
-                   _pad_rows(seeds[a:b], self.batch_size))
+      images = run(self.params, pad_rows(ids[a:b], self.batch_size),
+                   pad_rows(seeds[a:b], self.batch_size))
       out.append(np.asarray(jax.device_get(images))[: b - a])
     return np.concatenate(out)
 
@@ -519,7 +527,7 @@ class Captioner(_Server):
     run = self._program(image_to_text)
     ids = []
     for a, b in _chunks(len(x), self.batch_size):
-      out = run(self.params, _pad_rows(x[a:b], self.batch_size))
+      out = run(self.params, pad_rows(x[a:b], self.batch_size))
       ids.append(np.asarray(jax.device_get(out))[: b - a])
     return list(self.bundle.tokenizer.decode(np.concatenate(ids)))
 

@@ -47,9 +47,8 @@ def tiny_runs(shapes_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tiny_runs):
-  """The two-way run exported with 4-step sampler defaults (+ programs when serialisable)."""
-  import tiny_bundle  # pylint: disable=g-import-not-at-top
+  """The two-way run exported with 4-step sampler defaults (no jax.export programs)."""
   from flowtok_jax import export  # pylint: disable=g-import-not-at-top
   out = os.path.join(tiny_runs.root, "bundle")
-  export.export_bundle(tiny_runs.flowtok, out, programs=tiny_bundle.has_flatbuffers(), steps=4)
+  export.export_bundle(tiny_runs.flowtok, out, steps=4)
   return out

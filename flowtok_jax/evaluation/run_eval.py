@@ -1,0 +1,315 @@
+"""`flowtok eval`: a bundle measured on captioned-shapes (DESIGN.md §7), results as JSON + HTML.
+
+    flowtok eval --bundle runs/demo/bundle --data_dir runs/demo/data [--split test,compositional]
+        [--num N] [--out DIR]
+
+For every evaluation split (test and compositional by default; never train):
+  1. the pixel parser on the ground-truth images of the examples used (`t2i/<split>/parser_gt`);
+     below 0.99 the split's T2I accuracy is void (`t2i/<split>/valid` = 0);
+  2. T2I: one image per caption of the split (seed = `seed` + index), parsed back and scored
+     against the caption's attributes (`shapes_eval.t2i_accuracy`), plus a Fréchet distance to
+     the ground-truth images in the space of the in-project shapes feature net (not FID);
+  3. I2T (two-way bundles): captions of the split's ground-truth images, exact-match and
+     per-attribute accuracy, BLEU-4 and CIDEr-D (`caption_metrics.i2t_metrics`), references =
+     the dataset caption and the canonical caption of the same attributes.
+On the val split, the tokenizer: PSNR / SSIM of reconstructions (posterior mean, decoded with the
+caption's CLIP features when text-aware) and the parser's acceptance of them, the ceiling of T2I.
+
+Written to OUT: `eval.json` (summary of flat scalars, per-split details, sampler knobs, a sample
+of prompts / captions) and `report.html` with image grids (prompts beside generated images,
+captions beside captioned images); `grids.npz` keeps the grids' pixels for later reports.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from flowtok_jax import inference
+from flowtok_jax.data import shapes
+from flowtok_jax.errors import UserError
+from flowtok_jax.evaluation import caption_metrics, image_metrics, report, shapes_eval
+
+EVAL_SPLITS = tuple(s for s in shapes.SPLITS if s != "train")
+PARSER_MIN_ACCURACY = 0.99  # DESIGN §7: below this on ground truth, T2I accuracy is void.
+GRID_SIZE = 16  # Images per report grid.
+
+
+def parse_splits(text: str | Sequence[str]) -> list[str]:
+  """'test,compositional' -> ['test', 'compositional']; train and unknown names are refused."""
+  names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+  if not names:
+    raise UserError("no evaluation split given")
+  for name in names:
+    if name == "train":
+      raise UserError("evaluation never reads the training split: choose from "
+                      f"{', '.join(EVAL_SPLITS)}")
+    if name not in EVAL_SPLITS:
+      raise UserError(f"unknown split {name!r} (choose from {', '.join(EVAL_SPLITS)})")
+  return list(dict.fromkeys(names))
+
+
+def _finite(value):
+  """JSON-safe scalars: NaN / inf become None."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def _clean(tree):
+  if isinstance(tree, dict):
+    return {k: _clean(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_clean(v) for v in tree]
+  if isinstance(tree, (np.floating, np.integer)):
+    tree = tree.item()
+  return _finite(tree)
+
+
+# -- tokenizer reconstructions --------------------------------------------------------------------
+
+def _reconstruct_program(bundle: inference.Bundle, compiler_options: Optional[dict]):
+  from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  models = bundle.models
+
+  def recon(params, images, ids):
+    mean, _ = models.tokenizer.apply({"params": params["tokenizer"]}, images,
+                                     method=tok_lib.FlowTiTok.encode)
+    feats = None
+    if models.text_aware:
+      feats = models.clip_text.apply({"params": params["clip_text"]}, ids)
+    out = models.tokenizer.apply({"params": params["tokenizer"]}, mean, feats,
+                                 method=tok_lib.FlowTiTok.decode)
+    return inference.to_uint8(out)
+  return jax.jit(recon, compiler_options=compiler_options or None)
+
+
+def reconstruct(bundle: inference.Bundle, images: np.ndarray, captions: Sequence[str], *,
+                batch_size: int = 8, compiler_options: Optional[dict] = None) -> np.ndarray:
+  """Tokenizer round trip (posterior mean) of uint8 images [N, S, S, 3] -> uint8 [N, S, S, 3]."""
+  run = _reconstruct_program(bundle, compiler_options)
+  ids, _ = bundle.tokenizer.encode(list(captions), bundle.models.text_len)
+  x = images.astype(np.float32) * np.float32(1 / 255)
+  params = jax.device_put(bundle.params)
+  out = []
+  for a in range(0, len(x), batch_size):
+    b = min(a + batch_size, len(x))
+    pad = lambda v: inference.pad_rows(v[a:b], batch_size)
+    out.append(np.asarray(run(params, pad(x), pad(ids)))[: b - a])
+  return np.concatenate(out)
+
+
+# -- the evaluation -------------------------------------------------------------------------------
+
+def _references(caption: str, attrs: dict) -> list[str]:
+  return list(dict.fromkeys([caption, shapes.canonical_caption(attrs)]))
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t
+
+
+def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compositional",
+             num: Optional[int] = None, out: Optional[str] = None, batch_size: int = 8,
+             steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+             sampler: Optional[str] = None, grid: Optional[str] = None,
+             caption_cfg_scale: Optional[float] = None, recon_split: str = "val",
+             frechet_steps: int = 300, seed: int = 0,
+             compiler_options: Optional[dict] = None) -> dict[str, Any]:
+  """Evaluates a bundle on captioned-shapes and writes eval.json + report.html.
+
+  Args:
+    bundle: bundle directory (or loaded `inference.Bundle`).
+    data_dir: TFDS data dir; the dataset variant the bundle was trained on is built there if
+      missing (it is deterministic given the bundle's data config).
+    splits: evaluation splits (comma-separated or a list); never train.
+    num: examples per split (the first `num`; default all).
+    out: output directory (default BUNDLE/eval).
+    batch_size: examples per compiled call.
+    steps, cfg_scale, sampler, grid: T2I sampler knobs (None: the bundle's defaults); I2T uses
+      the bundle's defaults with `steps` / `sampler` / `grid` when given.
+    caption_cfg_scale: I2T guidance scale (None: the bundle's default, 1.0).
+    recon_split: split of the tokenizer reconstructions ('' skips them).
+    frechet_steps: training steps of the shapes feature net (0 skips the Fréchet distance).
+    seed: seed of the first generated image of each split.
+    compiler_options: XLA options for every program (tests lower the optimisation level).
+  Returns:
+    The eval.json content: 'summary' (flat scalars), 'splits', 'tokenizer', 'knobs', ...
+  """
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  b = inference.as_bundle(bundle)
+  names = parse_splits(splits)
+  if recon_split and recon_split not in EVAL_SPLITS:
+    raise UserError(f"tokenizer reconstructions never read split {recon_split!r} "
+                    f"(choose from {', '.join(EVAL_SPLITS)})")
+  if num is not None and int(num) < 1:
+    raise UserError(f"--num must be at least 1, got {num}")
+  data_cfg = b.config.data
+  if data_cfg.get("name") != builders.SHAPES_NAME:
+    raise UserError(f"flowtok eval measures captioned-shapes bundles; this bundle was trained on "
+                    f"{data_cfg.get('name')!r}")
+  if not data_dir:
+    raise UserError("--data_dir is required")
+  out = os.path.abspath(out or os.path.join(b.path, "eval"))
+  logging.info("eval data: %s", builders.build(data_cfg, data_dir))
+  server_args = dict(batch_size=batch_size, compiler_options=compiler_options)
+  gen = inference.Generator(b, steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid,
+                            **server_args)
+  cap = None
+  if b.can_caption:
+    cap = inference.Captioner(b, steps=steps, cfg_scale=caption_cfg_scale, sampler=sampler,
+                              grid=grid, **server_args)
+  feature_net = None
+  if frechet_steps:
+    feature_net = image_metrics.feature_net_for(data_cfg, steps=int(frechet_steps), seed=seed)
+
+  summary: dict[str, Any] = {}
+  details: dict[str, Any] = {}
+  grids: list[tuple[str, np.ndarray, list[str]]] = []
+  for split in names:
+    images, attrs, captions = shapes_eval.load_split(data_cfg, data_dir, split, num)
+    if not len(images):
+      raise UserError(f"split {split!r} in {data_dir} has no examples")
+    d: dict[str, Any] = {"num": len(images)}
+    parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
+    valid = parser_gt >= PARSER_MIN_ACCURACY
+    if not valid:
+      logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
+                      "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
+    seeds = [seed + i for i in range(len(images))]
+    generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
+    t2i = shapes_eval.t2i_accuracy(generated, attrs)
+    d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
+    if feature_net is not None:
+      d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
+    summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
+                    f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
+    for key in ("color", "shape", "size", "location", "relation", "count"):
+      summary[f"t2i/{split}/{key}"] = t2i[key]
+    if feature_net is not None:
+      summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
+    g = min(GRID_SIZE, len(images))
+    grids.append((f"T2I {split}: generated from the prompt below each image",
+                  generated[:g], captions[:g]))
+    d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
+
+    if cap is not None:
+      predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
+      i2t = caption_metrics.i2t_metrics(predicted, attrs,
+                                        [_references(c, a) for c, a in zip(captions, attrs)])
+      d["i2t"] = {**i2t, "seconds": seconds}
+      for key in ("exact", "parse_rate", "color", "shape", "size", "location", "relation",
+                  "bleu4", "cider_d"):
+        summary[f"i2t/{split}/{key}"] = i2t[key]
+      grids.append((f"I2T {split}: generated caption (true caption)", images[:g],
+                    [f"{p} ({c})" for p, c in zip(predicted[:g], captions[:g])]))
+      for sample, p in zip(d["samples"], predicted[:g]):
+        sample["caption_of_true_image"] = p
+    details[split] = d
+
+  tokenizer_details = None
+  if recon_split:
+    images, attrs, captions = shapes_eval.load_split(data_cfg, data_dir, recon_split, num)
+    recon = reconstruct(b, images, captions, batch_size=batch_size,
+                        compiler_options=compiler_options)
+    tokenizer_details = {
+        "split": recon_split, "num": len(images),
+        "psnr": float(np.mean(image_metrics.psnr(images, recon))),
+        "ssim": float(np.mean(image_metrics.ssim(images, recon))),
+        "parser_recon": shapes_eval.t2i_accuracy(recon, attrs)["accuracy"],
+        "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"]}
+    for key in ("psnr", "ssim", "parser_recon", "parser_gt"):
+      summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
+    g = min(GRID_SIZE, len(images))
+    grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",
+                  recon[:g], captions[:g]))
+
+  result = _clean({
+      "bundle": b.path, "data_dir": os.path.abspath(data_dir), "splits": details,
+      "tokenizer": tokenizer_details, "summary": summary,
+      "knobs": {"t2i": gen.knobs(), "i2t": cap.knobs() if cap else None, "seed": seed},
+      "can_caption": cap is not None,
+      "frechet_name": image_metrics.FRECHET_NAME if feature_net is not None else None,
+      "feature_net_val_accuracy": feature_net.val_accuracy if feature_net is not None else None,
+      "grids": [{"title": t, "texts": list(texts)} for t, _, texts in grids],
+  })
+  _write(out, result, grids)
+  return result
+
+
+def _write(out: str, result: dict, grids: Sequence[tuple[str, np.ndarray, list[str]]]):
+  os.makedirs(out, exist_ok=True)
+  np.savez_compressed(os.path.join(out, "grids.npz"),
+                      **{f"grid{i}": np.asarray(images) for i, (_, images, _) in enumerate(grids)})
+  tmp = os.path.join(out, "eval.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(out, "eval.json"))
+  report.write_report(os.path.join(out, "report.html"), result["summary"], grids=grids,
+                      title=f"flowtok eval: {result['bundle']}")
+
+
+def load_grids(eval_dir: str) -> list[tuple[str, np.ndarray, list[str]]]:
+  """The report grids an evaluation wrote (titles, uint8 images, texts)."""
+  with open(os.path.join(eval_dir, "eval.json")) as f:
+    result = json.load(f)
+  with np.load(os.path.join(eval_dir, "grids.npz")) as data:
+    return [(g["title"], data[f"grid{i}"], g["texts"]) for i, g in enumerate(result["grids"])]
+
+
+# -- the demo's use -------------------------------------------------------------------------------
+
+def demo_eval(config, bundle: str, out: str) -> dict[str, float]:
+  """`flowtok demo`'s evaluation: `evaluate` on the demo data; flat 'eval/...' scalars.
+
+  Knobs come from an optional `config.eval` section (num, batch_size, frechet_steps, steps,
+  cfg_scale); absent keys take `evaluate`'s defaults.
+  """
+  section = config.get("eval") or {}
+  keys = ("num", "batch_size", "frechet_steps", "steps", "cfg_scale", "splits")
+  kwargs = {k: section[k] for k in keys if k in section and section[k] is not None}
+  result = evaluate(bundle, config.data.data_dir, out=out, **kwargs)
+  return {f"eval/{k}": v for k, v in result["summary"].items() if v is not None}
+
+
+def _loss_curves(workdir: str) -> dict[str, list[tuple[float, float]]]:
+  curves = {}
+  for stage in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    if not os.path.isfile(path):
+      continue
+    points = []
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row.get("train/loss"), (int, float)) and "step" in row:
+          points.append((float(row["step"]), float(row["train/loss"])))
+    if points:
+      curves[f"{stage} train/loss"] = points
+  return curves
+
+
+def demo_report(workdir: str, eval_dir: str, out: str) -> str:
+  """W/report.html: W/metrics.json's scalars, stage times, eval grids and loss curves."""
+  metrics = {}
+  path = os.path.join(workdir, "metrics.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      metrics = json.load(f)
+  times = {k[len("time/"):-len("_sec")]: v for k, v in metrics.items()
+           if k.startswith("time/") and k.endswith("_sec") and k != "time/total_sec"}
+  scalars = {k: v for k, v in metrics.items() if not k.startswith("time/")}
+  grids = load_grids(eval_dir) if os.path.exists(os.path.join(eval_dir, "eval.json")) else []
+  return report.write_report(out, scalars, grids=grids, stage_times=times,
+                             loss_curves=_loss_curves(workdir), title="flowtok demo")

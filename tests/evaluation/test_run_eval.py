@@ -1,0 +1,96 @@
+"""`flowtok eval`: wiring (a perfect model scores perfectly), files written, bad splits refused."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import tiny_bundle
+
+from flowtok_jax import cli
+from flowtok_jax import inference
+from flowtok_jax.evaluation import run_eval, shapes_eval
+
+FAST = tiny_bundle.FAST_COMPILE
+NUM = 4
+
+
+def _key(image) -> str:
+  return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkeypatch,
+                                        tmp_path):
+  """Servers replaced by an oracle: every metric must then be at its best value."""
+  data_cfg, data_dir = shapes_data_dir
+  truth = {}  # (caption, index) -> image, image -> caption, over both evaluated splits.
+  for split in ("test", "compositional", "val"):
+    images, _, captions = shapes_eval.load_split(data_cfg, data_dir, split, NUM)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+      truth[(caption, i)] = image
+      truth[_key(image)] = caption
+
+  def generate(self, prompts, seeds, truncate=False):
+    del self, truncate
+    return np.stack([truth[(p, s - 7)] for p, s in zip(prompts, seeds)])
+
+  monkeypatch.setattr(inference.Generator, "generate", generate)
+  monkeypatch.setattr(inference.Captioner, "caption_images",
+                      lambda self, images: [truth[_key(im)] for im in images])
+  monkeypatch.setattr(run_eval, "reconstruct", lambda b, images, *a, **k: images.copy())
+  result = run_eval.evaluate(tiny_bundle_dir, data_dir, num=NUM, out=str(tmp_path), seed=7,
+                             frechet_steps=2)
+  s = result["summary"]
+  for split in ("test", "compositional"):
+    assert s[f"t2i/{split}/parser_gt"] == 1.0
+    assert s[f"t2i/{split}/accuracy"] == 1.0 and s[f"t2i/{split}/valid"] == 1.0
+    assert s[f"i2t/{split}/exact"] == 1.0 and s[f"i2t/{split}/parse_rate"] == 1.0
+    assert s[f"i2t/{split}/bleu4"] == pytest.approx(1.0)
+    assert s[f"i2t/{split}/cider_d"] > 1.0
+    assert result["splits"][split]["num"] == NUM
+    # Generated = true images: the Fréchet distance (shapes feature net) vanishes.
+    assert abs(s[f"t2i/{split}/frechet_shapes_net"]) < 1e-3
+  assert s["tokenizer/val/ssim"] == pytest.approx(1.0)
+  assert s["tokenizer/val/psnr"] is None  # Identical images: infinite PSNR, stored as null.
+  assert s["tokenizer/val/parser_recon"] == s["tokenizer/val/parser_gt"] == 1.0
+
+
+def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir, monkeypatch,
+                                               tmp_path, capsys):
+  monkeypatch.setattr(inference, "DEFAULT_COMPILER_OPTIONS", FAST)
+  data_cfg, data_dir = shapes_data_dir
+  out = tmp_path / "eval"
+  code = cli.main(["eval", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--split",
+                   "test", "--num", str(NUM), "--batch_size", "3", "--frechet_steps", "0",
+                   "--out", str(out)])
+  stdout = capsys.readouterr().out
+  assert code == 0
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  result = json.loads((out / "eval.json").read_text())
+  assert result["summary"] == summary
+  for key in ("t2i/test/accuracy", "i2t/test/exact", "i2t/test/bleu4", "i2t/test/cider_d",
+              "tokenizer/val/psnr", "tokenizer/val/ssim", "tokenizer/val/parser_recon"):
+    assert 0.0 <= summary[key] < 100.0, key
+  assert summary["t2i/test/parser_gt"] == 1.0
+  assert "t2i/test/frechet_shapes_net" not in summary  # --frechet_steps 0
+  assert not any(k.startswith(("t2i/compositional", "t2i/train")) for k in summary)
+  # The grid holds exactly what the Generator makes from those prompts and seeds.
+  grids = run_eval.load_grids(str(out))
+  _, _, captions = shapes_eval.load_split(data_cfg, data_dir, "test", NUM)
+  title, images, texts = grids[0]
+  assert "T2I test" in title and texts == captions
+  again = inference.Generator(tiny_bundle_dir, batch_size=3).generate(captions[:1], [0])
+  assert np.abs(again[0].astype(int) - images[0]).max() <= 1
+  assert [t.startswith("I2T") or t.startswith("tokenizer") for t, _, _ in grids[1:]] == [1, 1]
+  page = (out / "report.html").read_text()
+  assert captions[0] in page and page.count("<img") >= 3 * NUM
+
+
+def test_eval_refuses_the_training_split(tiny_bundle_dir, shapes_data_dir, capsys):
+  _, data_dir = shapes_data_dir
+  with pytest.raises(SystemExit) as e:
+    cli.main(["eval", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--split",
+              "test,train"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and "never reads the training split" in err[0]
+  assert not os.path.exists(os.path.join(tiny_bundle_dir, "eval"))
