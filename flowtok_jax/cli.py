@@ -306,6 +306,7 @@ def _eval_flags(p):
   p.add_argument("--frechet_steps", type=int, default=300,
                  help="training steps of the shapes feature net (0: no Fréchet distance)")
   _sampler_flags(p, "the bundle's")
+  p.set_defaults(batch_size=32)
 
 
 @command("eval", "T2I / I2T / tokenizer metrics of a bundle on captioned-shapes",

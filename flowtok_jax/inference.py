@@ -241,21 +241,28 @@ def read_bundle_meta(path: str) -> dict:
   return meta
 
 
+def check_file(path: str, meta: dict, name: str):
+  """UserError unless bundle file `name` exists and matches its bundle.json checksum."""
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    raise UserError(f"bundle {path} is incomplete: {name} is missing")
+  want = meta.get("files", {}).get(name)
+  if want and file_sha256(file) != want:
+    raise UserError(f"bundle {path} is corrupt: {name} does not match its checksum "
+                    "(re-export it)")
+
+
 def load_bundle(path: str) -> Bundle:
   """Reads and checks a bundle; anything missing, corrupt or mismatched is one UserError line."""
   import flax.serialization  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(str(path)))
   meta = read_bundle_meta(path)
+  for name in (CONFIG_JSON, PARAMS_FILE, TOKENIZER_FILE):
+    check_file(path, meta, name)
   config = ml_collections.ConfigDict(_read_json(os.path.join(path, CONFIG_JSON),
                                                 f"bundle {path}: {CONFIG_JSON}"))
   params_path = os.path.join(path, PARAMS_FILE)
-  if not os.path.isfile(params_path):
-    raise UserError(f"bundle {path} is incomplete: {PARAMS_FILE} is missing")
-  want = meta.get("files", {}).get(PARAMS_FILE)
-  if want and file_sha256(params_path) != want:
-    raise UserError(f"bundle {path} is corrupt: {PARAMS_FILE} does not match its checksum "
-                    "(re-export it)")
   try:
     with open(params_path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
@@ -293,6 +300,7 @@ def load_program(bundle, direction: str, compiler_options: Optional[dict] = None
   if not info:
     raise UserError(f"bundle {b.path} has no exported {direction} program (export with "
                     "--programs)")
+  check_file(b.path, b.meta, PROGRAM_FILES[direction])
   path = os.path.join(b.path, PROGRAM_FILES[direction])
   try:
     with open(path, "rb") as f:

@@ -1,5 +1,6 @@
 """`flowtok eval`: wiring (a perfect model scores perfectly), files written, bad splits refused."""
 import hashlib
+import inspect
 import json
 import os
 
@@ -9,7 +10,7 @@ import tiny_bundle
 
 from flowtok_jax import cli
 from flowtok_jax import inference
-from flowtok_jax.evaluation import run_eval, shapes_eval
+from flowtok_jax.evaluation import image_metrics, run_eval, shapes_eval
 
 FAST = tiny_bundle.FAST_COMPILE
 NUM = 4
@@ -38,6 +39,21 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
   monkeypatch.setattr(inference.Captioner, "caption_images",
                       lambda self, images: [truth[_key(im)] for im in images])
   monkeypatch.setattr(run_eval, "reconstruct", lambda b, images, *a, **k: images.copy())
+
+  class PooledFeatures:
+    """Stands in for the trained shapes net (H7's tests cover it): 8x8-pooled colours."""
+    val_accuracy = {"both": 1.0}
+
+    def frechet(self, a, b):
+      pool = lambda x: x.reshape(len(x), 8, 8, 8, 8, 3).mean((2, 4)).reshape(len(x), -1)
+      return image_metrics.frechet_distance_features(pool(a / 255.0), pool(b / 255.0))
+
+  def feature_net_for(*args, **kwargs):
+    inspect.signature(real_feature_net_for).bind(*args, **kwargs)  # Called as the real one.
+    return PooledFeatures()
+
+  real_feature_net_for = image_metrics.feature_net_for
+  monkeypatch.setattr(image_metrics, "feature_net_for", feature_net_for)
   result = run_eval.evaluate(tiny_bundle_dir, data_dir, num=NUM, out=str(tmp_path), seed=7,
                              frechet_steps=2)
   s = result["summary"]
