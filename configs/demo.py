@@ -11,6 +11,7 @@ import ml_collections
 
 from flowtok_jax import config_lib
 from flowtok_jax.train import optim
+from flowtok_jax.train import stages as stages_lib
 
 
 def get_config(arg=None):
@@ -170,6 +171,10 @@ def get_config(arg=None):
   config.init.params_from = None  # Workdir to copy trainable params from (params only) at step 0.
   config.init.clip_from = None  # Workdir of the clip stage: its text tower is frozen later.
   config.init.tokenizer_from = None  # Workdir of the tokenizer stage (encoder frozen in flowtok).
+
+  # Stage-specific knobs (every key and its comment: train/stages.py stage_defaults()).
+  config.update(stages_lib.stage_defaults())
+  config.flowtok_stage.p_i2t = 0.5  # Half the examples flow image -> text: one model, both ways.
 
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
   st = config.stages = ml_collections.ConfigDict()
