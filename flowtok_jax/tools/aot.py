@@ -60,6 +60,9 @@ def topology_devices(topology: str):
   chip_of(topology)
   # libtpu looks for a TPU VM's metadata first; on a CPU machine that only produces warnings.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # No chip is opened, so several compiling processes (tests, sweeps) may share libtpu; without
+  # this the second one fails on libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
