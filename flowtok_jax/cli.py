@@ -218,11 +218,12 @@ def _no_config(overrides, name):
                     "does not apply")
 
 
-def _sampler_flags(p, what):
-  p.add_argument("--steps", type=int, default=None, help=f"ODE steps (default: {what})")
-  p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default: {what})")
+def _sampler_flags(p, cfg_default: str):
+  p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's, 20)")
+  p.add_argument("--cfg", type=float, default=None,
+                 help=f"guidance scale (default: the bundle's, {cfg_default})")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
-                 help=f"ODE solver (default: {what})")
+                 help="ODE solver (default: the bundle's, euler)")
   p.add_argument("--grid", choices=("parity", "uniform"), default=None,
                  help="time grid: parity (Euler, the reference's) or uniform (Heun needs it)")
   p.add_argument("--batch_size", type=int, default=8, help="images per compiled call")
@@ -262,7 +263,7 @@ def _generate_flags(p):
   p.add_argument("--num", type=int, default=1, help="images per prompt")
   p.add_argument("--seed", type=int, default=0, help="seed of the first image (image j: seed+j)")
   p.add_argument("--out", required=True, help="directory for NNNN.png and samples.json")
-  _sampler_flags(p, "the bundle's: 20 Euler steps, CFG 2.0")
+  _sampler_flags(p, "2.0")
 
 
 @command("generate", "text to image from a bundle: DIR/NNNN.png + DIR/samples.json",
@@ -280,7 +281,7 @@ def _caption_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size: resized "
                  "and centre-cropped)")
-  _sampler_flags(p, "the bundle's: 20 Euler steps, no CFG")
+  _sampler_flags(p, "1.0: none")
 
 
 @command("caption", "image to text from a bundle: one JSON line per image", _caption_flags)
@@ -294,7 +295,8 @@ def _caption(args, overrides):
 
 def _eval_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
-  p.add_argument("--data_dir", required=True, help="TFDS data dir with the built captioned_shapes")
+  p.add_argument("--data_dir", required=True,
+                 help="TFDS data dir of captioned_shapes (built there if missing)")
   p.add_argument("--split", default="test,compositional",
                  help="comma-separated evaluation splits (never train)")
   p.add_argument("--num", type=int, default=None, help="examples per split (default: all)")
@@ -305,7 +307,7 @@ def _eval_flags(p):
                  help="guidance scale of the captions (default: the bundle's, 1.0)")
   p.add_argument("--frechet_steps", type=int, default=300,
                  help="training steps of the shapes feature net (0: no Fréchet distance)")
-  _sampler_flags(p, "the bundle's")
+  _sampler_flags(p, "2.0 for the images")
   p.set_defaults(batch_size=32)
 
 
