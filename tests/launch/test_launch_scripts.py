@@ -1,0 +1,53 @@
+"""launch/tpu_pod.sh (gcloud commands, printed with --dry_run) and launch/local_multihost.sh."""
+import os
+import shlex
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*argv, **kw):
+  return subprocess.run([os.path.join(REPO, "launch", argv[0]), *argv[1:]], capture_output=True,
+                        text=True, timeout=60, cwd=REPO, **kw)
+
+
+def test_tpu_pod_all_creates_installs_runs_on_every_worker_and_deletes():
+  out = _run("tpu_pod.sh", "all", "--name", "ft", "--zone", "us-east5-a", "--type", "v5p-64",
+             "--queued", "--spot", "--dry_run", "--", "python", "launch/train.py",
+             "--distributed", "--config", "configs/flowtok_xl.py", "--workdir", "gs://b/r")
+  assert out.returncode == 0, out.stderr
+  lines = [shlex.split(line) for line in out.stdout.splitlines()]
+  assert lines[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert {"--node-id", "ft", "--accelerator-type", "v5p-64", "--spot"} <= set(lines[0])
+  assert lines[1][:2] == ["git", "-C"] and "archive" in lines[1]
+  assert lines[2][3:5] == ["tpu-vm", "scp"] and "--worker=all" in lines[2]
+  install, run = lines[3][-1], lines[4][-1]
+  assert "pip install -q -e '.[tpu]'" in install and "--worker=all" in lines[3]
+  # The same command on all workers, with the repository's venv python.
+  assert "--worker=all" in lines[4]
+  assert ".venv/bin/python launch/train.py --distributed --config configs/flowtok_xl.py" in run
+  assert lines[5][:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+
+
+def test_tpu_pod_usage_errors():
+  assert _run("tpu_pod.sh", "all", "--zone", "z").returncode == 2
+  bad = _run("tpu_pod.sh", "launch", "--name", "a", "--zone", "z")
+  assert bad.returncode == 2 and "unknown action launch" in bad.stderr
+  assert _run("tpu_pod.sh", "run", "--name", "a", "--zone", "z", "--dry_run").returncode == 2
+
+
+def test_local_multihost_passes_process_ids_and_reports_failures(tmp_path):
+  script = ("import sys; a = sys.argv; i = int(a[a.index('--process_id') + 1]); "
+            "print('p', i, a[a.index('--num_processes') + 1], a[a.index('--coordinator') + 1]); "
+            "sys.exit(3 if i == 2 and 'fail' in a else 0)")
+  env = {**os.environ, "PYTHON": sys.executable}
+  ok = _run("local_multihost.sh", "-n", "3", "-d", "2", "-l", str(tmp_path / "ok"), "--",
+            sys.executable, "-c", script, env=env)
+  assert ok.returncode == 0, ok.stderr
+  for i in range(3):
+    words = (tmp_path / "ok" / f"process_{i}.log").read_text().split()
+    assert words[:3] == ["p", str(i), "3"] and words[3].startswith("127.0.0.1:")
+  bad = _run("local_multihost.sh", "-n", "3", "-l", str(tmp_path / "bad"), "--",
+             sys.executable, "-c", script, "fail", env=env)
+  assert bad.returncode == 3 and "failed (exit 3)" in bad.stderr
