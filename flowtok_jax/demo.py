@@ -1,13 +1,19 @@
 """`flowtok demo`: the whole pipeline on the captioned-shapes world, on a laptop-class CPU.
 
-Stages run in order and each is skipped when its output already exists in the workdir, so
-re-running resumes:
+Stages run in order; each resumes or is skipped when its output already exists in the workdir,
+so re-running continues where a stopped run left off:
 
-  1. data      build the captioned_shapes TFDS dataset (ArrayRecord) in W/data
-  2. preview   W/preview.png: a grid of training images with their captions
-  3. text      train the sentencepiece model on the training captions -> W/text_tokenizer.model
+  data       build the captioned_shapes TFDS dataset (ArrayRecord)        -> W/data
+  preview    a grid of training images with their captions                -> W/preview.png
+  text       sentencepiece model trained on the training captions         -> W/text_tokenizer.model
+  clip       contrastive pretraining of the tiny CLIP (frozen text tower) -> W/clip
+  tokenizer  FlowTiTok image tokenizer                                     -> W/tokenizer
+  flowtok    one DiT trained in both directions with one train step        -> W/flowtok
+  export     the inference bundle (EMA params, tokenizer, config)          -> W/bundle
+  eval       T2I / I2T / tokenizer metrics on test, compositional, val     -> W/eval
+  report     metrics table, sample grids, stage times, loss curves         -> W/report.html
 
-Per-stage wall time goes to W/metrics.json (`time/<stage>_sec`).
+W/metrics.json gathers the evaluation results and per-stage wall times (`time/<stage>_sec`).
 """
 from __future__ import annotations
 
@@ -15,14 +21,17 @@ import json
 import logging
 import os
 import time
+from typing import Callable
 
 from flowtok_jax import config_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "demo.py")
+TRAIN_STAGES = ("clip", "tokenizer", "flowtok")
 
 
 def _merge_metrics(workdir: str, new: dict) -> dict:
+  """Merges `new` into W/metrics.json (written atomically) and returns the whole file."""
   path = os.path.join(workdir, "metrics.json")
   metrics = {}
   if os.path.exists(path):
@@ -39,44 +48,106 @@ def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "text_tokenizer.model")
 
 
+def demo_config(workdir: str, config_arg: str | None = None, overrides=()):
+  """The demo config with every path pointing into the workdir (user overrides win)."""
+  w = os.path.abspath(workdir)
+  wiring = [f"data.data_dir={os.path.join(w, 'data')}",
+            f"init.clip_from={os.path.join(w, 'clip')}",
+            f"init.tokenizer_from={os.path.join(w, 'tokenizer')}",
+            f"train.compilation_cache_dir={os.path.join(w, 'jax_cache')}"]
+  return config_lib.load(config_arg or DEFAULT_CONFIG, [*wiring, *overrides])
+
+
+class _Timer:
+  """Records each stage's wall time into metrics.json as soon as the stage ends."""
+
+  def __init__(self, workdir: str, num_stages: int):
+    self.workdir, self.num_stages, self.index = workdir, num_stages, 0
+
+  def run(self, name: str, fn: Callable[[], dict | None]) -> dict:
+    self.index += 1
+    logging.info("demo stage %d/%d: %s", self.index, self.num_stages, name)
+    t0 = time.time()
+    extra = fn() or {}
+    seconds = time.time() - t0
+    logging.info("demo stage %s done in %.1f s", name, seconds)
+    return _merge_metrics(self.workdir, {f"time/{name}_sec": seconds, **extra})
+
+
+def _train_stage(config, workdir: str, stage: str) -> dict:
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage)
+  if result.stopped_by:
+    raise KeyboardInterrupt(f"{stage} stopped by {result.stopped_by} at step {result.step}")
+  out = {f"{stage}/final_step": result.step}
+  for key, value in {**result.last_metrics, **result.last_eval}.items():
+    if isinstance(value, (int, float)):
+      out[f"{stage}/{key}"] = value
+  return out
+
+
 def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   """Runs every demo stage that is not done yet; returns the merged metrics.
 
   Args:
-    workdir: output directory (created); holds data, models, report and metrics.
+    workdir: output directory (created); holds data, runs, bundle, report and metrics.
     config_arg: `path[:arg]` of the config; defaults to the repository's configs/demo.py.
     overrides: `key=value` config overrides.
   Returns:
     The content of W/metrics.json.
   """
+  from flowtok_jax import export  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load(config_arg or DEFAULT_CONFIG,
-                           [f"data.data_dir={os.path.join(workdir, 'data')}", *overrides])
+  workdir = os.path.abspath(workdir)
+  config = demo_config(workdir, config_arg, overrides)
   os.makedirs(workdir, exist_ok=True)
-  times = {}
+  timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
+  data_cfg, data_dir = config.data, config.data.data_dir
+  t_start = time.time()
 
-  t0 = time.time()
-  logging.info("demo stage 1/3: dataset -> %s", config.data.data_dir)
-  logging.info("%s", builders.build(config.data, config.data.data_dir))
-  times["time/data_sec"] = time.time() - t0
+  timer.run("data", lambda: logging.info("%s", builders.build(data_cfg, data_dir)))
+  timer.run("preview", lambda: builders.write_preview(
+      data_cfg, data_dir, split=data_cfg.train_split, num=16,
+      out=os.path.join(workdir, "preview.png")) and None)
 
-  t0 = time.time()
-  preview = os.path.join(workdir, "preview.png")
-  builders.write_preview(config.data, config.data.data_dir, split=config.data.train_split,
-                         num=16, out=preview)
-  logging.info("demo stage 2/3: preview -> %s", preview)
-  times["time/preview_sec"] = time.time() - t0
+  def text():
+    path = tokenizer_path(workdir)
+    if not os.path.exists(path):
+      captions = builders.read_captions(data_cfg, data_cfg.train_split, data_dir,
+                                        limit=config.text_tokenizer.num_captions)
+      text_tokenizer.train_from_config(config.text_tokenizer, captions).save(path)
+    return {"text/vocab_size": text_tokenizer.TextTokenizer.load(path).vocab_size}
+  timer.run("text_tokenizer", text)
 
-  t0 = time.time()
-  tok_path = tokenizer_path(workdir)
-  if not os.path.exists(tok_path):
-    captions = builders.read_captions(config.data, config.data.train_split, config.data.data_dir,
-                                      limit=config.text_tokenizer.num_captions)
-    tok = text_tokenizer.train_from_config(config.text_tokenizer, captions)
-    tok.save(tok_path)
-  tok = text_tokenizer.TextTokenizer.load(tok_path)
-  logging.info("demo stage 3/3: text tokenizer (vocab %d) -> %s", tok.vocab_size, tok_path)
-  times["time/text_tokenizer_sec"] = time.time() - t0
-  return _merge_metrics(workdir, {**times, "text/vocab_size": tok.vocab_size})
+  for stage in TRAIN_STAGES:
+    timer.run(stage, lambda stage=stage: _train_stage(config, workdir, stage))
+
+  bundle = os.path.join(workdir, "bundle")
+  flowtok_ckpt = os.path.join(workdir, "flowtok", "checkpoints")
+
+  def do_export():
+    if _up_to_date(bundle, flowtok_ckpt):
+      logging.info("bundle %s is newer than the flowtok checkpoints: kept", bundle)
+      return {}
+    summary = export.export_bundle(os.path.join(workdir, "flowtok"), bundle)
+    return {"export/bytes": summary.get("bytes", 0)}
+  timer.run("export", do_export)
+
+  eval_dir = os.path.join(workdir, "eval")
+  results = timer.run("eval", lambda: run_eval.demo_eval(config, bundle, eval_dir))
+  _merge_metrics(workdir, {"time/total_sec": time.time() - t_start})
+  timer.run("report", lambda: run_eval.demo_report(
+      workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
+  return _merge_metrics(workdir, {})
+
+
+def _up_to_date(output: str, source: str) -> bool:
+  """True when `output` exists and is newer than everything in `source`."""
+  if not os.path.exists(output):
+    return False
+  newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(source)
+                for f in fs), default=0.0)
+  return os.path.getmtime(output) >= newest
