@@ -272,9 +272,9 @@ def load_bundle(path: str) -> Bundle:
   tok = TextTokenizer.load(os.path.join(path, TOKENIZER_FILE))
   try:
     models = build_models(config, meta["latent_scale"])
-  except (KeyError, AttributeError, TypeError) as e:
-    raise UserError(f"bundle {path}: config.json or bundle.json lacks a needed entry ({e})") \
-        from None
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    raise UserError(f"bundle {path}: config.json or bundle.json lacks a needed entry or has a "
+                    f"bad value ({type(e).__name__}: {e})") from None
   missing = [k for k in ("clip_text", "text_vae", "flow", "tokenizer")
              if not isinstance(params, dict) or k not in params]
   if missing:

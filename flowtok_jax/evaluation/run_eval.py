@@ -163,7 +163,10 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   if not data_dir:
     raise UserError("--data_dir is required")
   out = os.path.abspath(out or os.path.join(b.path, "eval"))
-  logging.info("eval data: %s", builders.build(data_cfg, data_dir))
+  try:
+    logging.info("eval data: %s", builders.build(data_cfg, data_dir))
+  except OSError as e:
+    raise UserError(f"cannot prepare the evaluation data in {data_dir}: {e}") from None
   server_args = dict(batch_size=batch_size, compiler_options=compiler_options)
   gen = inference.Generator(b, steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid,
                             **server_args)
