@@ -177,6 +177,14 @@ def _cast(params, dtype: str):
 
 # -- programs --------------------------------------------------------------------------------------
 
+def _check_serialisable():
+  try:
+    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise UserError("exporting programs needs the 'flatbuffers' package (jax.export "
+                    "serialisation): pip install flatbuffers") from None
+
+
 def _lower(fn, args, name: str):
   """`jax.export` for every platform in PROGRAM_PLATFORMS, else the current backend only."""
   try:
@@ -199,11 +207,7 @@ def export_programs(models: inference.Models, params, *, t2i: Optional[dict],
   Returns:
     name -> (serialised bytes, description for bundle.json).
   """
-  try:
-    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    raise UserError("exporting programs needs the 'flatbuffers' package (jax.export "
-                    "serialisation): pip install flatbuffers") from None
+  _check_serialisable()
   (b,) = jax.export.symbolic_shape("b")
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
   cfg = jax.ShapeDtypeStruct((), jnp.float32)
@@ -284,6 +288,8 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
   from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if programs:
+    _check_serialisable()
   t2i_knobs, i2t_knobs = dict(T2I_DEFAULTS), dict(I2T_DEFAULTS)
   for knobs in (t2i_knobs, i2t_knobs):
     knobs.update({k: v for k, v in (("steps", steps), ("sampler", sampler)) if v is not None})
