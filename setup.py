@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "etils==1.15.0",
     "scipy==1.17.1",  # Connected components and sqrtm in evaluation/.
     "portpicker==1.6.0",  # Free ports for local multi-process runs.
+    "flatbuffers==25.12.19",  # jax.export serialisation of the bundle programs.
 ]
 
 EXTRAS = {

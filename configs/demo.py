@@ -176,6 +176,15 @@ def get_config(arg=None):
   config.update(stages_lib.stage_defaults())
   config.flowtok_stage.p_i2t = 0.5  # Half the examples flow image -> text: one model, both ways.
 
+  # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
+  ev = config.eval = ml_collections.ConfigDict()
+  ev.splits = "test,compositional"  # Splits for T2I (prompts) and I2T (images).
+  ev.num = 256  # Examples per split.
+  ev.batch_size = 32  # Generation / captioning batch.
+  ev.steps = None  # ODE steps (None: the bundle's default, 20 Euler steps).
+  ev.cfg_scale = None  # T2I guidance scale (None: the bundle's default).
+  ev.frechet_steps = 300  # Training steps of the in-project feature net (Fréchet distance).
+
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
   st = config.stages = ml_collections.ConfigDict()
   st.clip = ml_collections.ConfigDict(dict(
@@ -194,6 +203,7 @@ def get_config(arg=None):
     for s in (st.clip, st.tokenizer, st.flowtok):
       s.train.total_steps = 20
     st.clip.train.batch_size = 8
+    ev.update(num=16, batch_size=8, frechet_steps=20)
 
   if arg.runlocal:
     data.shapes.num_train = 256

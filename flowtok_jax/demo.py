@@ -28,6 +28,26 @@ from flowtok_jax import config_lib
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "demo.py")
 TRAIN_STAGES = ("clip", "tokenizer", "flowtok")
+# The demo's quality bars (issue 6): name -> (metric written by the evaluation, minimum).
+QUALITY_BARS = {
+    "tokenizer_parser_recon": ("eval/tokenizer/val/parser_recon", 0.95),
+    "t2i_test_accuracy": ("eval/t2i/test/accuracy", 0.85),
+    "i2t_test_exact": ("eval/i2t/test/exact", 0.85),
+}
+
+
+def quality_bars(metrics: dict) -> dict:
+  """`bar/<name>/{value,target,met,short_by}` for each quality bar (missing metric: not met)."""
+  out = {}
+  for name, (key, target) in QUALITY_BARS.items():
+    value = metrics.get(key)
+    met = value is not None and value >= target
+    out.update({f"bar/{name}/value": value, f"bar/{name}/target": target,
+                f"bar/{name}/met": met,
+                f"bar/{name}/short_by": 0.0 if met or value is None else target - value})
+    logging.info("quality bar %s: %s = %s (bar %.2f) -> %s", name, key, value, target,
+                 "met" if met else "MISSED")
+  return out
 
 
 def _merge_metrics(workdir: str, new: dict) -> dict:
@@ -138,7 +158,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
 
   eval_dir = os.path.join(workdir, "eval")
   results = timer.run("eval", lambda: run_eval.demo_eval(config, bundle, eval_dir))
-  _merge_metrics(workdir, {"time/total_sec": time.time() - t_start})
+  _merge_metrics(workdir, {"time/total_sec": time.time() - t_start, **quality_bars(results)})
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
   return _merge_metrics(workdir, {})

@@ -1,0 +1,52 @@
+"""`flowtok demo` end to end at a tiny size: every stage runs and every output file appears."""
+import json
+import os
+
+import pytest
+
+from flowtok_jax import demo
+
+# A few steps per stage: this checks the wiring, not the quality (docs/benchmarks.md has that).
+TINY = ["stages.clip.train.total_steps=2", "stages.tokenizer.train.total_steps=2",
+        "stages.flowtok.train.total_steps=2", "train.log_every_steps=1",
+        "train.eval_every_steps=0", "train.sample_every_steps=0", "train.ckpt_every_steps=2",
+        "train.progress_bar=False", "eval.num=4", "eval.batch_size=4", "eval.frechet_steps=2",
+        "eval.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
+  return workdir, metrics
+
+
+def test_demo_writes_every_output(demo_run):
+  workdir, metrics = demo_run
+  for name in ("preview.png", "text_tokenizer.model", "report.html", "metrics.json",
+               "bundle", "eval/eval.json", "clip/metrics.jsonl", "tokenizer/metrics.jsonl",
+               "flowtok/metrics.jsonl"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f) == metrics
+  for stage in ("data", "text_tokenizer", "clip", "tokenizer", "flowtok", "export", "eval"):
+    assert metrics[f"time/{stage}_sec"] >= 0
+  for key in ("eval/t2i/test/accuracy", "eval/i2t/test/exact", "eval/tokenizer/val/psnr",
+              "eval/tokenizer/val/parser_recon", "eval/t2i/test/parser_gt"):
+    assert key in metrics, key
+  # Two steps of training cannot meet the bars: they must be reported as missed, with the gap.
+  assert metrics["bar/t2i_test_accuracy/met"] is False
+  assert metrics["bar/t2i_test_accuracy/short_by"] > 0
+  assert metrics["flowtok/final_step"] == 2 and metrics["flowtok/train/frac_i2t"] >= 0
+  with open(os.path.join(workdir, "report.html")) as f:
+    page = f.read()
+  assert "eval/t2i/test/accuracy" in page and "<img" in page
+
+
+def test_demo_rerun_resumes_without_retraining(demo_run):
+  workdir, _ = demo_run
+  stamp = os.path.getmtime(os.path.join(workdir, "text_tokenizer.model"))
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
+  assert os.path.getmtime(os.path.join(workdir, "text_tokenizer.model")) == stamp
+  for stage in ("clip", "tokenizer", "flowtok"):
+    assert metrics[f"{stage}/final_step"] == 2
