@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_bundle
+from cli_run import assert_one_error, run_cli
 
-from flowtok_jax import cli
 from flowtok_jax import export
 from flowtok_jax import flow_matching as fm
 from flowtok_jax import inference
@@ -25,24 +25,6 @@ PROMPTS = ["a red circle in the center", "a big blue square at the top left",
            "a green triangle left of a purple circle"]
 STEPS = 4  # The fixture bundle's default (and its programs').
 FAST = tiny_bundle.FAST_COMPILE
-
-
-def run_cli(argv, capsys):
-  """(exit code, stdout, stderr) of `flowtok ARGV` run in this process."""
-  try:
-    code = cli.main(argv)
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
-def assert_one_error(code, err, *needles):
-  lines = [l for l in err.strip().splitlines() if l.strip()]
-  assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("flowtok: error: "), err
-  for n in needles:
-    assert n in lines[0], lines[0]
 
 
 # -- the in-training sampler, straight from the runs' checkpoints --------------------------------

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import tiny_bundle
+from cli_run import assert_one_error, run_cli
 from PIL import Image
 
-from flowtok_jax import cli
 from flowtok_jax import inference
 
 FAST = tiny_bundle.FAST_COMPILE
@@ -22,23 +22,6 @@ PROMPTS = ["a red circle in the center", "a big blue square at the top left",
 def fast_servers(monkeypatch):
   """Servers the CLI makes compile like the tests' own (and share their programs)."""
   monkeypatch.setattr(inference, "DEFAULT_COMPILER_OPTIONS", FAST)
-
-
-def run_cli(argv, capsys):
-  try:
-    code = cli.main(argv)
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
-def assert_one_error(code, err, *needles):
-  lines = [l for l in err.strip().splitlines() if l.strip()]
-  assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("flowtok: error: "), err
-  for n in needles:
-    assert n in lines[0], lines[0]
 
 
 def save(path, array, **kw):
