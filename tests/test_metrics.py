@@ -1,5 +1,4 @@
 """metrics.jsonl / TensorBoard writer, periodic-action timing, non-finite guard, throughput."""
-import json
 import os
 
 import numpy as np

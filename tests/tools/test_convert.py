@@ -6,7 +6,6 @@ from the converter's tables, so a wrong table entry fails these tests.
 import json
 import sys
 
-import flax.linen as nn
 import numpy as np
 import pytest
 from flax import traverse_util

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flowtok_jax import checkpoint, cli, metrics
+from flowtok_jax import cli, metrics
 from flowtok_jax.errors import UserError
 from flowtok_jax.train import loop
 
