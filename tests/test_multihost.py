@@ -18,7 +18,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "multihost_stage.py")
-STEPS = 6
+STEPS = 4
 
 _ENV = {
     "JAX_PLATFORMS": "cpu",

@@ -26,7 +26,6 @@ from flowtok_jax.train import optim
 out = {}
 x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 77, 16)), jnp.float32)
 t, null = jnp.linspace(0.1, 0.9, 8), jnp.zeros((8,), jnp.int32)
-reference = None
 for strategy in ("dp", "fsdp", "tp"):
   config = config_lib.load(f"{sys.argv[1]}/configs/flowtok.py:runlocal,strategy={strategy},tp=2")
   model = flow_lib.FlowTransformer(flow_lib.FlowConfig.from_config(config.flow))
@@ -36,21 +35,28 @@ for strategy in ("dp", "fsdp", "tp"):
     return {"params": params, "opt": tx.init(params)}
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.sharding)
-  state, _ = sharding.born_sharded(init, mesh, rules, jax.random.PRNGKey(0))
-  shard = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
-  blk = state["params"]["blocks_0"]
-  mu = state["opt"][0][0].mu["blocks_0"]
-  out[strategy] = {
-      "mesh": list(mesh.shape.values()), "fc1": shard(blk["mlp"]["fc1"]["kernel"]),
-      "fc1_mu": shard(mu["mlp"]["fc1"]["kernel"]), "qkv": shard(blk["attn"]["qkv"]["kernel"])}
-  if strategy == "dp":  # Replicated: the unsharded reference (same params in every strategy).
-    reference = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, t, null))(
-        jax.device_get(state["params"]), np.asarray(x)))
+  rng = jax.random.PRNGKey(0)
+  abstract, _ = sharding.abstract_with_shardings(init, mesh, rules, rng)
+  shapes = lambda a: [list(a.sharding.shard_shape(a.shape))]
+  blk, mu = abstract["params"]["blocks_0"], abstract["opt"][0][0].mu["blocks_0"]
+  out[strategy] = {"mesh": list(mesh.shape.values()), "fc1": shapes(blk["mlp"]["fc1"]["kernel"]),
+                   "fc1_mu": shapes(mu["mlp"]["fc1"]["kernel"]),
+                   "qkv": shapes(blk["attn"]["qkv"]["kernel"])}
+  if strategy != "tp":
     continue
+  # fsdp x tensor for real: the state is born on its shards, and the sharded forward gives the
+  # velocities of one device.
+  state, _ = sharding.born_sharded(init, mesh, rules, rng)
+  real = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+  blk, mu = state["params"]["blocks_0"], state["opt"][0][0].mu["blocks_0"]
+  out["tp_real"] = {"fc1": real(blk["mlp"]["fc1"]["kernel"]),
+                    "fc1_mu": real(mu["mlp"]["fc1"]["kernel"]),
+                    "devices": len(blk["mlp"]["fc1"]["kernel"].addressable_shards)}
+  apply = lambda p, x: model.apply({"params": p}, x, t, null)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    v = jax.jit(lambda p, x: model.apply({"params": p}, x, t, null))(
-        state["params"], sharding.host_to_global({"x": np.asarray(x)}, mesh)["x"])
-  out[strategy]["max_diff"] = float(np.max(np.abs(np.asarray(v) - reference)))
+    v = jax.jit(apply)(state["params"], sharding.host_to_global({"x": np.asarray(x)}, mesh)["x"])
+  reference = jax.jit(apply)(jax.device_get(state["params"]), np.asarray(x))
+  out["tp_real"]["max_diff"] = float(np.max(np.abs(np.asarray(v) - np.asarray(reference))))
 print(json.dumps(out))
 """
 
@@ -71,8 +77,10 @@ def test_strategies_shard_params_and_adam_moments_and_agree():
   assert got["tp"]["mesh"] == [1, 4, 2]  # fsdp 4 x Megatron over heads / MLP hidden 2
   assert got["tp"]["fc1"] == [[16, 128]] and got["tp"]["fc1_mu"] == [[16, 128]]
   assert got["tp"]["qkv"] == [[16, 3, 2, 16]]
-  for strategy in ("fsdp", "tp"):  # Same velocities as one device.
-    assert got[strategy]["max_diff"] < 1e-5, strategy
+  # The real arrays: every one of the 8 devices holds exactly its [16, 128] block.
+  assert got["tp_real"]["fc1"] == [[16, 128]]
+  assert got["tp_real"]["fc1_mu"] == got["tp_real"]["fc1"] and got["tp_real"]["devices"] == 8
+  assert got["tp_real"]["max_diff"] < 1e-5
 
 
 def test_remat_policies_change_memory_not_gradients():

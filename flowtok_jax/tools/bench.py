@@ -85,6 +85,9 @@ def bench_pipeline(config, data_dir: str | None, num_batches: int = 50,
 
 # -- train step and sampling (issue 7) ----------------------------------------------------------
 
+# 2048³ f32 reaches the CPU BLAS plateau (accelerators use metrics' default, 8192³ bf16).
+PEAK_MATMUL_SIZE_CPU = 2048
+
 def _peak_flops_per_device(previous: float = 0.0) -> float:
   """Measured matmul FLOP/s of one device: the MFU denominator (metrics.measure_peak_flops).
 
@@ -93,8 +96,7 @@ def _peak_flops_per_device(previous: float = 0.0) -> float:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flowtok_jax import metrics  # pylint: disable=g-import-not-at-top
-  # 2048³ on CPU (f32) is large enough to reach the BLAS plateau; 8192³ bf16 on accelerators.
-  n = 2048 if jax.devices()[0].platform == "cpu" else None
+  n = PEAK_MATMUL_SIZE_CPU if jax.devices()[0].platform == "cpu" else None
   return max(previous, metrics.measure_peak_flops(n=n, repeats=10))
 
 

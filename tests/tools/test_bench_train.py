@@ -1,26 +1,23 @@
 """flowtok bench train: the loop's train step timed on random data, with analytic MFU."""
 import json
 import os
-import subprocess
-import sys
+
+from flowtok_jax import cli
+from flowtok_jax.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY_CONFIG = os.path.join(REPO, "tests", "train", "toy_config.py")
 
 
-def test_bench_train_reports_rates_flops_mfu_and_memory():
-  out = subprocess.run(
-      [sys.executable, "-m", "flowtok_jax", "bench", "train", "--config", TOY_CONFIG,
-       "--batch_size", "16", "--steps", "3"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert out.returncode == 0, out.stderr[-3000:]
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+def test_bench_train_reports_rates_flops_mfu_and_memory(capsys, monkeypatch):
+  monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE_CPU", 512)  # a quicker peak measurement
+  cli.main(["bench", "train", "--config", TOY_CONFIG, "--batch_size", "16", "--steps", "3"])
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert r["bench"] == "train" and r["stage"] == "toy" and r["batch_size"] == 16
   assert r["compile_s"] > 0 and 0 < r["step_s_min"] <= r["step_s"]
   assert abs(r["examples_per_sec"] - 16 / r["step_s"]) < 0.02 * r["examples_per_sec"]
   # The toy stage's own analytic count (6 · B · weights) at batch 16, and MFU from it.
   assert r["flops_per_step"] == 6 * 16 * (16 * 32 + 32 * 4)
   assert abs(r["mfu"] - r["flops_per_sec"] / r["peak_flops_per_device"]) < 1e-3
-  assert r["peak_flops_per_device"] > 1e9  # a measured matmul, not a default
+  assert r["peak_flops_per_device"] > 1e8  # a measured matmul, not a default
   assert r["xla_flops_per_step"] > 0 and r["temp_mib"] >= 0 and r["max_rss_mib"] > 0
