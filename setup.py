@@ -32,7 +32,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92"],
+    # jax[tpu] brings libtpu so that the TPU-topology compile test (tests/tools/test_aot.py) runs
+    # on CPU CI; tests force JAX_PLATFORMS=cpu.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92", f"jax[tpu]=={JAX_VERSION}"],
     # libtpu: lets `flowtok aot` compile for TPU topologies on a CPU-only machine.
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     # Reading the released PyTorch checkpoints (flowtok convert) and parity checks.
