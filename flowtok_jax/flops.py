@@ -215,3 +215,16 @@ def sample_flops(config, *, steps: int = 20, cfg_scale=2.0, sampler: str = "eule
   out["total"] = sum(out.values())
   out["function_evaluations"] = float(nfe)
   return out
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs of a compiled program by XLA's cost analysis, or None where the backend gives none.
+
+  Loops (`lax.scan` / `fori_loop` bodies) are counted once by XLA, not once per iteration.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and cost.get("flops") else None

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from flowtok_jax import flops as _flops
 from flowtok_jax.errors import UserError
 
 _GIB = 2**30
@@ -87,15 +88,6 @@ def memory_report(compiled, hbm_bytes: float) -> dict:
   return out
 
 
-def _xla_flops(compiled) -> Optional[float]:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and cost.get("flops") else None
-
-
 def compile_program(program, num_devices: int, hbm_per_device: float,
                     peak_per_device: float) -> dict:
   """Lowers and compiles a `programs.Program`; returns its per-device report."""
@@ -109,7 +101,7 @@ def compile_program(program, num_devices: int, hbm_per_device: float,
          "mesh": dict(program.mesh.shape), "lower_s": round(t_lower, 1),
          "compile_s": round(t_compile, 1)}
   out.update(memory_report(compiled, hbm_per_device))
-  xla = _xla_flops(compiled)
+  xla = _flops.xla_flops(compiled)
   out["xla_flops_per_device"] = xla
   # XLA's cost analysis counts a while-loop body once, whatever its trip count: the sampler's
   # ODE loop, and loops XLA's TPU passes create themselves, make its count low.

@@ -14,6 +14,7 @@ import resource
 import statistics
 import time
 
+from flowtok_jax import flops as _flops
 from flowtok_jax.errors import UserError
 
 # Captions read to train the throw-away tokenizer of the pipeline benchmark: a closed caption
@@ -120,15 +121,6 @@ def _memory(compiled) -> dict:
   return out
 
 
-def _xla_flops(compiled):
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and cost.get("flops") else None
-
-
 def _time_calls(call, repeats: int) -> list[float]:
   import jax  # pylint: disable=g-import-not-at-top
   times = []
@@ -183,7 +175,7 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
   step_s = statistics.median(times)
   devices = mesh.size
   peak = _peak_flops_per_device(peak)
-  xla = _xla_flops(compiled)
+  xla = _flops.xla_flops(compiled)
   out = {"stage": stage or config.train.stage, "devices": devices,
          "mesh": dict(mesh.shape), "batch_size": prog.examples,
          "dtype": config.get("model_dtype", "float32"),
