@@ -1,4 +1,4 @@
-r"""FlowTiTok at 512 px: configs/flowtitok_256.py with res=512 (32 × 32 patches, same 77 × 16 tokens).
+r"""FlowTiTok at 512 px: configs/flowtitok_256.py with res=512 (32 × 32 patches, 77 × 16 tokens).
 
     flowtok train --config configs/flowtitok_512.py --workdir gs://BUCKET/runs/flowtitok_512
 

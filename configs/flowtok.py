@@ -110,7 +110,7 @@ def get_config(arg=None):
   fl.num_tokens = tok.get_ref("num_tokens")  # K.
   fl.channels = tok.get_ref("token_channels")  # C.
   fl.two_directions = False  # Add the (zero-initialised) direction embedding for T2I + I2T.
-  fl.remat = arg.remat  # DiT block remat in the backward pass: none | full | dots (memory for FLOPs).
+  fl.remat = arg.remat  # DiT block remat in the backward pass: none | full | dots.
 
   _training_sections(config, arg)
 

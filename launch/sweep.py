@@ -27,8 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flowtok_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flowtok_jax import config_lib  # pylint: disable=wrong-import-position
+from flowtok_jax.errors import UserError  # pylint: disable=wrong-import-position
 
 DEFAULT_COMMAND = ("{python} " + os.path.join("launch", "train.py")
                    + " --config {config} --workdir {workdir} {overrides}")

@@ -3,7 +3,8 @@
     python launch/train.py --config tests/multihost_stage.py:stage=clip --workdir W ...
 
 Registers `mh_clip`, `mh_flowtok` and `mh_toy`: the real stage builders of `train/stages.py`
-(and the loop tests' toy MLP, which compiles in well under a second) with their `train_iter` replaced by synthetic examples whose global batch does not depend on the number of
+(and the loop tests' toy MLP, which compiles in well under a second) with their `train_iter`
+replaced by synthetic examples whose global batch does not depend on the number of
 processes: global row r of step k is always example k·B + r, and each process generates exactly
 the rows its devices hold. (The dataset pipeline shards by process before shuffling, so its
 global batches differ between 1 and 2 processes and could not give identical losses.)
@@ -22,7 +23,7 @@ if REPO_ROOT not in sys.path:
 from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flowtok_jax.train import stages  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from flowtok_jax.train import stages  # pylint: disable=wrong-import-position,unused-import
 
 
 def process_rows(mesh, batch_size: int) -> list[int]:

@@ -55,8 +55,9 @@ def _run_single_and_multi(stage: str, tmp_path, timeout: int):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   launcher = [os.path.join(REPO, "launch", "local_multihost.sh"), "-n", "2", "-d", "4",
               "-l", str(tmp_path / "logs"), "--"]
-  half = subprocess.run(launcher + _train_cmd(stage, two, f"--config.train.total_steps={STEPS // 2}"),
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  first = _train_cmd(stage, two, f"--config.train.total_steps={STEPS // 2}")
+  half = subprocess.run(launcher + first, env=env, capture_output=True, text=True,
+                        timeout=timeout)
   out, _ = single.communicate(timeout=timeout)
   _check(subprocess.CompletedProcess(single.args, single.returncode, out), "1-process run")
   _check(half, "2-process run (first half)")

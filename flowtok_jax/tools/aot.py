@@ -178,8 +178,8 @@ def summary(result: dict) -> str:
     if p["xla_flops_per_device"]:
       msg = f"    FLOPs per device: XLA {p['xla_flops_per_device']:.3e}"
       if p["analytic_flops_per_device"]:
-        msg += (f", analytic {p['analytic_flops_per_device']:.3e} "
-                f"(XLA / analytic {p['xla_flops_per_device'] / p['analytic_flops_per_device']:.2f})")
+        ratio = p["xla_flops_per_device"] / p["analytic_flops_per_device"]
+        msg += f", analytic {p['analytic_flops_per_device']:.3e} (XLA / analytic {ratio:.2f})"
       if p.get("hlo_while_loops"):
         msg += f"; {p['hlo_while_loops']} while loop(s), counted once by XLA"
       lines.append(msg)
