@@ -76,6 +76,18 @@ def test_cli_compiles_the_loop_train_step_for_a_small_topology():
 
 
 @needs_libtpu
+def test_tiny_flowtok_captioning_sampler_compiles_for_v5e():
+  # The real FlowTok I2T program (encoder, ODE with CFG in one loop, text decoder), data-parallel.
+  config = config_lib.load(os.path.join(REPO, "configs", "demo.py:runlocal"))
+  result = aot.run(config, "v5e:2x2", what=("caption",), sample_batch=8, steps=2)
+  (caption,) = result["programs"]
+  assert caption["program"] == "sample_i2t" and caption["examples"] == 8
+  assert caption["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and caption["fits"]
+  assert caption["hlo_while_loops"] >= 1  # the ODE: XLA counts its body once
+  assert caption["xla_flops_per_device"] < caption["analytic_flops_per_device"]
+
+
+@needs_libtpu
 @pytest.mark.skipif(not os.environ.get("FLOWTOK_SLOW_TESTS"),
                     reason="compiles the whole FlowTok step and sampler for TPU (minutes on 2 "
                            "cores); set FLOWTOK_SLOW_TESTS=1")
