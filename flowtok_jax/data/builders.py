@@ -37,6 +37,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow_datasets as tfds
 
+from flowtok_jax.data import pipeline
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
 
@@ -393,12 +394,11 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
     if base not in info.splits:
       raise UserError(f"dataset {data_cfg.name} has no split {base!r} "
                       f"(splits: {', '.join(info.splits)})")
-  features = info.features
   for key_name in ("image_key", "caption_key"):
     key = data_cfg.get(key_name)
-    if key and key not in features:
+    if key and not _has_feature(info.features, key):
       raise UserError(f"data.{key_name}={key!r} is not a feature of {data_cfg.name} "
-                      f"(features: {', '.join(features)})")
+                      f"(features: {', '.join(info.features)}; nested ones as 'a/b')")
   if _ARRAY_RECORD not in {f.value for f in info.available_file_formats()}:
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is not stored as ArrayRecord: "
                     + _tfds_build_hint(data_cfg.name, data_dir))
@@ -410,7 +410,25 @@ def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None)
   source = data_source(data_cfg, split, data_dir,
                        decoders={data_cfg.image_key: tfds.decode.SkipDecoding()})
   n = len(source) if limit is None else min(limit, len(source))
-  return [_text(source[i][data_cfg.caption_key]) for i in range(n)]
+  captions = []
+  for i in range(n):  # Every caption of an example that holds several (COCO: about five).
+    value = pipeline.feature(source[i], data_cfg.caption_key)
+    is_one = isinstance(value, (str, bytes, np.bytes_, np.str_))
+    captions.extend([_text(value)] if is_one else [_text(v) for v in np.ravel(value)])
+  return captions
+
+
+def _has_feature(features, key: str) -> bool:
+  """Whether a tfds FeaturesDict has `key`, where 'a/b' walks into nested dicts / sequences."""
+  node = features
+  for part in key.split("/"):
+    while isinstance(node, tfds.features.Sequence):
+      node = node.feature
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return False
+  return True
 
 
 def _text(value) -> str:
@@ -437,14 +455,14 @@ def write_preview(data_cfg, data_dir: str, split: str = "train", num: int = 16,
     raise UserError(f"split {split!r} of {data_cfg.name} is empty")
   tiles = []
   for ex in examples:
-    image = PIL.Image.fromarray(np.asarray(ex[image_key], np.uint8).squeeze()).convert("RGB")
+    image = PIL.Image.fromarray(pipeline.to_rgb_uint8(pipeline.feature(ex, image_key)))
     w, h = image.size
     if max(w, h) <= 128:
       factor = min(3, max(2, math.ceil(128 / max(w, h))))
       image = image.resize((w * factor, h * factor), PIL.Image.NEAREST)
     else:
       image.thumbnail((192, 192))
-    tiles.append((image, _text(ex[caption_key])))
+    tiles.append((image, _text(pipeline.pick_caption(pipeline.feature(ex, caption_key), None))))
   font = PIL.ImageFont.load_default()
   cell_w = max(192, max(im.size[0] for im, _ in tiles)) + 8
   chars = max(8, int(cell_w / max(1.0, font.getlength("x"))) - 2)

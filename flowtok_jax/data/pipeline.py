@@ -8,7 +8,7 @@
 
 Order of operations (all on the random-access `MapDataset`, so every step is indexable and the
 iterator state is a single position per worker):
-  source[process_index::process_count] -> shuffle(seed) -> repeat(num_epochs) -> map(_Preprocess)
+  source[process_index::process_count] -> shuffle(seed) -> repeat(num_epochs) -> random_map(_Preprocess, seed)
   -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
 Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every
 epoch has a new order that depends only on the seed. Batching before `to_iter_dataset` means worker
@@ -78,10 +78,38 @@ def to_rgb_uint8(value: Any) -> np.ndarray:
   return arr[..., :3]
 
 
-class _Preprocess(grain.transforms.Map):
+def feature(element: dict[str, Any], key: str) -> Any:
+  """`element[a][b]` for the key 'a/b': nested features (e.g. COCO's 'captions/text')."""
+  value = element
+  for i, part in enumerate(key.split("/")):
+    if not isinstance(value, dict) or part not in value:
+      where = "/".join(key.split("/")[:i]) or "the example"
+      have = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise UserError(f"dataset example has no feature {key!r} ({where} has: {have}); "
+                      "set data.image_key / data.caption_key")
+    value = value[part]
+  return value
+
+
+def pick_caption(value: Any, rng: np.random.Generator | None) -> Any:
+  """One caption of a feature: itself, or one of a sequence of them (seeded; the first without rng).
+
+  Datasets such as COCO store several captions per image; training sees a different one each
+  epoch because the pipeline's per-element rng depends on the seed and the position in the stream.
+  """
+  if isinstance(value, (str, bytes, np.bytes_, np.str_)):
+    return value
+  seq = list(value.tolist() if isinstance(value, np.ndarray) else value)
+  if not seq:
+    raise UserError("an example has an empty list of captions")
+  return seq[0] if rng is None else seq[int(rng.integers(len(seq)))]
+
+
+class _Preprocess(grain.transforms.RandomMap):
   """One example -> {'image': f32 [S, S, 3] in [0, 1], 'text_ids': i32 [L], 'truncated': bool}.
 
-  Module-level and holding only picklable state: grain starts workers with spawn.
+  Module-level and holding only picklable state: grain starts workers with spawn. A RandomMap so
+  that, where an example holds several captions, the one used is drawn from the seeded stream.
   """
 
   def __init__(self, image_key: str, caption_key: str, image_size: int,
@@ -92,19 +120,17 @@ class _Preprocess(grain.transforms.Map):
     self._tokenizer = tokenizer
     self._max_text_len = max_text_len
 
-  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    for key in (self._image_key, self._caption_key):
-      if key not in element:
-        raise UserError(f"dataset example has no feature {key!r} (features: {sorted(element)}); "
-                        "set data.image_key / data.caption_key")
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    raw_image = feature(element, self._image_key)
+    caption = pick_caption(feature(element, self._caption_key), rng)
     try:
-      image = to_rgb_uint8(element[self._image_key])
+      image = to_rgb_uint8(raw_image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
       # foreign dataset: stop rather than train on a silently altered stream.
       raise UserError(f"undecodable image in the dataset: {e}") from e
     image = resize_center_crop(image, self._image_size)
-    ids, truncated = self._tokenizer.encode([element[self._caption_key]], self._max_text_len)
+    ids, truncated = self._tokenizer.encode([caption], self._max_text_len)
     return {"image": image.astype(np.float32) * np.float32(1 / 255),
             "text_ids": ids[0], "truncated": truncated[0]}
 
@@ -154,8 +180,9 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(_Preprocess(data_cfg.image_key, data_cfg.caption_key, data_cfg.image_size,
-                          tokenizer, data_cfg.max_text_len))
+  ds = ds.random_map(_Preprocess(data_cfg.image_key, data_cfg.caption_key,
+                                 data_cfg.image_size, tokenizer, data_cfg.max_text_len),
+                     seed=seed)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
     raise UserError(f"split {split!r}: {len(source)} examples make no full batch of {batch_size} "

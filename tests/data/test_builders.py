@@ -202,3 +202,16 @@ def test_read_captions_matches_source_without_decoding_images(shapes_data_dir):
   captions = builders.read_captions(data_cfg, "val", data_dir, limit=10)
   assert captions == [source[i]["caption"].decode() for i in range(10)]
   assert len(builders.read_captions(data_cfg, "val", data_dir)) == len(source)
+
+
+def test_nested_feature_keys_resolve_through_sequences():
+  """data.caption_key='captions/text' is a feature of COCO-style datasets (a Sequence of dicts)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()})})
+  assert builders._has_feature(features, "image")
+  assert builders._has_feature(features, "captions/text")
+  assert not builders._has_feature(features, "captions/txt")
+  assert not builders._has_feature(features, "image/text")
+  assert not builders._has_feature(features, "caption")

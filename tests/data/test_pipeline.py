@@ -192,6 +192,39 @@ def test_pipeline_decodes_bytes_and_crops_non_square(data):
                                 process_index=0, process_count=1, source=bad))
 
 
+def test_nested_multi_caption_feature(data):
+  """COCO-style examples: data.caption_key='captions/text' names a list of captions per image;
+  each epoch draws one of them from the seeded stream, the same for the same seed."""
+  data_cfg, _, tok, _ = data
+  s = data_cfg.image_size
+  caps = [b"a red circle", b"a blue square", b"a green triangle"]
+  source = [{"image": np.zeros((s, s, 3), np.uint8),
+             "captions": {"id": np.arange(3), "text": np.array(caps, dtype=object)}}]
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.caption_key = "captions/text"
+
+  def drawn(seed):
+    it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=1, seed=seed,
+                                process_index=0, process_count=1, source=source)
+    return [tok.decode(next(it)["text_ids"])[0] for _ in range(30)]
+
+  first = drawn(0)
+  assert set(first) == {c.decode() for c in caps}  # Every caption is used over 30 epochs.
+  assert drawn(0) == first
+  assert drawn(1) != first
+  cfg.caption_key = "captions/txt"
+  with pytest.raises(UserError, match="no feature 'captions/txt'.*captions has: \\['id', 'text'\\]"):
+    drawn(0)
+
+
+def test_pick_caption():
+  """One caption of a single-caption feature or of a list (the first one without an rng)."""
+  assert pipeline.pick_caption(np.array([b"a", b"b"], dtype=object), None) == b"a"
+  assert pipeline.pick_caption(b"a red circle", np.random.default_rng(0)) == b"a red circle"
+  with pytest.raises(UserError, match="empty list of captions"):
+    pipeline.pick_caption([], None)
+
+
 def test_bad_batch_and_process_settings(data):
   with pytest.raises(UserError, match="not divisible"):
     _make(data, global_batch_size=5, process_count=2)
