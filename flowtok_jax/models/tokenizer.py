@@ -51,6 +51,11 @@ class TokenizerConfig:
   logvar_min: float = -30.0
   logvar_max: float = 20.0
   mlp_ratio: float = 4.0
+  # Learned absolute position tables on the patch (encoder) and mask (decoder) tokens, as in
+  # TA-TiTok. Off in FlowTiTok (SPEC §1.1: RoPE only) and so in every paper config. With RoPE
+  # only, attention values carry no position: a shallow tower must route position through
+  # attention to the (unrotated) latent tokens, which the 2+2-layer demo tokenizer learns slowly.
+  patch_pos_embed: bool = False
   dtype: str = "float32"
 
   @property
@@ -85,7 +90,8 @@ class TokenizerConfig:
                num_tokens=section.num_tokens, token_channels=section.token_channels,
                text_aware=bool(section.text_aware), text_width=section.text_width,
                text_len=section.text_len, logvar_min=section.logvar_min,
-               logvar_max=section.logvar_max, dtype=dtype)
+               logvar_max=section.logvar_max,
+               patch_pos_embed=bool(section.get("patch_pos_embed", False)), dtype=dtype)
 
 
 def pixel_shuffle(x: jax.Array, grid: int, patch: int) -> jax.Array:
@@ -121,6 +127,9 @@ class FlowTiTokEncoder(nn.Module):
                 kernel_init=layers.with_axes(init, (None, None, None, "embed")),
                 bias_init=layers.with_axes(layers.zeros, ("embed",)))(images.astype(dt))
     x = x.reshape(x.shape[0], g * g, w)  # Row-major patches, as the RoPE table expects.
+    if cfg.patch_pos_embed:
+      x = x + self.param("patch_pos", layers.with_axes(_token_init(w), (None, "embed")),
+                         (g * g, w)).astype(dt)
     tok = self.param("latent_tokens", layers.with_axes(_token_init(w), (None, "embed")), (k, w))
     pos = self.param("latent_pos", layers.with_axes(_token_init(w), (None, "embed")), (k, w))
     lat = jnp.broadcast_to((tok + pos).astype(dt), (x.shape[0], k, w))
@@ -156,6 +165,10 @@ class FlowTiTokDecoder(nn.Module):
                        kernel_init=init)(z.astype(dt))
     lat = lat + self.param("latent_pos", layers.with_axes(_token_init(w), (None, "embed")),
                            (k, w)).astype(dt)
+    mask = jnp.broadcast_to(mask, (g * g, w))
+    if cfg.patch_pos_embed:
+      mask = mask + self.param("mask_pos", layers.with_axes(_token_init(w), (None, "embed")),
+                               (g * g, w))
     parts = [jnp.broadcast_to(mask.astype(dt), (b, g * g, w)), lat]
     if cfg.text_aware:
       if text_features is None:

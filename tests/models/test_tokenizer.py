@@ -125,3 +125,46 @@ def test_paper_sizes_and_swiglu_shapes():
   assert shapes["mlp"]["w12"]["kernel"].shape == (1024, 2, 2730)
   assert shapes["mlp"]["w3"]["kernel"].shape == (2730, 1024)
   assert shapes["attn"]["qkv"]["kernel"].shape == (1024, 3, 16, 64)
+
+
+def test_patch_pos_embed_is_off_by_default_and_adds_position_tables():
+  """SPEC §1.1: FlowTiTok has no absolute position on patches (RoPE only). The optional TA-TiTok
+  style tables (the demo's) add [grid², W] params that make identical mask tokens differ."""
+  base = dict(image_size=S, patch_size=4, enc_width=32, enc_depth=1, enc_heads=2, dec_width=32,
+              dec_depth=1, dec_heads=2, num_tokens=K, token_channels=C, text_aware=False)
+  images, _ = _data()
+
+  def param_shapes(**kw):
+    model = tokenizer.FlowTiTok(tokenizer.TokenizerConfig(**base, **kw))
+    shapes = jax.eval_shape(lambda a: model.init(jax.random.key(0), a, sample=False), images)
+    return model, nn.unbox(shapes)["params"]
+
+  _, plain = param_shapes()
+  assert "patch_pos" not in plain["encoder"] and "mask_pos" not in plain["decoder"]
+  model, with_pos = param_shapes(patch_pos_embed=True)
+  g = S // 4
+  assert with_pos["encoder"]["patch_pos"].shape == (g * g, 32)
+  assert with_pos["decoder"]["mask_pos"].shape == (g * g, 32)
+  params = model.init(jax.random.key(0), images, sample=False)
+  z = jnp.zeros((1, K, C))
+  out = model.apply(params, z, method=tokenizer.FlowTiTok.decode)
+  table = params["params"]["decoder"]["mask_pos"]
+  zeroed = jax.tree.map(lambda x: x, params)
+  zeroed["params"]["decoder"]["mask_pos"] = nn.meta.replace_boxed(table, jnp.zeros((g * g, 32)))
+  out0 = model.apply(zeroed, z, method=tokenizer.FlowTiTok.decode)
+  assert not np.allclose(out, out0)
+  cfg = tokenizer.TokenizerConfig.from_config(
+      _section(patch_pos_embed=True), "float32")
+  assert cfg.patch_pos_embed
+  assert not tokenizer.TokenizerConfig.from_config(_section(), "float32").patch_pos_embed
+
+
+def _section(**kw):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  section = ml_collections.ConfigDict(dict(
+      image_size=S, patch_size=4, encoder_size=None, encoder_width=32, encoder_depth=1,
+      encoder_heads=2, decoder_size=None, decoder_width=32, decoder_depth=1, decoder_heads=2,
+      num_tokens=K, token_channels=C, text_aware=False, text_width=D, text_len=L,
+      logvar_min=-30.0, logvar_max=20.0))
+  section.update(kw)
+  return section
