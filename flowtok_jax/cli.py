@@ -81,6 +81,7 @@ def _bench_flags(p):
                  help="examples per batch (pipeline: 64; train: config.train.batch_size; "
                       "sample: config.sample.batch_size)")
   p.add_argument("--steps", type=int, default=5, help="train/sample: timed calls after warm-up")
+  p.add_argument("--warmup", type=int, default=1, help="train: untimed steps before the timed ones")
   p.add_argument("--stage", default=None, help="train: stage (default: config.train.stage)")
   p.add_argument("--sample_steps", type=int, default=None,
                  help="sample: ODE steps (default: config.sample.steps, else 20)")
@@ -101,7 +102,7 @@ def _bench(args, overrides):
                                   num_workers=args.num_workers, batch_size=args.batch_size or 64)
   elif args.what == "train":
     result = bench.bench_train(config, stage=args.stage, batch_size=args.batch_size,
-                               steps=args.steps)
+                               steps=args.steps, warmup=args.warmup)
   elif args.what == "sample":
     result = bench.bench_sample(config, batch_size=args.batch_size, steps=args.sample_steps,
                                 cfg_scale=args.cfg_scale, repeats=args.steps)

@@ -101,6 +101,16 @@ def _peak_flops_per_device(previous: float = 0.0) -> float:
   return max(previous, metrics.measure_peak_flops(n=n, repeats=10))
 
 
+def _mesh_peak(peak_per_device: float, num_devices: int) -> float:
+  """The MFU denominator of a whole mesh: peak × devices, except on CPU, where fake host devices
+  (--xla_force_host_platform_device_count) share the cores that one device's matmul already
+  saturates, so the machine's peak is the one-device measurement."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.devices()[0].platform == "cpu":
+    return peak_per_device
+  return peak_per_device * num_devices
+
+
 def _memory(compiled) -> dict:
   """Per-device memory: XLA's plan for the program and, where the runtime reports it, the peak."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -137,7 +147,8 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
 
   The step is `train/loop.py`'s (same shardings, state donated); frozen parts are random, the
   batch is one random batch reused. MFU = analytic FLOPs (flops.py; the stage's
-  `flops_per_step` when it has one) / step time / (measured matmul peak × devices).
+  `flops_per_step` when it has one) / step time / the mesh's peak (measured matmul peak ×
+  devices; on CPU the one measurement, since fake host devices share the cores).
 
   Args:
     config: full config; the mesh comes from `config.mesh`.
@@ -151,8 +162,8 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
   import jax  # pylint: disable=g-import-not-at-top
   from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
   from flowtok_jax.tools import programs  # pylint: disable=g-import-not-at-top
-  if steps < 1:
-    raise UserError(f"steps must be >= 1, got {steps}")
+  if steps < 1 or warmup < 0:
+    raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
   mesh = sharding.make_mesh(config.mesh)
   prog = programs.train_program(config, mesh, stage_name=stage, batch_size=batch_size,
                                 process_count=jax.process_count())
@@ -182,13 +193,12 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
          "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
          "step_s": round(step_s, 6), "step_s_min": round(min(times), 6),
          "examples_per_sec": round(prog.examples / step_s, 2),
-         "peak_flops_per_device": peak,
-         "xla_flops_per_step": xla * devices if xla else None}
+         "peak_flops_per_device": peak, "peak_flops": _mesh_peak(peak, devices),
+         "warmup_steps": warmup, "xla_flops_per_step": xla * devices if xla else None}
   if prog.flops:
     achieved = prog.flops / step_s
     out.update(flops_per_step=prog.flops, flops_per_example=prog.flops / prog.examples,
-               flops_per_sec=achieved, flops_per_sec_per_device=achieved / devices,
-               mfu=round(achieved / (peak * devices), 4))
+               flops_per_sec=achieved, mfu=round(achieved / _mesh_peak(peak, devices), 4))
     if xla:
       out["xla_over_analytic"] = round(xla * devices / prog.flops, 3)
   out.update(_memory(compiled))
@@ -230,7 +240,7 @@ def bench_sample(config, *, batch_size: int | None = None, steps: int | None = N
     out[f"{d}_call_s"] = round(call_s, 4)
     peak = _peak_flops_per_device(peak)
     out[f"{d}_flops_per_example"] = prog.flops / prog.examples
-    out[f"{d}_mfu"] = round(prog.flops / call_s / (peak * mesh.size), 4)
+    out[f"{d}_mfu"] = round(prog.flops / call_s / _mesh_peak(peak, mesh.size), 4)
     out["batch_size"] = prog.examples
   out["peak_flops_per_device"] = peak
   sc = config.get("sample") or {}

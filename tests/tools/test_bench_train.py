@@ -11,7 +11,8 @@ TOY_CONFIG = os.path.join(REPO, "tests", "train", "toy_config.py")
 
 def test_bench_train_reports_rates_flops_mfu_and_memory(capsys, monkeypatch):
   monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE_CPU", 512)  # a quicker peak measurement
-  cli.main(["bench", "train", "--config", TOY_CONFIG, "--batch_size", "16", "--steps", "3"])
+  cli.main(["bench", "train", "--config", TOY_CONFIG, "--batch_size", "16", "--steps", "3",
+            "--warmup", "2"])
   r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert r["bench"] == "train" and r["stage"] == "toy" and r["batch_size"] == 16
   assert r["compile_s"] > 0 and 0 < r["step_s_min"] <= r["step_s"]
@@ -19,5 +20,21 @@ def test_bench_train_reports_rates_flops_mfu_and_memory(capsys, monkeypatch):
   # The toy stage's own analytic count (6 · B · weights) at batch 16, and MFU from it.
   assert r["flops_per_step"] == 6 * 16 * (16 * 32 + 32 * 4)
   assert abs(r["mfu"] - r["flops_per_sec"] / r["peak_flops_per_device"]) < 1e-3
+  assert r["warmup_steps"] == 2 and r["peak_flops"] == r["peak_flops_per_device"]
   assert r["peak_flops_per_device"] > 1e8  # a measured matmul, not a default
   assert r["xla_flops_per_step"] > 0 and r["temp_mib"] >= 0 and r["max_rss_mib"] > 0
+
+
+def test_mesh_peak_counts_cpu_host_devices_once(monkeypatch):
+  """Fake CPU devices share the cores one device's matmul saturates: the machine's peak is the
+  one measurement; accelerator chips add up."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  class Dev:
+    def __init__(self, platform):
+      self.platform = platform
+
+  monkeypatch.setattr(jax, "devices", lambda: [Dev("cpu")])
+  assert bench._mesh_peak(1e11, 8) == 1e11
+  monkeypatch.setattr(jax, "devices", lambda: [Dev("tpu")])
+  assert bench._mesh_peak(1e14, 8) == 8e14
