@@ -96,6 +96,11 @@ def get_config(arg=None):
   tok.logvar_min = -30.0  # Posterior logvar clip, lower end.
   tok.logvar_max = 20.0  # Posterior logvar clip, upper end.
   tok.latent_scale = None  # Flow works on z · scale; None: 1/std of the trained latents.
+  # Learned absolute positions on patch/mask tokens (TA-TiTok style; not in FlowTiTok, whose
+  # RoPE-only patches suit deep towers). With 2 + 2 layers, RoPE alone gives the values no
+  # position and the tokenizer learned ~3x slower: 0.04 vs 0.35 parser acceptance of val
+  # reconstructions at 500 steps (docs/benchmarks.md, "Demo").
+  tok.patch_pos_embed = True
 
   disc = config.discriminator = ml_collections.ConfigDict()  # PatchGAN (optional GAN loss).
   disc.channels = 32  # Stem width; stages use up to 4x this.
@@ -186,23 +191,39 @@ def get_config(arg=None):
   ev.frechet_steps = 300  # Training steps of the in-project feature net (Fréchet distance).
 
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
+  # Step counts are set by the 15-minute budget on 2 CPU cores (measured step times in
+  # docs/benchmarks.md, "Demo"): CLIP ~0.2 s, tokenizer ~0.4 s, FlowTok ~0.45 s per step.
+  # Every stage evaluates and samples once, at its last step (periodic evaluation costs budget).
   st = config.stages = ml_collections.ConfigDict()
   st.clip = ml_collections.ConfigDict(dict(
-      train=dict(total_steps=600, batch_size=64, ema_decay=None),  # Contrastive pretraining.
-      optim=dict(lr=1e-3, weight_decay=0.1)))
+      # Contrastive pretraining of the text tower that the tokenizer decoder, text VAE and
+      # alignment read (frozen later). Short: random text features already carry every token.
+      train=dict(total_steps=150, batch_size=64, ema_decay=None, eval_every_steps=150,
+                 sample_every_steps=150, ckpt_every_steps=150),
+      optim=dict(lr=1e-3, warmup_steps=30, weight_decay=0.1)))
   st.tokenizer = ml_collections.ConfigDict(dict(
-      train=dict(total_steps=1500),  # FlowTiTok recipe (SPEC §5): cosine, clip 1.0.
-      optim=dict(lr=1e-3, schedule="cosine", end_lr=1e-4, b2=0.999, weight_decay=1e-4,
-                 clip_norm=1.0)))
-  st.flowtok = ml_collections.ConfigDict(dict(train=dict(total_steps=2000)))
+      # The bottleneck of quality per CPU-second. Batch 32 (more updates beat bigger batches
+      # here); lr 2e-3 cosine to 1e-4 after 50 warm-up steps; no EMA: with a few hundred steps
+      # an EMA still holds the random init, and the cosine tail does its job.
+      train=dict(total_steps=800, batch_size=32, ema_decay=None, eval_every_steps=800,
+                 sample_every_steps=800, ckpt_every_steps=400),
+      optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine", end_lr=1e-4, b2=0.999,
+                 weight_decay=1e-4, clip_norm=1.0)))
+  st.flowtok = ml_collections.ConfigDict(dict(
+      # Both directions, one model, one step. EMA 0.99: a window of ~100 steps, so the random
+      # init is gone (0.99^600 < 0.3 %) yet the last steps' noise is averaged.
+      train=dict(total_steps=600, batch_size=64, ema_decay=0.99, eval_every_steps=600,
+                 sample_every_steps=600, ckpt_every_steps=300),
+      optim=dict(lr=1e-3, warmup_steps=100)))
 
   if arg.runlocal:
     tr.update(batch_size=8, total_steps=20, log_every_steps=5, eval_every_steps=10,
               sample_every_steps=10, ckpt_every_steps=10)
     op.warmup_steps = 2
     for s in (st.clip, st.tokenizer, st.flowtok):
-      s.train.total_steps = 20
-    st.clip.train.batch_size = 8
+      s.train.update(total_steps=20, batch_size=8, eval_every_steps=10, sample_every_steps=10,
+                     ckpt_every_steps=10)
+      s.optim.warmup_steps = 2
     ev.update(num=16, batch_size=8, frechet_steps=20)
 
   if arg.runlocal:

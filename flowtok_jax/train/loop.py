@@ -237,6 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stage = stage_api.get_builder(stage_name)(config, ctx)
   logging.info("stage %s: mesh %s, global batch %d, %d steps", stage_name, dict(mesh.shape),
                tcfg.batch_size, total_steps)
+  if stage.ema_decay is not None and stage.ema_decay ** total_steps > 0.01:
+    # The EMA starts at the initial params; evaluators and export read it.
+    logging.warning("ema_decay %g over %d steps leaves %.0f%% of the initial (random) params in "
+                    "the EMA that evaluation and export use; lower it or set train.ema_decay=None",
+                    stage.ema_decay, total_steps, 100 * stage.ema_decay ** total_steps)
 
   batch1 = example_batch_1(stage)
   init_fn = make_init_fn(stage, batch1)
