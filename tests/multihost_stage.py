@@ -6,8 +6,8 @@ Registers `mh_clip`, `mh_flowtok` and `mh_toy`: the real stage builders of `trai
 (and the loop tests' toy MLP, which compiles in well under a second) with their `train_iter`
 replaced by synthetic examples whose global batch does not depend on the number of
 processes: global row r of step k is always example k·B + r, and each process generates exactly
-the rows its devices hold. (The dataset pipeline shards by process before shuffling, so its
-global batches differ between 1 and 2 processes and could not give identical losses.)
+the rows its devices hold. (The dataset pipeline gives the same guarantee — it shards the
+global stream in per-process blocks — but synthetic rows spare the test a dataset build.)
 """
 import dataclasses
 import os

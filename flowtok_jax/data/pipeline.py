@@ -1,5 +1,5 @@
-"""The grain input pipeline: TFDS source -> per-process shard -> shuffle -> decode/crop -> tokenize
--> per-process batches, with a checkpointable iterator.
+"""The grain input pipeline: TFDS source -> shuffle -> decode/crop -> tokenize -> per-process
+shard -> per-process batches, with a checkpointable iterator.
 
     it = make_iterator(config.data, tokenizer, split="train", global_batch_size=64, seed=0)
     batch = next(it)   # {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
@@ -8,8 +8,10 @@
 
 Order of operations (all on the random-access `MapDataset`, so every step is indexable and the
 iterator state is a single position per worker):
-  source[process_index::process_count] -> shuffle(seed) -> repeat(num_epochs) -> random_map(_Preprocess, seed)
-  -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
+  source -> shuffle(seed) -> repeat(num_epochs) -> random_map(_Preprocess, seed)
+  -> block shard -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
+Sharding last, in blocks: process p's batch i is rows [p·b, (p+1)·b) of the global batch i that a
+single process would read, so the global batch is the same, row for row, for any process count.
 Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every
 epoch has a new order that depends only on the seed. Batching before `to_iter_dataset` means worker
 processes split whole batches between them: the batch sequence is the same for any worker count.
@@ -135,6 +137,34 @@ class _Preprocess(grain.transforms.RandomMap):
             "text_ids": ids[0], "truncated": truncated[0]}
 
 
+class _BlockShard(grain.MapDataset):
+  """Process p's view of a global stream: element k is global row (k // b)·B + p·b + k % b,
+  with b rows per process and B = b·P per global batch (a trailing partial batch is split in
+  the same way, so a process may get fewer of its rows, or none)."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int):
+    super().__init__(parent)
+    self._index, self._count, self._rows = index, count, rows
+    n, per_global = len(parent), rows * count
+    full, rem = divmod(n, per_global)
+    self._length = full * rows + max(0, min(rows, rem - index * rows))
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _global(self, k: int) -> int:
+    batch, row = divmod(k, self._rows)
+    return batch * self._rows * self._count + self._index * self._rows + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return grain.MapDataset.slice(self, index)
+    return self._parent[self._global(index)]
+
+  def __str__(self) -> str:
+    return f"_BlockShard[{self._index}/{self._count}, {self._rows} rows]"
+
+
 def _ensure_absl_flags_parsed():
   # grain's worker start-up reads absl flags; outside absl.app.run nobody has parsed them.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -170,12 +200,10 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
     from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
     source = builders.data_source(data_cfg, split, data_dir or data_cfg.get("data_dir"))
 
-  ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
-  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+  if len(source) < process_count:
     raise UserError(f"split {split!r} has no examples for process {process_index} of "
                     f"{process_count} ({len(source)} examples in all)")
+  ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
@@ -183,6 +211,10 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
   ds = ds.random_map(_Preprocess(data_cfg.image_key, data_cfg.caption_key,
                                  data_cfg.image_size, tokenizer, data_cfg.max_text_len),
                      seed=seed)
+  if process_count > 1:
+    # Sharding the one global stream (after shuffle, repeat and the seeded map) in contiguous
+    # blocks gives global batch i the same rows, in the same order, for any process count.
+    ds = _BlockShard(ds, process_index, process_count, batch_size)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
     raise UserError(f"split {split!r}: {len(source)} examples make no full batch of {batch_size} "
@@ -241,8 +273,9 @@ def make_eval_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global
                        source: Sequence | None = None) -> grain.DatasetIterator:
   """One ordered pass over this process's shard; the last batch may be smaller.
 
-  Shards differ in size by at most one example, so processes can end with different batch counts
-  when the split is not a multiple of global_batch_size: multi-host evaluation must allow for it.
+  Each process holds its block of every global batch; when the split is not a multiple of
+  global_batch_size the last global batch is split unevenly, so processes can end with different
+  batch counts: multi-host evaluation must allow for it.
   """
   return make_iterator(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                        seed=0, process_index=process_index, process_count=process_count,

@@ -131,13 +131,20 @@ def test_process_shards_are_disjoint_and_cover_the_split(data):
     seen.append(_indices(batches, table))
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == list(range(len(examples)))
-  # Shuffled training shards stay disjoint too (one epoch, no remainder dropped).
-  n0 = len(seen[0])
-  train = [_indices(_take(_make(data, global_batch_size=2, process_index=i, process_count=2,
-                                seed=9, num_epochs=1, drop_remainder=False), len(seen[i])), table)
+  # Shuffled training shards stay disjoint and cover the split too (one epoch, no remainder
+  # dropped).
+  n = len(examples)
+  train = [_indices(list(_make(data, global_batch_size=2, process_index=i, process_count=2,
+                               seed=9, num_epochs=1, drop_remainder=False)), table)
            for i in range(2)]
-  assert sorted(train[0]) == sorted(seen[0]) and sorted(train[1]) == sorted(seen[1])
-  assert train[0] != seen[0] or n0 < 3
+  assert not set(train[0]) & set(train[1])
+  assert sorted(train[0] + train[1]) == list(range(n))
+  # ... and global batch i is the 1-process batch i row for row (process p holds a block).
+  one = _indices(_take(_make(data, global_batch_size=4, seed=9), 3), table)
+  two = [_indices(_take(_make(data, global_batch_size=4, seed=9, process_index=i,
+                              process_count=2), 3), table) for i in range(2)]
+  for i in range(3):
+    assert one[4 * i:4 * i + 4] == two[0][2 * i:2 * i + 2] + two[1][2 * i:2 * i + 2]
 
 
 def _ramp(h, w):
