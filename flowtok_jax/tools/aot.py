@@ -94,17 +94,8 @@ def compile_program(program, num_devices: int, hbm_per_device: float,
   t = time.perf_counter()
   lowered = program.lower()
   t_lower = time.perf_counter() - t
-  # A topology compile has no client to load a cached executable into: with a persistent
-  # compilation cache switched on in this process (a training run, the tests), reading the
-  # cache only fails with a warning. Bypass it for this compile.
-  import jax  # pylint: disable=g-import-not-at-top
-  cache_on = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
   t = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache_on)
+  compiled = lowered.compile()
   t_compile = time.perf_counter() - t
   out = {"program": program.name, "examples": program.examples,
          "mesh": dict(program.mesh.shape), "lower_s": round(t_lower, 1),
