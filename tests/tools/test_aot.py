@@ -28,6 +28,13 @@ needs_libtpu = pytest.mark.skipif(
                               "`tpu` extra)")
 
 
+# tests/train/conftest.py turns on a process-wide persistent compilation cache, and jax decides
+# once per process whether to use it: in a pytest-xdist worker that also ran the train tests, a
+# TPU-topology compile looks the program up there and warns that it cannot load an executable
+# without a TPU client. Harmless (the compile goes on); `flowtok aot` alone never enables it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Error reading persistent compilation cache entry:UserWarning")
+
 def test_memory_report_counts_donated_buffers_once_and_judges_the_fit():
   mem = types.SimpleNamespace(argument_size_in_bytes=10 << 30, output_size_in_bytes=9 << 30,
                               alias_size_in_bytes=9 << 30, temp_size_in_bytes=5 << 30,
