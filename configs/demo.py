@@ -192,7 +192,8 @@ def get_config(arg=None):
 
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
   # Step counts are set by the 15-minute budget on 2 CPU cores (measured step times in
-  # docs/benchmarks.md, "Demo"): CLIP ~0.2 s, tokenizer ~0.4 s, FlowTok ~0.45 s per step.
+  # docs/benchmarks.md, "Demo"): CLIP 0.44 s, tokenizer 0.36 s, FlowTok 0.48 s per step; the
+  # whole demo took 13.4 min there, leaving a margin for a slower machine.
   # Every stage evaluates and samples once, at its last step (periodic evaluation costs budget).
   st = config.stages = ml_collections.ConfigDict()
   st.clip = ml_collections.ConfigDict(dict(
