@@ -37,7 +37,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import tensorflow_datasets as tfds
 
-from flowtok_jax.data import pipeline
+from flowtok_jax.data import examples as example_lib
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
 
@@ -412,9 +412,8 @@ def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None)
   n = len(source) if limit is None else min(limit, len(source))
   captions = []
   for i in range(n):  # Every caption of an example that holds several (COCO: about five).
-    value = pipeline.feature(source[i], data_cfg.caption_key)
-    is_one = isinstance(value, (str, bytes, np.bytes_, np.str_))
-    captions.extend([_text(value)] if is_one else [_text(v) for v in np.ravel(value)])
+    captions.extend(_text(c) for c in example_lib.captions_of(
+        example_lib.feature(source[i], data_cfg.caption_key)))
   return captions
 
 
@@ -455,14 +454,15 @@ def write_preview(data_cfg, data_dir: str, split: str = "train", num: int = 16,
     raise UserError(f"split {split!r} of {data_cfg.name} is empty")
   tiles = []
   for ex in examples:
-    image = PIL.Image.fromarray(pipeline.to_rgb_uint8(pipeline.feature(ex, image_key)))
+    image = PIL.Image.fromarray(example_lib.to_rgb_uint8(example_lib.feature(ex, image_key)))
     w, h = image.size
     if max(w, h) <= 128:
       factor = min(3, max(2, math.ceil(128 / max(w, h))))
       image = image.resize((w * factor, h * factor), PIL.Image.NEAREST)
     else:
       image.thumbnail((192, 192))
-    tiles.append((image, _text(pipeline.pick_caption(pipeline.feature(ex, caption_key), None))))
+    caption = example_lib.pick_caption(example_lib.feature(ex, caption_key), None)
+    tiles.append((image, _text(caption)))
   font = PIL.ImageFont.load_default()
   cell_w = max(192, max(im.size[0] for im, _ in tiles)) + 8
   chars = max(8, int(cell_w / max(1.0, font.getlength("x"))) - 2)

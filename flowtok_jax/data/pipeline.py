@@ -18,7 +18,6 @@ processes split whole batches between them: the batch sequence is the same for a
 """
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from flowtok_jax.data.examples import feature, pick_caption, to_rgb_uint8
 from flowtok_jax.data.text_tokenizer import TextTokenizer
 from flowtok_jax.errors import UserError
 
@@ -58,53 +58,6 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = new_h, new_w
   top, left = (h - size) // 2, (w - size) // 2
   return image[top:top + size, left:left + size]
-
-
-def to_rgb_uint8(value: Any) -> np.ndarray:
-  """Turns a dataset image (decoded array or encoded PNG/JPEG bytes) into uint8 [H, W, 3]."""
-  if isinstance(value, np.ndarray) and value.dtype == object:
-    value = value.item()
-  if isinstance(value, (bytes, np.bytes_)):
-    raw = bytes(value)
-    with Image.open(io.BytesIO(raw)) as img:
-      return np.asarray(img.convert("RGB"))
-  arr = np.asarray(value)
-  if arr.ndim == 3 and arr.shape[-1] == 1:
-    arr = arr[..., 0]
-  if arr.ndim == 2:
-    arr = np.stack([arr] * 3, axis=-1)
-  if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-    raise ValueError(f"expected an image [H, W, 3], got shape {arr.shape}")
-  if arr.dtype != np.uint8:
-    raise ValueError(f"expected a uint8 image, got {arr.dtype}")
-  return arr[..., :3]
-
-
-def feature(element: dict[str, Any], key: str) -> Any:
-  """`element[a][b]` for the key 'a/b': nested features (e.g. COCO's 'captions/text')."""
-  value = element
-  for i, part in enumerate(key.split("/")):
-    if not isinstance(value, dict) or part not in value:
-      where = "/".join(key.split("/")[:i]) or "the example"
-      have = sorted(value) if isinstance(value, dict) else type(value).__name__
-      raise UserError(f"dataset example has no feature {key!r} ({where} has: {have}); "
-                      "set data.image_key / data.caption_key")
-    value = value[part]
-  return value
-
-
-def pick_caption(value: Any, rng: np.random.Generator | None) -> Any:
-  """One caption of a feature: itself, or one of a sequence of them (seeded; the first without rng).
-
-  Datasets such as COCO store several captions per image; training sees a different one each
-  epoch because the pipeline's per-element rng depends on the seed and the position in the stream.
-  """
-  if isinstance(value, (str, bytes, np.bytes_, np.str_)):
-    return value
-  seq = list(value.tolist() if isinstance(value, np.ndarray) else value)
-  if not seq:
-    raise UserError("an example has an empty list of captions")
-  return seq[0] if rng is None else seq[int(rng.integers(len(seq)))]
 
 
 class _Preprocess(grain.transforms.RandomMap):

@@ -165,8 +165,7 @@ class FlowTiTokDecoder(nn.Module):
                        kernel_init=init)(z.astype(dt))
     lat = lat + self.param("latent_pos", layers.with_axes(_token_init(w), (None, "embed")),
                            (k, w)).astype(dt)
-    mask = jnp.broadcast_to(mask, (g * g, w))
-    if cfg.patch_pos_embed:
+    if cfg.patch_pos_embed:  # [W] + [g², W]: one mask token, a position per patch.
       mask = mask + self.param("mask_pos", layers.with_axes(_token_init(w), (None, "embed")),
                                (g * g, w))
     parts = [jnp.broadcast_to(mask.astype(dt), (b, g * g, w)), lat]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from flowtok_jax import cli
 from flowtok_jax.data import builders
+from flowtok_jax.data import examples as example_lib
 from flowtok_jax.data import pipeline
 from flowtok_jax.data import text_tokenizer as tt
 from flowtok_jax.errors import UserError
@@ -220,16 +221,17 @@ def test_nested_multi_caption_feature(data):
   assert drawn(0) == first
   assert drawn(1) != first
   cfg.caption_key = "captions/txt"
-  with pytest.raises(UserError, match="no feature 'captions/txt'.*captions has: \\['id', 'text'\\]"):
+  with pytest.raises(UserError,
+                     match="no feature 'captions/txt'.*captions has: \\['id', 'text'\\]"):
     drawn(0)
 
 
 def test_pick_caption():
   """One caption of a single-caption feature or of a list (the first one without an rng)."""
-  assert pipeline.pick_caption(np.array([b"a", b"b"], dtype=object), None) == b"a"
-  assert pipeline.pick_caption(b"a red circle", np.random.default_rng(0)) == b"a red circle"
+  assert example_lib.pick_caption(np.array([b"a", b"b"], dtype=object), None) == b"a"
+  assert example_lib.pick_caption(b"a red circle", np.random.default_rng(0)) == b"a red circle"
   with pytest.raises(UserError, match="empty list of captions"):
-    pipeline.pick_caption([], None)
+    example_lib.pick_caption([], None)
 
 
 def test_bad_batch_and_process_settings(data):
