@@ -25,6 +25,7 @@ def get_config(arg=None):
   data.data_dir = None  # TFDS data dir (str); `flowtok demo` uses W/data.
   data.image_key = "image"  # Feature holding the uint8 image.
   data.caption_key = "caption"  # Feature holding the caption text.
+  data.i2t_caption_key = None  # Feature holding the caption I2T learns to write (None: caption).
   data.image_size = arg.res  # Pixels per side after resize / centre crop.
   data.train_split = "train"  # Split the training loop reads.
   data.eval_split = "val"  # Split periodic evaluation reads.

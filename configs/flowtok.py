@@ -141,6 +141,10 @@ def _training_sections(config, arg):
   data.folder_val_fraction = 0.001  # image_caption_folder: share of the images put in 'val'.
   data.image_key = "image"  # Feature holding the uint8 image.
   data.caption_key = "caption"  # Feature holding the caption text.
+  # Feature holding the one caption I2T examples learn to write; None: `caption_key`, as in the
+  # paper. From a deterministic image latent the I2T ODE reaches the mean of the text tokens it
+  # was trained towards, so an image with several captions gets a blend of them.
+  data.i2t_caption_key = None
   data.image_size = config.tokenizer.get_ref("image_size")  # Pixels per side (256).
   data.train_split = "train"  # Split the training loop reads.
   data.eval_split = "val"  # Split evaluators read.

@@ -132,8 +132,9 @@ def shapes_config_from_data(data_cfg) -> ShapesBuilderConfig:
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Captioned shapes (DESIGN.md §6): images, captions, JSON ground truth per example."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "reference_caption: the one caption the pixels determine."}
   BUILDER_CONFIGS = [shapes_builder_config()]  # The default knobs; any other set is custom.
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -144,6 +145,8 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
             "caption": tfds.features.Text(),
+            # Canonical wording, left/upper object first: what I2T learns to write.
+            "reference_caption": tfds.features.Text(),
             "objects": tfds.features.Text(),  # JSON list of {color, shape, size, ..., bbox}.
             "relation": tfds.features.Text(),  # '' or 'left of' | 'right of' | 'above' | 'below'.
         }),
@@ -162,6 +165,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
       ex = shapes.render_example(cfg.seed, split, i, render)
       # PNG bytes, never an ndarray: tfds encodes arrays through TensorFlow.
       yield i, {"image": _png(PIL.Image.fromarray(ex["image"])), "caption": ex["caption"],
+                "reference_caption": shapes.reference_caption(ex["objects"], ex["relation"]),
                 "objects": shapes.objects_json(ex["objects"]), "relation": ex["relation"]}
 
 
@@ -394,7 +398,7 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
     if base not in info.splits:
       raise UserError(f"dataset {data_cfg.name} has no split {base!r} "
                       f"(splits: {', '.join(info.splits)})")
-  for key_name in ("image_key", "caption_key"):
+  for key_name in ("image_key", "caption_key", "i2t_caption_key"):
     key = data_cfg.get(key_name)
     if key and not _has_feature(info.features, key):
       raise UserError(f"data.{key_name}={key!r} is not a feature of {data_cfg.name} "

@@ -68,9 +68,10 @@ class _Preprocess(grain.transforms.RandomMap):
   """
 
   def __init__(self, image_key: str, caption_key: str, image_size: int,
-               tokenizer: TextTokenizer, max_text_len: int):
+               tokenizer: TextTokenizer, max_text_len: int, i2t_caption_key: str | None = None):
     self._image_key = image_key
     self._caption_key = caption_key
+    self._i2t_caption_key = i2t_caption_key
     self._image_size = image_size
     self._tokenizer = tokenizer
     self._max_text_len = max_text_len
@@ -86,8 +87,12 @@ class _Preprocess(grain.transforms.RandomMap):
       raise UserError(f"undecodable image in the dataset: {e}") from e
     image = resize_center_crop(image, self._image_size)
     ids, truncated = self._tokenizer.encode([caption], self._max_text_len)
-    return {"image": image.astype(np.float32) * np.float32(1 / 255),
-            "text_ids": ids[0], "truncated": truncated[0]}
+    out = {"image": image.astype(np.float32) * np.float32(1 / 255),
+           "text_ids": ids[0], "truncated": truncated[0]}
+    if self._i2t_caption_key:
+      target = pick_caption(feature(element, self._i2t_caption_key), rng)
+      out["i2t_text_ids"] = self._tokenizer.encode([target], self._max_text_len)[0][0]
+    return out
 
 
 class _BlockShard(grain.MapDataset):
@@ -162,7 +167,8 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.random_map(_Preprocess(data_cfg.image_key, data_cfg.caption_key,
-                                 data_cfg.image_size, tokenizer, data_cfg.max_text_len),
+                                 data_cfg.image_size, tokenizer, data_cfg.max_text_len,
+                                 data_cfg.get("i2t_caption_key")),
                      seed=seed)
   if process_count > 1:
     # Sharding the one global stream (after shuffle, repeat and the seeded map) in contiguous

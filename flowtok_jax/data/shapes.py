@@ -398,6 +398,19 @@ def parse_caption(text: str) -> dict[str, Any] | None:
   return None
 
 
+def reference_caption(objects: list[dict], relation: str) -> str:
+  """The one caption a scene's pixels determine: canonical wording and, for two objects, the
+  left (or upper) object first, so the relation is always 'left of' or 'above'.
+
+  A scene's training caption is one of many (paraphrases, either object first); this one is a
+  function of the image alone, which is what an image-to-text model can learn to write.
+  """
+  objects = [{k: o.get(k) for k in ("color", "shape", "size", "location")} for o in objects]
+  if relation in ("right of", "below"):
+    objects, relation = objects[::-1], {"right of": "left of", "below": "above"}[relation]
+  return canonical_caption({"objects": objects, "relation": relation})
+
+
 def canonical_caption(attrs: dict[str, Any]) -> str:
   """The canonical caption of `parse_caption`-style attributes (or `scene_attributes`)."""
   objects, relation = attrs["objects"], attrs.get("relation", "")

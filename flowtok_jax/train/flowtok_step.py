@@ -90,14 +90,24 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
     params: {'flow', 'text_vae', 'align_mlp'[, 'text_decoder']}.
     frozen: {'clip_text', 'image_encoder'}.
     batch: 'text_ids' [B, L] and either 'image' [B, H, W, 3] or pre-tokenized posteriors
-      'latent_mean', 'latent_logvar' [B, K, C] (unscaled).
+      'latent_mean', 'latent_logvar' [B, K, C] (unscaled); optionally 'i2t_text_ids' [B, L],
+      the caption I2T examples use instead of 'text_ids'.
     rng: the step's key.
   Returns:
     (total loss, metrics).
   """
-  ids = batch["text_ids"]
-  b = ids.shape[0]
+  b = batch["text_ids"].shape[0]
   k_t, k_zt, k_zi, k_drop, k_dir, k_null, k_dec = jax.random.split(rng, 7)
+  if lc.two_way:
+    d = jax.random.bernoulli(k_dir, lc.p_i2t, (b,)).astype(jnp.int32)
+  else:
+    d = jnp.zeros((b,), jnp.int32)
+  ids = batch["text_ids"]
+  if lc.two_way and "i2t_text_ids" in batch:
+    # I2T examples learn the caption their image determines (data.i2t_caption_key): from its
+    # deterministic image latent the ODE reaches the MEAN of the text latents it was trained
+    # towards, and over several captions of one image that mean decodes to none of them.
+    ids = jnp.where(d.astype(bool)[:, None], batch["i2t_text_ids"], ids)
 
   # 1. Text: frozen CLIP features -> text VAE posterior -> sampled z_T; KL; alignment.
   feats = jax.lax.stop_gradient(models.clip_text.apply({"params": frozen["clip_text"]}, ids))
@@ -122,11 +132,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
     z_image = mean_i + jnp.exp(0.5 * logvar_i) * jax.random.normal(k_zi, mean_i.shape)
   z_image = jax.lax.stop_gradient(z_image.astype(jnp.float32) * lc.latent_scale)
 
-  # 3. Directions, null roll (within each direction), one DiT forward for the whole batch.
-  if lc.two_way:
-    d = jax.random.bernoulli(k_dir, lc.p_i2t, (b,)).astype(jnp.int32)
-  else:
-    d = jnp.zeros((b,), jnp.int32)
+  # 3. Directions (drawn above), null roll (within each direction), one DiT forward.
   source, target = flow_pair(z_text, z_image, d)
   target, null = fm.null_roll(k_null, target, p=lc.null_prob, num_shards=lc.num_shards,
                               groups=d if lc.two_way else None,

@@ -46,6 +46,8 @@ def test_shapes_source_is_pixel_exact_render(shapes_data_dir):
       assert ex["caption"].decode() == want["caption"]
       assert json.loads(ex["objects"]) == want["objects"]
       assert ex["relation"].decode() == want["relation"]
+      assert ex["reference_caption"].decode() == shapes.reference_caption(want["objects"],
+                                                                          want["relation"])
 
 
 def test_config_name_follows_the_knobs_and_variants_coexist(shapes_data_dir):

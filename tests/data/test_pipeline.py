@@ -28,12 +28,12 @@ def data(shapes_data_dir):
   return data_cfg, data_dir, tok, examples
 
 
-def _make(data, **kw):
-  data_cfg, data_dir, tok, _ = data
+def _make(data, data_cfg=None, **kw):
+  default_cfg, data_dir, tok, _ = data
   args = dict(split="train", global_batch_size=4, seed=0, process_index=0, process_count=1,
               data_dir=data_dir)
   args.update(kw)
-  return pipeline.make_iterator(data_cfg, tok, **args)
+  return pipeline.make_iterator(data_cfg or default_cfg, tok, **args)
 
 
 def _take(it, n):
@@ -224,6 +224,27 @@ def test_nested_multi_caption_feature(data):
   with pytest.raises(UserError,
                      match="no feature 'captions/txt'.*captions has: \\['id', 'text'\\]"):
     drawn(0)
+
+
+def test_i2t_caption_key_adds_the_reference_caption_ids(data):
+  """data.i2t_caption_key: each row also carries the ids of that feature ('i2t_text_ids'),
+  while 'text_ids' and the order of the stream stay what they were without it."""
+  data_cfg, _, tok, examples = data
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.i2t_caption_key = "reference_caption"
+  plain, with_ref = _take(_make(data), 3), _take(_make(data, data_cfg=cfg), 3)
+  table = _index_of(examples)
+  for a, b in zip(plain, with_ref):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+    rows = _indices([b], table)
+    want, _ = tok.encode([examples[i]["reference_caption"].decode() for i in rows],
+                         data_cfg.max_text_len)
+    np.testing.assert_array_equal(b["i2t_text_ids"], want)
+  assert any((b["i2t_text_ids"] != b["text_ids"]).any() for b in with_ref)
+  cfg.i2t_caption_key = "reference"
+  with pytest.raises(UserError, match="i2t_caption_key='reference' is not a feature"):
+    _make(data, data_cfg=cfg)
 
 
 def test_pick_caption():

@@ -154,6 +154,34 @@ def test_generated_captions_parse_back_to_ground_truth():
                                                                           ex["relation"])
 
 
+def test_reference_caption_is_a_function_of_the_pixels():
+  """Every caption a scene can get (any paraphrase, either object first) has one reference
+  caption: canonical words, and 'left of' / 'above' with the left or upper object first."""
+  inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+  seen_two = 0
+  for ex in _examples("train", 200, paraphrase_prob=1.0):
+    ref = shapes.reference_caption(ex["objects"], ex["relation"])
+    attrs = shapes.parse_caption(ref)
+    assert ref == shapes.canonical_caption(attrs)
+    truth = shapes.scene_attributes(ex["objects"], ex["relation"])
+    if not ex["relation"]:
+      assert attrs == truth
+      continue
+    seen_two += 1
+    assert attrs["relation"] in ("left of", "above")
+    swapped = ex["objects"][::-1], inverse[ex["relation"]]
+    assert shapes.reference_caption(*swapped) == ref  # The other description of the scene.
+    want = truth if ex["relation"] in ("left of", "above") else shapes.scene_attributes(*swapped)
+    assert attrs == want
+    # The first object really is the left (upper) one on the relation's axis.
+    axis = 0 if attrs["relation"] == "left of" else 1
+    first = next(o for o in ex["objects"] if (o["color"], o["shape"]) == (
+        attrs["objects"][0]["color"], attrs["objects"][0]["shape"]))
+    other = next(o for o in ex["objects"] if o is not first)
+    assert first["center"][axis] < other["center"][axis]
+  assert seen_two > 50
+
+
 def _all_one_object_captions():
   for size, color, shape, is_, prep in itertools.product(
       ("small", "little", "large", "big"), PALETTE, ("circle", "square", "triangle"),

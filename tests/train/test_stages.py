@@ -245,6 +245,31 @@ def test_t2i_only_config_has_no_direction_params_or_i2t_metrics():
     build("flowtok", config)
 
 
+def test_i2t_examples_read_the_i2t_caption():
+  """With 'i2t_text_ids' in the batch, I2T examples encode that caption instead of 'text_ids'
+  (every metric, the text decoder's included); T2I-only training ignores it."""
+  other = fixed_batch(128, seed=1)["text_ids"]
+
+  def metrics(p_i2t, batch):
+    stage = build("flowtok", flowtok_config(p_i2t=p_i2t))
+    state, frozen = init_all(stage)
+    fn = jax.jit(lambda b: stage.loss_fn(state.params, frozen, b, jax.random.PRNGKey(1),
+                                         jnp.int32(0), None)[1],
+                 compiler_options=FAST_COMPILE)
+    return jax.device_get(fn(batch))
+
+  base = fixed_batch(128)
+  mixed = dict(base, i2t_text_ids=other)
+  swapped = dict(base, text_ids=other)
+  all_i2t, want, plain = metrics(1.0, mixed), metrics(1.0, swapped), metrics(1.0, base)
+  for k in ("loss_fm", "loss_i2t", "dec_ce", "kl", "align"):
+    np.testing.assert_allclose(all_i2t[k], want[k], rtol=1e-6, err_msg=k)
+  assert not np.isclose(all_i2t["dec_ce"], plain["dec_ce"])
+  t2i_only, t2i_plain = metrics(0.0, mixed), metrics(0.0, base)
+  for k in ("loss_fm", "dec_ce", "kl"):
+    np.testing.assert_allclose(t2i_only[k], t2i_plain[k], rtol=1e-6, err_msg=k)
+
+
 def test_flow_pair_swaps_and_stops_gradient():
   z_t = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
   z_i = -z_t - 1.0
