@@ -60,6 +60,10 @@ def test_time_sampler_is_logit_normal():
   assert t.shape == (20000,) and float(t.min()) > 0 and float(t.max()) < 1
   logit = np.log(np.asarray(t) / (1 - np.asarray(t)))
   assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1.0) < 0.03
+  # A shifted / scaled logit-normal (flowtok_stage.t_loc, t_scale) is the same draws, moved.
+  moved = fm.sample_time(jax.random.PRNGKey(1), 20000, loc=-1.0, scale=0.5)
+  np.testing.assert_allclose(np.log(np.asarray(moved) / (1 - np.asarray(moved))),
+                             -1.0 + 0.5 * logit, rtol=1e-4, atol=1e-4)
 
 
 def test_euler_first_order_and_heun_second_order(x0):
