@@ -102,7 +102,6 @@ def get_config(arg=None):
   # position and the tokenizer learned ~3x slower: 0.04 vs 0.35 parser acceptance of val
   # reconstructions at 500 steps (docs/benchmarks.md, "Demo").
   tok.patch_pos_embed = True
-  tok.logvar_init = 0.0  # Initial posterior logvar bias (0: σ = 1 at the start).
 
   disc = config.discriminator = ml_collections.ConfigDict()  # PatchGAN (optional GAN loss).
   disc.channels = 32  # Stem width; stages use up to 4x this.

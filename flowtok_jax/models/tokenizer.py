@@ -56,10 +56,6 @@ class TokenizerConfig:
   # only, attention values carry no position: a shallow tower must route position through
   # attention to the (unrotated) latent tokens, which the 2+2-layer demo tokenizer learns slowly.
   patch_pos_embed: bool = False
-  # Initial bias of the posterior logvar (0: the plain zero init, σ = 1 at the start). The KL
-  # (β ~ 1e-6) barely acts, so σ only shrinks as fast as reconstruction pulls it; a short run
-  # (the demo) starts it small instead of spending its steps decoding through σ ≈ 1 noise.
-  logvar_init: float = 0.0
   dtype: str = "float32"
 
   @property
@@ -95,8 +91,7 @@ class TokenizerConfig:
                text_aware=bool(section.text_aware), text_width=section.text_width,
                text_len=section.text_len, logvar_min=section.logvar_min,
                logvar_max=section.logvar_max,
-               patch_pos_embed=bool(section.get("patch_pos_embed", False)),
-               logvar_init=float(section.get("logvar_init", 0.0)), dtype=dtype)
+               patch_pos_embed=bool(section.get("patch_pos_embed", False)), dtype=dtype)
 
 
 def pixel_shuffle(x: jax.Array, grid: int, patch: int) -> jax.Array:
@@ -145,11 +140,8 @@ class FlowTiTokEncoder(nn.Module):
       x = layers.PreLNBlock(cfg.enc_heads, cfg.mlp_ratio, mlp="swiglu", dtype=dt,
                             kernel_init=init, name=f"blocks_{i}")(x, rope=rope)
     x = layers.layer_norm("ln_post", dtype=dt)(x[:, g * g:])
-    c = cfg.token_channels
-    bias = lambda key, shape, dtype=jnp.float32: jnp.concatenate(
-        [jnp.zeros((c,), dtype), jnp.full((c,), cfg.logvar_init, dtype)])
-    out = layers.dense(2 * c, ("embed", None), name="out", dtype=dt, kernel_init=init,
-                       bias_init=bias)(x).astype(jnp.float32)
+    out = layers.dense(2 * cfg.token_channels, ("embed", None), name="out", dtype=dt,
+                       kernel_init=init)(x).astype(jnp.float32)
     mean, logvar = out[..., : cfg.token_channels], out[..., cfg.token_channels:]
     return mean, jnp.clip(logvar, cfg.logvar_min, cfg.logvar_max)
 
