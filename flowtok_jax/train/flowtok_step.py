@@ -33,7 +33,6 @@ class FlowTokLossConfig:
   align_negatives: str = "global"
   dec_weight: float = 1.0
   image_sample: bool = True
-  i2t_target: str = "sample"
   t_loc: float = 0.0
   t_scale: float = 1.0
   latent_scale: float = 1.0
@@ -57,22 +56,19 @@ class FlowTokModels:
   image_encoder: tok_lib.FlowTiTokEncoder
 
 
-def flow_pair(z_text: jax.Array, z_image: jax.Array, d: jax.Array,
-              text_target: Optional[jax.Array] = None):
+def flow_pair(z_text: jax.Array, z_image: jax.Array, d: jax.Array):
   """Source and target of each example's flow.
 
   Args:
     z_text: [B, L, C] sampled text tokens.
     z_image: [B, K, C] scaled image tokens.
     d: [B] direction, 0/False = T2I, 1/True = I2T.
-    text_target: [B, L, C] what I2T flows to, when not z_text (e.g. the posterior mean).
   Returns:
     (source, target) [B, K, C]: T2I goes z_T → z_I; I2T goes z_I → stop_gradient(z_T), so the
     text VAE is never pulled towards whatever the flow finds easy to predict.
   """
   m = d.astype(bool)[:, None, None]
-  text_target = z_text if text_target is None else text_target
-  return jnp.where(m, z_image, z_text), jnp.where(m, jax.lax.stop_gradient(text_target), z_image)
+  return jnp.where(m, z_image, z_text), jnp.where(m, jax.lax.stop_gradient(z_text), z_image)
 
 
 def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -139,8 +135,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   z_image = jax.lax.stop_gradient(z_image.astype(jnp.float32) * lc.latent_scale)
 
   # 3. Directions (drawn above), null roll (within each direction), one DiT forward.
-  source, target = flow_pair(z_text, z_image, d,
-                             text_target=mean_t if lc.i2t_target == "mean" else None)
+  source, target = flow_pair(z_text, z_image, d)
   target, null = fm.null_roll(k_null, target, p=lc.null_prob, num_shards=lc.num_shards,
                               groups=d if lc.two_way else None,
                               num_groups=2 if lc.two_way else 1)

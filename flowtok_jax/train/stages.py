@@ -70,10 +70,6 @@ def stage_defaults() -> ml_collections.ConfigDict:
       align_negatives="global",  # Alignment negatives: global | local (per shard, parity).
       dec_weight=1.0,  # Text-decoder CE weight; 0 builds no text decoder.
       image_sample=True,  # z_I = posterior sample (True) or posterior mean.
-      # I2T target: the sampled text tokens z_T (SPEC §3) or their posterior mean, which is
-      # where the I2T ODE from a deterministic image latent ends anyway, without the sample's
-      # noise in every regression target.
-      i2t_target="sample",
       # Logit-normal times sigmoid(N(t_loc, t_scale²)) (SPEC: 0, 1). Where the source tokens
       # are not noise, a trained velocity reads the target off x_t for any t > 0; only near t = 0
       # must it map source to target, and N(0, 1) puts 1.4 % of the draws below t = 0.1.
@@ -372,9 +368,6 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   p_i2t = float(sc.p_i2t)
   if not float(sc.t_scale) > 0:
     raise UserError(f"flowtok_stage.t_scale must be > 0, got {sc.t_scale}")
-  if sc.i2t_target not in ("sample", "mean"):
-    raise UserError(f"flowtok_stage.i2t_target must be 'sample' or 'mean', got "
-                    f"{sc.i2t_target!r}")
   if not 0.0 <= p_i2t <= 1.0:
     raise UserError(f"flowtok_stage.p_i2t must be in [0, 1], got {p_i2t}")
   if p_i2t > 0 and not fc.two_directions:
@@ -407,7 +400,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       kl_weight=float(sc.kl_weight), kl_reduction=sc.kl_reduction,
       align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
       dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
-      i2t_target=str(sc.i2t_target), t_loc=float(sc.t_loc), t_scale=float(sc.t_scale),
+      t_loc=float(sc.t_loc), t_scale=float(sc.t_scale),
       num_shards=_num_shards(ctx, sc), pad_id=ct.pad_id)
   if lc.kl_reduction not in losses.KL_REDUCTIONS:
     raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")
