@@ -107,7 +107,8 @@ def image_folder(tmp_path):
 
 
 def _folder_cfg(runlocal_config, folder, **kw):
-  return _data_cfg(runlocal_config.data, name="image_caption_folder", folder=str(folder), **kw)
+  return _data_cfg(runlocal_config.data, name="image_caption_folder", folder=str(folder),
+                   i2t_caption_key=None, **kw)
 
 
 def test_folder_builder_skips_and_counts_bad_images(runlocal_config, image_folder, tmp_path,
@@ -146,7 +147,8 @@ def test_folder_builder_errors(runlocal_config, image_folder, tmp_path):
   with pytest.raises(UserError, match="not found: gone.png"):
     builders.build(_folder_cfg(runlocal_config, image_folder), data_dir)
   with pytest.raises(UserError, match="data.folder is not set"):
-    builders.build(_data_cfg(runlocal_config.data, name="image_caption_folder"), data_dir)
+    builders.build(_data_cfg(runlocal_config.data, name="image_caption_folder",
+                             i2t_caption_key=None), data_dir)
 
 
 def _run_cli(*args):

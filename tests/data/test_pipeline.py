@@ -188,6 +188,7 @@ def test_pipeline_decodes_bytes_and_crops_non_square(data):
   source = [{"image": png.getvalue(), "caption": b"a red circle"},
             {"image": gray, "caption": b"a blue square"}]
   cfg = data_cfg.copy_and_resolve_references()
+  cfg.i2t_caption_key = None  # Only captioned_shapes has a reference caption.
   batch = next(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=2, seed=0,
                                       process_index=0, process_count=1, shuffle=False,
                                       source=source))
@@ -210,6 +211,7 @@ def test_nested_multi_caption_feature(data):
              "captions": {"id": np.arange(3), "text": np.array(caps, dtype=object)}}]
   cfg = data_cfg.copy_and_resolve_references()
   cfg.caption_key = "captions/text"
+  cfg.i2t_caption_key = None
 
   def drawn(seed):
     it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=1, seed=seed,
@@ -231,10 +233,13 @@ def test_i2t_caption_key_adds_the_reference_caption_ids(data):
   while 'text_ids' and the order of the stream stay what they were without it."""
   data_cfg, _, tok, examples = data
   cfg = data_cfg.copy_and_resolve_references()
+  cfg.i2t_caption_key = None
+  plain = _take(_make(data, data_cfg=cfg), 3)
   cfg.i2t_caption_key = "reference_caption"
-  plain, with_ref = _take(_make(data), 3), _take(_make(data, data_cfg=cfg), 3)
+  with_ref = _take(_make(data, data_cfg=cfg), 3)
   table = _index_of(examples)
   for a, b in zip(plain, with_ref):
+    assert set(b) == set(a) | {"i2t_text_ids"}
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
     rows = _indices([b], table)

@@ -181,7 +181,7 @@ def two_way_run():
   # With the reference KL weight the text tokens keep σ ≈ 1 noise and a random tokenizer's
   # posterior is mostly noise, so the flow's irreducible part dominates for hundreds of steps.
   # Both noises are removed here (kl_weight 0, posterior means) to check that the step learns.
-  config = flowtok_config(p_i2t=0.5, kl_weight=0.0, image_sample=False)
+  config = flowtok_config(p_i2t=0.5, kl_weight=0.0, image_sample=False, dec_weight=1.0)
   stage = build("flowtok", config)
   batch = fixed_batch(config.clip_text.vocab_size)
 
