@@ -325,6 +325,24 @@ def _eval(args, overrides):
   print(json.dumps(results["summary"], sort_keys=True))
 
 
+def _probe_flags(p):
+  p.add_argument("--bundle", required=True, help="two-way bundle directory (flowtok export)")
+  p.add_argument("--data_dir", required=True, help="TFDS data dir of captioned_shapes")
+  p.add_argument("--split", default="test", help="held-out split (never train)")
+  p.add_argument("--num", type=int, default=128, help="examples probed")
+  p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's)")
+  p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the bundle's)")
+
+
+@command("probe", "where image-to-text fails: text round trip, velocity along the path, ODE end",
+         _probe_flags)
+def _probe(args, overrides):
+  _no_config(overrides, "probe")
+  from flowtok_jax.evaluation import i2t_probe  # pylint: disable=g-import-not-at-top
+  print(json.dumps(i2t_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
+                                   steps=args.steps, cfg_scale=args.cfg), sort_keys=True))
+
+
 # ---------------------------------------------------------------------------------------------
 
 

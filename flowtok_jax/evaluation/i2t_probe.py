@@ -1,0 +1,129 @@
+"""`flowtok probe`: where a two-way bundle's image-to-text fails, measured on captioned-shapes.
+
+    flowtok probe --bundle runs/demo/bundle --data_dir runs/demo/data [--split test] [--num 128]
+
+I2T (SPEC §4) starts its ODE at the image's deterministic latent z_I, so it can end no closer to
+the words than three things allow; the probe measures each on held-out images, against the
+caption I2T was trained to write (the reference caption when the run set
+`data.i2t_caption_key`, else the dataset caption), and prints one JSON object:
+
+  text/mean_exact, text/sample_exact
+      the text VAE + decoder round trip alone: decode(posterior mean) and decode(a posterior
+      sample) of the target captions, parsed and scored like I2T. The I2T ceiling.
+  onestep/t=T/rel_err, onestep/t=T/exact
+      the velocity at the TRUE point x_t of the straight path from z_I to the target's
+      posterior mean, extrapolated to t = 1 (x̂ = x_t + (1 − t)·v): its squared error relative
+      to the targets' variance, and how often x̂ decodes to the right caption. Near t = 0 the
+      network must map image to text; for t > 0 x_t already holds part of the target, and a
+      network that only learned to read it off is accurate there and useless at t = 0.
+  ode/rel_err, ode/exact
+      the ODE's endpoint with the bundle's I2T sampler defaults (what `flowtok caption` does).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowtok_jax import flow_matching as fm
+from flowtok_jax import inference
+from flowtok_jax.data import shapes
+from flowtok_jax.errors import UserError
+from flowtok_jax.evaluation import caption_metrics, shapes_eval
+
+DEFAULT_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75)
+
+
+def target_captions(bundle: inference.Bundle, attrs: Sequence[dict],
+                    captions: Sequence[str]) -> list[str]:
+  """The captions I2T was trained towards: reference captions if the run asked for them."""
+  key = bundle.config.data.get("i2t_caption_key")
+  if not key:
+    return list(captions)
+  if key != "reference_caption":
+    raise UserError(f"the probe knows captioned_shapes' reference_caption, not data."
+                    f"i2t_caption_key={key!r}")
+  return [shapes.reference_caption(a["objects"], a["relation"]) for a in attrs]
+
+
+def _programs(bundle: inference.Bundle):
+  m = bundle.models
+
+  @jax.jit
+  def text(params, ids, key):
+    feats = m.clip_text.apply({"params": params["clip_text"]}, ids)
+    mean, logvar = m.text_vae.apply({"params": params["text_vae"]}, feats)
+    return mean, mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+  @jax.jit
+  def image(params, images):
+    from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    mean, _ = m.tokenizer.apply({"params": params["tokenizer"]}, images,
+                                method=tok_lib.FlowTiTok.encode)
+    return mean * m.latent_scale
+
+  @jax.jit
+  def decode(params, z):
+    logits = m.text_decoder.apply({"params": params["text_decoder"]}, z)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  @jax.jit
+  def one_step(params, z_image, z_text, t):
+    tt = jnp.full((z_image.shape[0],), t, jnp.float32)
+    x_t = fm.interpolate(z_image, z_text, tt)
+    b = z_image.shape[0]
+    v = m.flow.apply({"params": params["flow"]}, x_t, tt, jnp.zeros((b,), jnp.int32),
+                     jnp.ones((b,), jnp.int32))
+    return x_t + (1.0 - t) * v
+
+  return text, image, decode, one_step
+
+
+def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
+          times: Sequence[float] = DEFAULT_TIMES, steps: Optional[int] = None,
+          cfg_scale: Optional[float] = None, seed: int = 0) -> dict:
+  """Runs the three measurements (module docstring) on `num` examples of `split`.
+
+  Returns:
+    Flat dict of floats (keys as in the module docstring) plus 'num', 'steps', 'cfg_scale'.
+  """
+  b = inference.as_bundle(bundle)
+  if not b.can_caption:
+    raise UserError(f"bundle {b.path} has no image-to-text direction to probe")
+  if split == "train":
+    raise UserError("the probe never reads the training split")
+  images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
+  if not len(images):
+    raise UserError(f"split {split!r} is empty")
+  targets = target_captions(b, attrs, captions)
+  ids, _ = b.tokenizer.encode(targets, b.models.text_len)
+  text, image, decode, one_step = _programs(b)
+  params = jax.device_put(b.params)
+  mean, sample = text(params, jnp.asarray(ids), jax.random.PRNGKey(seed))
+  z_image = image(params, jnp.asarray(images, jnp.float32) / 255.0)
+  var = float(jnp.var(mean))
+
+  def score(z) -> tuple[float, float]:
+    rel = float(jnp.mean(jnp.square(z - mean))) / max(var, 1e-12)
+    words = b.tokenizer.decode(np.asarray(decode(params, z)))
+    return rel, caption_metrics.caption_accuracy(words, attrs)["exact"]
+
+  out = {"num": len(images), "text/mean_exact": score(mean)[1],
+         "text/sample_exact": score(sample)[1]}
+  for t in times:
+    if not 0.0 <= t < 1.0:
+      raise UserError(f"probe times must be in [0, 1), got {t}")
+    out[f"onestep/t={t:g}/rel_err"], out[f"onestep/t={t:g}/exact"] = score(
+        one_step(params, z_image, mean, float(t)))
+  knobs = b.defaults("i2t")
+  steps = int(steps or knobs.get("steps", 20))
+  cfg = float(cfg_scale if cfg_scale is not None else knobs.get("cfg_scale", 1.0))
+  v = lambda x, t, null, d: b.models.flow.apply({"params": params["flow"]}, x, t, null, d)
+  end = jax.jit(lambda z: fm.sample(v, z, steps=steps, cfg_scale=cfg,
+                                    sampler=knobs.get("sampler", "euler"),
+                                    grid=knobs.get("grid", "parity"), direction=1))(z_image)
+  out["ode/rel_err"], out["ode/exact"] = score(end)
+  out.update(steps=steps, cfg_scale=cfg)
+  return out
