@@ -62,13 +62,13 @@ def target_velocity(x_src: jax.Array, x_tgt: jax.Array, sigma_min: float = SIGMA
   return x_tgt - (1.0 - sigma_min) * x_src
 
 
-def sample_time(rng: jax.Array, batch_size: int, loc: float = 0.0,
-                scale: float = 1.0) -> jax.Array:
-  """Logit-normal times: [B] sigmoid(N(loc, scale²)), one draw per example (SPEC: N(0, 1))."""
+def sample_time(rng: jax.Array, batch_size: int, loc=0.0, scale: float = 1.0) -> jax.Array:
+  """Logit-normal times: [B] sigmoid(N(loc, scale²)), one draw per example (SPEC: N(0, 1)).
+
+  `loc` may be a [B] array (a per-example location, e.g. per direction).
+  """
   z = jax.random.normal(rng, (batch_size,), jnp.float32)
-  if loc != 0.0 or scale != 1.0:
-    z = loc + scale * z
-  return jax.nn.sigmoid(z)
+  return jax.nn.sigmoid(loc + scale * z)
 
 
 def per_example_mse(v_pred: jax.Array, v_target: jax.Array) -> jax.Array:

@@ -66,20 +66,27 @@ tail_pid=$!
 status=0
 remaining=("${pids[@]}")
 while [[ ${#remaining[@]} -gt 0 ]]; do
-  # The first process to finish decides: a failure stops the rest.
-  set +e
-  wait -n -p done_pid "${remaining[@]}"
-  rc=$?
-  set -e
+  # The first process to finish decides: a failure stops the rest. Polled, not `wait -n`: bash
+  # may reap two children at once, and `wait -n PID...` then says "no such job" for the second.
   next=()
   for pid in "${remaining[@]}"; do
-    [[ "$pid" != "$done_pid" ]] && next+=("$pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      next+=("$pid")
+      continue
+    fi
+    set +e
+    wait "$pid"  # The saved exit status, also of a child bash has already reaped.
+    rc=$?
+    set -e
+    if [[ $rc -ne 0 && $status -eq 0 ]]; then
+      status=$rc
+      echo "process with pid $pid failed (exit $rc); stopping the others" >&2
+      cleanup
+    fi
   done
   remaining=("${next[@]+"${next[@]}"}")
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
-    status=$rc
-    echo "process with pid $done_pid failed (exit $rc); stopping the others" >&2
-    cleanup
+  if [[ ${#remaining[@]} -gt 0 ]]; then
+    sleep 0.2
   fi
 done
 wait "$tail_pid" 2>/dev/null || true

@@ -64,6 +64,11 @@ def test_time_sampler_is_logit_normal():
   moved = fm.sample_time(jax.random.PRNGKey(1), 20000, loc=-1.0, scale=0.5)
   np.testing.assert_allclose(np.log(np.asarray(moved) / (1 - np.asarray(moved))),
                              -1.0 + 0.5 * logit, rtol=1e-4, atol=1e-4)
+  # A per-example location (flowtok_stage.i2t_t_loc: one for each direction).
+  loc = np.where(np.arange(20000) % 2 == 0, -3.0, 0.0).astype(np.float32)
+  per = np.asarray(fm.sample_time(jax.random.PRNGKey(1), 20000, loc=jnp.asarray(loc)))
+  np.testing.assert_allclose(np.log(per / (1 - per)), loc + logit, rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(per[1::2], np.asarray(t)[1::2])
 
 
 def test_euler_first_order_and_heun_second_order(x0):

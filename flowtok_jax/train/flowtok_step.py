@@ -35,6 +35,7 @@ class FlowTokLossConfig:
   image_sample: bool = True
   t_loc: float = 0.0
   t_scale: float = 1.0
+  i2t_t_loc: Optional[float] = None
   latent_scale: float = 1.0
   num_shards: int = 1
   pad_id: int = 0
@@ -139,7 +140,10 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   target, null = fm.null_roll(k_null, target, p=lc.null_prob, num_shards=lc.num_shards,
                               groups=d if lc.two_way else None,
                               num_groups=2 if lc.two_way else 1)
-  t = fm.sample_time(k_t, b, lc.t_loc, lc.t_scale)
+  loc = lc.t_loc
+  if lc.two_way and lc.i2t_t_loc is not None:
+    loc = jnp.where(d.astype(bool), lc.i2t_t_loc, lc.t_loc)
+  t = fm.sample_time(k_t, b, loc, lc.t_scale)
   v = models.flow.apply({"params": params["flow"]}, fm.interpolate(source, target, t), t, null,
                         d if lc.two_way else None)
   per_ex = fm.per_example_mse(v, fm.target_velocity(source, target))

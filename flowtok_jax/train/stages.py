@@ -75,6 +75,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       # must it map source to target, and N(0, 1) puts 1.4 % of the draws below t = 0.1.
       t_loc=0.0,
       t_scale=1.0,
+      i2t_t_loc=None,  # t_loc of the I2T examples (None: t_loc).
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
       # Per-shard semantics of the reference (null roll, 'local' negatives, KL 'sum' per shard)
       # split the batch into this many blocks; None: the data-parallel device count (parity).
@@ -401,6 +402,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
       dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
       t_loc=float(sc.t_loc), t_scale=float(sc.t_scale),
+      i2t_t_loc=None if sc.i2t_t_loc is None else float(sc.i2t_t_loc),
       num_shards=_num_shards(ctx, sc), pad_id=ct.pad_id)
   if lc.kl_reduction not in losses.KL_REDUCTIONS:
     raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")
