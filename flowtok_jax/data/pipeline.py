@@ -200,7 +200,7 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
 
   Args:
     data_cfg: the `data` config section (image_key, caption_key, image_size, max_text_len,
-      num_workers, data_dir; optional read_threads, prefetch_batches).
+      num_workers, data_dir; optional i2t_caption_key, read_threads, prefetch_batches).
     tokenizer: the text tokenizer.
     split: TFDS split name.
     global_batch_size: examples per step over all processes; must divide by process_count.
@@ -214,7 +214,8 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
     source: a random-access source (len + getitem of feature dicts) read instead of TFDS.
   Returns:
     A grain iterator of {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
-    'truncated': bool [b]} with b = global_batch_size // process_count. Call `close()` when done
+    'truncated': bool [b]} (plus 'i2t_text_ids' i32 [b, L] when data.i2t_caption_key names a
+    feature) with b = global_batch_size // process_count. Call `close()` when done
     if data.num_workers > 0 (stops the worker processes).
   """
   ds = make_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
