@@ -332,6 +332,8 @@ def _probe_flags(p):
   p.add_argument("--num", type=int, default=128, help="examples probed")
   p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's)")
   p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the bundle's)")
+  p.add_argument("--blend_captions", type=int, default=32,
+                 help="captions per scene averaged for text/blend_exact (0: skip)")
 
 
 @command("probe", "where image-to-text fails: text round trip, velocity along the path, ODE end",
@@ -340,7 +342,8 @@ def _probe(args, overrides):
   _no_config(overrides, "probe")
   from flowtok_jax.evaluation import i2t_probe  # pylint: disable=g-import-not-at-top
   print(json.dumps(i2t_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
-                                   steps=args.steps, cfg_scale=args.cfg), sort_keys=True))
+                                   steps=args.steps, cfg_scale=args.cfg,
+                                   blend_captions=args.blend_captions), sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ def seed_noise(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(one)(seeds.astype(jnp.uint32))
 
 
-def _velocity_fn(models: Models, flow_params):
+def velocity_fn(models: Models, flow_params):
+  """(x, t, null, direction) -> the DiT's velocity with `flow_params` bound."""
   def v(x, t, null, direction):
     return models.flow.apply({"params": flow_params}, x, t, null, direction)
   return v
@@ -139,7 +140,7 @@ def text_to_image(models: Models, params, ids: jax.Array, seeds: jax.Array, cfg_
   mean, logvar = models.text_vae.apply({"params": params["text_vae"]}, feats)
   # SPEC §1: z_T is sampled at inference too, not the posterior mean.
   z_text = mean + jnp.exp(0.5 * logvar) * seed_noise(seeds, mean.shape[1:])
-  z_image = fm.sample(_velocity_fn(models, params["flow"]), z_text, steps=steps,
+  z_image = fm.sample(velocity_fn(models, params["flow"]), z_text, steps=steps,
                       cfg_scale=cfg_scale, sampler=sampler, grid=grid,
                       direction=0 if models.two_directions else None)
   images = models.tokenizer.apply({"params": params["tokenizer"]},
@@ -161,11 +162,21 @@ def image_to_text(models: Models, params, images: jax.Array, cfg_scale, *, steps
   Returns:
     [B, L] int32 token ids (argmax per position; the caller cuts at EOS).
   """
+  z_text = fm.sample(velocity_fn(models, params["flow"]), image_tokens(models, params, images),
+                     steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid, direction=1)
+  return text_ids(models, params, z_text)
+
+
+def image_tokens(models: Models, params, images: jax.Array) -> jax.Array:
+  """[B, S, S, 3] float32 in [0, 1] -> the I2T source: encoder posterior mean · latent_scale."""
   from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   mean, _ = models.tokenizer.apply({"params": params["tokenizer"]}, images,
                                    method=tok_lib.FlowTiTok.encode)
-  z_text = fm.sample(_velocity_fn(models, params["flow"]), mean * models.latent_scale,
-                     steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid, direction=1)
+  return mean * models.latent_scale
+
+
+def text_ids(models: Models, params, z_text: jax.Array) -> jax.Array:
+  """Text tokens [B, L, C] -> [B, L] int32 ids, argmax per position (the caller cuts at EOS)."""
   logits = models.text_decoder.apply({"params": params["text_decoder"]}, z_text)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

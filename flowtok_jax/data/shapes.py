@@ -69,6 +69,9 @@ SIZES = ("small", "large")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 LOCATIONS = CORNERS + ("center",)
 RELATIONS = ("left of", "right of", "above", "below")
+# "A left of B" says what "B right of A" says.
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below",
+                    "below": "above"}
 SPLITS = ("train", "val", "test", "compositional")
 DEFAULT_HELDOUT = ("purple triangle", "cyan circle", "yellow square")
 
@@ -276,7 +279,9 @@ def _variant(rng, options: tuple[str, ...], p: float) -> str:
   return options[1 + k % (len(options) - 1)]
 
 
-def _caption(rng, objects: list[dict], relation: str, p: float) -> str:
+def random_caption(rng, objects: list[dict], relation: str, p: float) -> str:
+  """A caption of the scene `objects[0] relation objects[1]` (or of one object) as the dataset
+  draws it: each optional slot non-canonical with probability p."""
   is_word = _variant(rng, ("", "is "), p)
   if relation:
     a, b = objects
@@ -332,7 +337,7 @@ def render_example(seed: int, split: str, index: int, cfg: ShapesConfig) -> dict
     sizes, locations = [size], [location]
   objects = [dict(color=c, shape=s, size=sz, location=loc, center=_center(b), bbox=b)
              for (c, s), sz, loc, b in zip(pairs, sizes, locations, boxes)]
-  caption = _caption(rng, objects, relation, cfg.paraphrase_prob)
+  caption = random_caption(rng, objects, relation, cfg.paraphrase_prob)
   return dict(image=render_objects(objects, cfg.image_size), caption=caption, objects=objects,
               relation=relation)
 
@@ -407,7 +412,7 @@ def reference_caption(objects: list[dict], relation: str) -> str:
   """
   objects = [{k: o.get(k) for k in ("color", "shape", "size", "location")} for o in objects]
   if relation in ("right of", "below"):
-    objects, relation = objects[::-1], {"right of": "left of", "below": "above"}[relation]
+    objects, relation = objects[::-1], INVERSE_RELATION[relation]
   return canonical_caption({"objects": objects, "relation": relation})
 
 

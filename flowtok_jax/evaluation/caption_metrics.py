@@ -28,7 +28,6 @@ import numpy as np
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
 
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _OBJECT_KEYS = ("color", "shape", "size", "location")
 
 
@@ -176,8 +175,9 @@ def compare_attributes(pred: dict[str, Any] | None, target: dict[str, Any]) -> d
     pred = {"objects": [], "relation": None}
   candidates = [pred]
   objs = pred["objects"]
-  if len(objs) == 2 and pred.get("relation") in _INVERSE:
-    candidates.append({"objects": objs[::-1], "relation": _INVERSE[pred["relation"]]})
+  if len(objs) == 2 and pred.get("relation") in shapes.INVERSE_RELATION:
+    candidates.append({"objects": objs[::-1],
+                       "relation": shapes.INVERSE_RELATION[pred["relation"]]})
   elif len(objs) == 1 and len(target["objects"]) == 2:
     candidates.append({"objects": [{}] + objs, "relation": pred.get("relation")})
   best = max((_agreement(c, target) for c in candidates), key=_hits)

@@ -10,6 +10,10 @@ caption I2T was trained to write (the reference caption when the run set
   text/mean_exact, text/sample_exact
       the text VAE + decoder round trip alone: decode(posterior mean) and decode(a posterior
       sample) of the target captions, parsed and scored like I2T. The I2T ceiling.
+  text/blend_exact
+      decode(the mean of the posterior means of `blend_captions` captions per scene, drawn as
+      the dataset draws them: paraphrases, either object first). Where an ideal deterministic
+      I2T ODE ends when trained on every caption of an image (`data.i2t_caption_key` unset).
   onestep/t=T/rel_err, onestep/t=T/exact
       the velocity at the TRUE point x_t of the straight path from z_I to the target's
       posterior mean, extrapolated to t = 1 (x̂ = x_t + (1 − t)·v): its squared error relative
@@ -22,6 +26,8 @@ caption I2T was trained to write (the reference caption when the run set
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,37 +64,46 @@ def _programs(bundle: inference.Bundle):
     return mean, mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
 
   @jax.jit
-  def image(params, images):
-    from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-    mean, _ = m.tokenizer.apply({"params": params["tokenizer"]}, images,
-                                method=tok_lib.FlowTiTok.encode)
-    return mean * m.latent_scale
-
-  @jax.jit
-  def decode(params, z):
-    logits = m.text_decoder.apply({"params": params["text_decoder"]}, z)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  @jax.jit
   def one_step(params, z_image, z_text, t):
     tt = jnp.full((z_image.shape[0],), t, jnp.float32)
     x_t = fm.interpolate(z_image, z_text, tt)
     b = z_image.shape[0]
-    v = m.flow.apply({"params": params["flow"]}, x_t, tt, jnp.zeros((b,), jnp.int32),
-                     jnp.ones((b,), jnp.int32))
+    v = inference.velocity_fn(m, params["flow"])(x_t, tt, jnp.zeros((b,), jnp.int32),
+                                                 jnp.ones((b,), jnp.int32))
     return x_t + (1.0 - t) * v
 
+  image = jax.jit(functools.partial(inference.image_tokens, m))
+  decode = jax.jit(functools.partial(inference.text_ids, m))
   return text, image, decode, one_step
+
+
+def _blend_means(bundle, text, params, attrs, num_captions: int, seed: int):
+  """Per scene, the mean of the text VAE's posterior means over `num_captions` captions drawn
+  as the dataset draws them (paraphrases; for two objects either object first)."""
+  p = bundle.config.data.shapes.get("paraphrase_prob", 0.3)
+  rng = np.random.default_rng(seed)
+  out = []
+  for a in attrs:
+    objects, relation = a["objects"], a["relation"]
+    caps = [shapes.random_caption(rng, objects[::-1], shapes.INVERSE_RELATION[relation], p)
+            if relation and j % 2 else shapes.random_caption(rng, objects, relation, p)
+            for j in range(num_captions)]
+    ids, _ = bundle.tokenizer.encode(caps, bundle.models.text_len)
+    out.append(text(params, jnp.asarray(ids), jax.random.PRNGKey(0))[0].mean(axis=0))
+  return jnp.stack(out)
 
 
 def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
           times: Sequence[float] = DEFAULT_TIMES, steps: Optional[int] = None,
-          cfg_scale: Optional[float] = None, seed: int = 0) -> dict:
+          cfg_scale: Optional[float] = None, seed: int = 0, blend_captions: int = 32) -> dict:
   """Runs the three measurements (module docstring) on `num` examples of `split`.
 
   Returns:
-    Flat dict of floats (keys as in the module docstring) plus 'num', 'steps', 'cfg_scale'.
+    Flat dict of floats (keys as in the module docstring) plus 'num', 'steps', 'cfg_scale';
+    `blend_captions` = 0 skips text/blend_exact.
   """
+  if num < 1:
+    raise UserError(f"--num must be at least 1, got {num}")
   b = inference.as_bundle(bundle)
   if not b.can_caption:
     raise UserError(f"bundle {b.path} has no image-to-text direction to probe")
@@ -112,6 +127,9 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
 
   out = {"num": len(images), "text/mean_exact": score(mean)[1],
          "text/sample_exact": score(sample)[1]}
+  if blend_captions:
+    out["text/blend_exact"] = score(_blend_means(b, text, params, attrs, blend_captions,
+                                                 seed))[1]
   for t in times:
     if not 0.0 <= t < 1.0:
       raise UserError(f"probe times must be in [0, 1), got {t}")
@@ -120,7 +138,7 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
   knobs = b.defaults("i2t")
   steps = int(steps or knobs.get("steps", 20))
   cfg = float(cfg_scale if cfg_scale is not None else knobs.get("cfg_scale", 1.0))
-  v = lambda x, t, null, d: b.models.flow.apply({"params": params["flow"]}, x, t, null, d)
+  v = inference.velocity_fn(b.models, params["flow"])
   end = jax.jit(lambda z: fm.sample(v, z, steps=steps, cfg_scale=cfg,
                                     sampler=knobs.get("sampler", "euler"),
                                     grid=knobs.get("grid", "parity"), direction=1))(z_image)

@@ -46,7 +46,6 @@ from flowtok_jax.errors import UserError
 _PALETTE = np.array([shapes.PALETTE[c] for c in shapes.COLORS], np.float32)  # [6, 3]
 _PALETTE_SQ = (_PALETTE ** 2).sum(-1)  # [6]
 _EIGHT = np.ones((3, 3), bool)
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +273,7 @@ def attributes_of(detections: Sequence[Detection]) -> dict[str, Any]:
   if len(dets) == 2:
     relation = dominant_relation(dets[0].center, dets[1].center)
     if relation in ("right of", "below"):
-      dets, relation = dets[::-1], _INVERSE[relation]
+      dets, relation = dets[::-1], shapes.INVERSE_RELATION[relation]
   return {"objects": [dict(color=d.color, shape=d.shape, size=None, location=None)
                       for d in dets], "relation": relation}
 

@@ -369,6 +369,11 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   p_i2t = float(sc.p_i2t)
   if not float(sc.t_scale) > 0:
     raise UserError(f"flowtok_stage.t_scale must be > 0, got {sc.t_scale}")
+  i2t_t_loc = sc.i2t_t_loc
+  if i2t_t_loc is not None:
+    if isinstance(i2t_t_loc, bool) or not isinstance(i2t_t_loc, (int, float)):
+      raise UserError(f"flowtok_stage.i2t_t_loc must be a number or None, got {i2t_t_loc!r}")
+    i2t_t_loc = float(i2t_t_loc)
   if not 0.0 <= p_i2t <= 1.0:
     raise UserError(f"flowtok_stage.p_i2t must be in [0, 1], got {p_i2t}")
   if p_i2t > 0 and not fc.two_directions:
@@ -402,7 +407,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
       dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
       t_loc=float(sc.t_loc), t_scale=float(sc.t_scale),
-      i2t_t_loc=None if sc.i2t_t_loc is None else float(sc.i2t_t_loc),
+      i2t_t_loc=i2t_t_loc,
       num_shards=_num_shards(ctx, sc), pad_id=ct.pad_id)
   if lc.kl_reduction not in losses.KL_REDUCTIONS:
     raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")

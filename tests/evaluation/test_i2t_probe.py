@@ -35,7 +35,8 @@ def test_probe_cli_prints_one_json_object(tiny_bundle_dir, shapes_data_dir, caps
             "--steps", "2"])
   out = json.loads(capsys.readouterr().out)
   assert out["num"] == 4 and out["steps"] == 2 and out["cfg_scale"] == 1.0
-  assert {f"onestep/t={t:g}/exact" for t in i2t_probe.DEFAULT_TIMES} <= set(out)
+  assert {f"onestep/t={t:g}/exact" for t in i2t_probe.DEFAULT_TIMES} | {
+      "text/blend_exact"} <= set(out)
   for key, value in out.items():
     assert np.isfinite(value), key
     if key.endswith("exact"):
@@ -48,3 +49,7 @@ def test_probe_refuses_the_training_split(tiny_bundle_dir, shapes_data_dir, caps
     cli.main(["probe", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--split", "train"])
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1 and "training split" in err[0]
+  with pytest.raises(SystemExit) as e:
+    cli.main(["probe", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--num", "0"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and "--num must be at least 1" in err[0]

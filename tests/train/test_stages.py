@@ -294,6 +294,8 @@ def test_flowtok_section_and_model_checks():
     build("flowtok", flowtok_config(num_shards=3))  # B = 8
   with pytest.raises(UserError, match="t_scale"):
     build("flowtok", flowtok_config(t_scale=0.0))
+  with pytest.raises(UserError, match="i2t_t_loc must be a number"):
+    build("flowtok", flowtok_config(i2t_t_loc="abc"))
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
