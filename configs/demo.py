@@ -28,8 +28,8 @@ def get_config(arg=None):
   # Feature holding the caption I2T learns to write (None: caption_key). A scene's training
   # caption is one of many (paraphrases, either object first), and from its deterministic image
   # latent the I2T ODE can only reach the mean of the text tokens it was trained towards: over
-  # those captions that mean decodes to none of them (measured on a trained text VAE: 0.22
-  # exact, vs 1.00 for the one reference caption the pixels determine).
+  # those captions that mean decodes to none of them (`flowtok probe` on a trained text VAE:
+  # 0.40 exact, vs 1.00 for the one reference caption the pixels determine).
   data.i2t_caption_key = "reference_caption"
   data.image_size = arg.res  # Pixels per side after resize / centre crop.
   data.train_split = "train"  # Split the training loop reads.
