@@ -35,7 +35,7 @@ from flowtok_jax.models import discriminator as disc_lib
 from flowtok_jax.models import flow as flow_lib
 from flowtok_jax.models import text as text_lib
 from flowtok_jax.models import tokenizer as tok_lib
-from flowtok_jax.train import flowtok_step, optim, stage_api
+from flowtok_jax.train import evaluators, flowtok_step, optim, stage_api
 
 # name -> factory(config) -> (images [B,H,W,3], recon [B,H,W,3]) -> scalar. Empty by default: a
 # perceptual network (e.g. LPIPS from a local weights file) registers itself here.
@@ -58,6 +58,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
       perceptual="",  # Name in stages.PERCEPTUAL_LOSSES, or "" for none.
       perceptual_weight=0.0,  # Weight of the perceptual term.
+      eval_num=256,  # Held-out images (data.eval_split) the reconstruction evaluator reads.
       disc_optim=optim.default_config(),  # Discriminator AdamW (same keys as config.optim).
   ))
   c.flowtok_stage = ml_collections.ConfigDict(dict(
@@ -308,11 +309,41 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     aux = stage_api.AuxModule("disc", init=disc_init, optimizer=disc_opt, loss_fn=disc_loss,
                               start_step=start)
 
+  def recon_fn(params, frozen, images, ids):
+    mean, logvar = model.apply({"params": params}, images, method=tok_lib.FlowTiTok.encode)
+    out = model.apply({"params": params}, mean, text_features(frozen, ids),
+                      method=tok_lib.FlowTiTok.decode)
+    return out, jnp.mean(jnp.exp(0.5 * logvar), axis=(1, 2))
+
   opt = _optimizer(config)
   return stage_api.Stage(
       name="tokenizer", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
-      frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config))
+      frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config),
+      evaluators=_reconstruction_evaluator(config, ctx, recon_fn, sc.eval_num))
+
+
+def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num: int) -> tuple:
+  """The tokenizer's held-out reconstruction evaluator (none when train.eval_every_steps is 0)."""
+  every = int(config.train.get("eval_every_steps") or 0)
+  if not every:
+    return ()
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  def read():
+    from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    make = lambda: pipeline.make_eval_iterator(
+        config.data, _text_tokenizer(config, ctx), split=config.data.eval_split,
+        global_batch_size=ctx.global_batch_size, process_index=ctx.process_index,
+        process_count=ctx.process_count)
+    return evaluators.held_out_batches(make, num, ctx.global_batch_size, ctx.process_count)
+
+  decode = None
+  if config.data.name == builders.SHAPES_NAME:
+    decode = lambda ids: _text_tokenizer(config, ctx).decode(ids)
+  return (evaluators.reconstruction(ctx, every_steps=every, read_batches=read,
+                                    recon_fn=recon_fn, decode_text=decode,
+                                    split=config.data.eval_split),)
 
 
 # -- flowtok -----------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Periodic evaluators that stages hand to the train loop (`stage_api.Evaluator`).
+
+The loop runs them every `train.eval_every_steps` and at the last step, on the EMA parameters
+when there is an EMA. Each reads a fixed set of held-out examples (the first ones of
+`data.eval_split`, never the training split) once, runs one compiled program per global batch,
+and returns scalars the loop logs as `eval/<stage>/...`, plus image grids for TensorBoard and
+`W/images/`.
+
+  reconstruction  the tokenizer's round trip from the posterior mean: PSNR, SSIM, posterior σ
+                  and, on the captioned-shapes world, the share of reconstructions the pixel
+                  parser reads back as their caption (so a tokenizer is checked against the
+                  parser before anything downstream trains on it).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import stage_api
+
+Batch = dict[str, np.ndarray]
+# (trainable params, frozen params, images [B, S, S, 3] in [0, 1], text ids [B, L]) ->
+# (reconstructions [B, S, S, 3], posterior σ averaged per example [B]).
+ReconFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+GRID = 8  # Originals and reconstructions shown per evaluation.
+
+
+def held_out_batches(make_iter: Callable[[], Iterator[Batch]], num: int,
+                     global_batch_size: int, process_count: int) -> list[Batch]:
+  """The first `num` examples of an ordered evaluation iterator, in full global batches.
+
+  Rounds `num` down to whole global batches (at least one), so every process holds the same
+  number of equally sized host batches and the programs stay collective.
+  """
+  want = max(1, int(num) // global_batch_size)
+  host = global_batch_size // process_count
+  it = make_iter()
+  out = []
+  try:
+    for batch in it:
+      if len(batch["image"]) < host:
+        break
+      out.append(batch)
+      if len(out) == want:
+        break
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  if not out:
+    raise UserError(f"the evaluation split holds fewer than one global batch "
+                    f"({global_batch_size} examples); lower train.batch_size or set "
+                    "train.eval_every_steps=0")
+  return out
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (all of it, in global order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
+                   read_batches: Callable[[], list[Batch]], recon_fn: ReconFn,
+                   decode_text: Callable[[np.ndarray], list[str]] | None = None,
+                   split: str = "val") -> stage_api.Evaluator:
+  """The tokenizer evaluator.
+
+  Args:
+    ctx: the stage context (mesh, logical-axis rules, host -> global batches).
+    every_steps: evaluation period in steps (0: never).
+    read_batches: returns the held-out host batches (called once, at the first evaluation).
+    recon_fn: see `ReconFn`; compiled here.
+    decode_text: ids [N, L] -> captions. Given (the captioned-shapes world), reconstructions are
+      also read by the pixel parser and scored against their captions.
+    split: the held-out split's name: scalars are `eval/<split>/psnr`, ..., images
+      `eval/<split>/reconstructions`.
+  Returns:
+    The `Evaluator`.
+  """
+  program = jax.jit(recon_fn)
+  cache: dict[str, list[Batch]] = {}
+
+  def fn(params, frozen, step):
+    del step
+    if "batches" not in cache:
+      cache["batches"] = read_batches()
+    images, recons, sigmas, ids = [], [], [], []
+    for host_batch in cache["batches"]:
+      batch = ctx.to_global({"image": host_batch["image"], "text_ids": host_batch["text_ids"]})
+      with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+        recon, sigma = program(params, frozen, batch["image"], batch["text_ids"])
+      images.append(_gather(batch["image"]))
+      recons.append(_gather(recon))
+      sigmas.append(_gather(sigma))
+      ids.append(_gather(batch["text_ids"]))
+    # uint8 as the exported bundle writes them, so the numbers match `flowtok eval`'s.
+    to_u8 = lambda x: np.round(np.clip(np.concatenate(x), 0.0, 1.0) * 255).astype(np.uint8)
+    images, recons = to_u8(images), to_u8(recons)
+    from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
+    name = f"eval/{split}"
+    scalars = {f"{name}/psnr": float(np.mean(image_metrics.psnr(images, recons))),
+               f"{name}/ssim": float(np.mean(image_metrics.ssim(images, recons))),
+               f"{name}/posterior_std": float(np.mean(np.concatenate(sigmas))),
+               f"{name}/num": float(len(images))}
+    if decode_text is not None:
+      scalars.update(_parser_scores(name, recons, decode_text(np.concatenate(ids))))
+    grid = np.concatenate([images[:GRID], recons[:GRID]])  # Originals above reconstructions.
+    return stage_api.EvalResult(scalars=scalars, images={f"{name}/reconstructions": grid})
+
+  return stage_api.Evaluator(name="reconstruction", fn=fn, every_steps=int(every_steps))
+
+
+def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[str, float]:
+  """Parser acceptance of reconstructions against their (parsable) captions."""
+  from flowtok_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import shapes_eval  # pylint: disable=g-import-not-at-top
+  keep = [i for i, c in enumerate(captions) if shapes.parse_caption(c) is not None]
+  if len(keep) < len(captions):
+    logging.warning("%d of %d evaluation captions are outside the shapes grammar (truncated?): "
+                    "not scored by the parser", len(captions) - len(keep), len(captions))
+  if not keep:
+    return {}
+  acc = shapes_eval.t2i_accuracy(recons[keep], [captions[i] for i in keep])
+  return {f"{name}/parser_recon": acc["accuracy"], f"{name}/parser_recon_shape": acc["shape"],
+          f"{name}/parser_recon_color": acc["color"]}

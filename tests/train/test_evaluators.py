@@ -1,0 +1,128 @@
+"""The stages' periodic evaluators: held-out batches, the tokenizer's reconstruction scores, and
+their place in the train loop (eval/<split>/... rows in metrics.jsonl, image grids)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flowtok_jax import sharding
+from flowtok_jax.data import shapes
+from flowtok_jax.errors import UserError
+from flowtok_jax.train import evaluators, stage_api
+
+S = 32
+
+
+def _ctx(batch_size=8):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"shape": (-1, 1, 1)}))
+  return stage_api.StageContext(mesh=mesh, rules=sharding.logical_rules(None), workdir="/none",
+                                process_index=0, process_count=1,
+                                global_batch_size=batch_size, seed=0)
+
+
+def _scenes(n):
+  """Rendered val scenes: images in [0, 1], ids = row index (decoded back to the caption)."""
+  cfg = shapes.ShapesConfig(image_size=S)
+  exs = [shapes.render_example(0, "val", i, cfg) for i in range(n)]
+  images = np.stack([e["image"] for e in exs]).astype(np.float32) / 255
+  captions = [e["caption"] for e in exs]
+  ids = np.tile(np.arange(n, dtype=np.int32)[:, None], (1, 4))
+  return images, ids, captions
+
+
+def test_held_out_batches_reads_whole_global_batches_only():
+  rows = [{"image": np.zeros((n, 2, 2, 3))} for n in (4, 4, 4, 2)]
+  closed = []
+
+  class It:
+    def __init__(self):
+      self.inner = iter(rows)
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      return next(self.inner)
+
+    def close(self):
+      closed.append(True)
+
+  assert len(evaluators.held_out_batches(It, 10, 4, 1)) == 2  # 10 -> 2 whole batches
+  assert len(evaluators.held_out_batches(It, 100, 4, 1)) == 3  # the short last one is dropped
+  assert len(evaluators.held_out_batches(It, 1, 4, 1)) == 1  # at least one
+  assert len(closed) == 3
+  with pytest.raises(UserError, match="fewer than one global batch"):
+    evaluators.held_out_batches(lambda: iter(rows[3:]), 8, 4, 1)
+
+
+@pytest.mark.parametrize("kind", ["exact", "blank"])
+def test_reconstruction_scores_against_the_captions(kind):
+  images, ids, captions = _scenes(16)
+  batches = [{"image": images[i:i + 8], "text_ids": ids[i:i + 8]} for i in (0, 8)]
+  sigma = 0.25
+
+  def recon_fn(params, frozen, x, text_ids):
+    del frozen, text_ids
+    out = x * params["gain"]
+    return out, jnp.full((x.shape[0],), sigma)
+
+  reads = []
+  ev = evaluators.reconstruction(
+      _ctx(), every_steps=5, read_batches=lambda: reads.append(1) or batches, recon_fn=recon_fn,
+      decode_text=lambda rows: [captions[r[0]] for r in rows], split="val")
+  assert ev.every_steps == 5
+  gain = 1.0 if kind == "exact" else 0.0
+  res = ev.fn({"gain": jnp.float32(gain)}, {}, 5)
+  res2 = ev.fn({"gain": jnp.float32(gain)}, {}, 10)
+  assert len(reads) == 1  # the held-out set is read once
+  s = res.scalars
+  assert s["eval/val/num"] == 16 and s["eval/val/posterior_std"] == pytest.approx(sigma)
+  if kind == "exact":  # the renders themselves: the parser reads every one back
+    assert s["eval/val/parser_recon"] == 1.0 and s["eval/val/ssim"] == pytest.approx(1.0)
+    assert s["eval/val/psnr"] > 100
+  else:  # black images: nothing to read
+    assert s["eval/val/parser_recon"] == 0.0 and s["eval/val/psnr"] < 20
+  assert res2.scalars == s
+  grid = res.images["eval/val/reconstructions"]
+  assert grid.shape == (16, S, S, 3) and grid.dtype == np.uint8  # 8 originals, 8 reconstructions
+  np.testing.assert_array_equal(grid[:8], np.round(images[:8] * 255).astype(np.uint8))
+
+
+def test_reconstruction_without_captions_has_no_parser_scores():
+  images, ids, _ = _scenes(8)
+  ev = evaluators.reconstruction(
+      _ctx(), every_steps=1, read_batches=lambda: [{"image": images, "text_ids": ids}],
+      recon_fn=lambda p, f, x, t: (x, jnp.zeros((x.shape[0],))))
+  assert not any("parser" in k for k in ev.fn({}, {}, 1).scalars)
+
+
+def test_tokenizer_stage_reports_held_out_reconstructions(tmp_path):
+  """The tokenizer stage, trained by the loop on a built shapes dataset, logs eval/val/..."""
+  from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import builders, text_tokenizer  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "configs", "demo.py")
+  data_dir, work = str(tmp_path / "data"), str(tmp_path / "tok")
+  config = config_lib.load(demo + ":runlocal,res=32", [
+      f"data.data_dir={data_dir}", "data.shapes.num_train=32", "data.shapes.num_val=24",
+      "data.shapes.num_test=8", "data.shapes.num_compositional=8", "clip_text.depth=1",
+      "tokenizer.encoder_depth=1", "tokenizer.decoder_depth=1"])
+  config.stages.tokenizer.train.update(total_steps=4, eval_every_steps=2, ckpt_every_steps=4)
+  builders.build(config.data, data_dir)
+  captions = builders.read_captions(config.data, "train", data_dir)
+  os.makedirs(work)
+  text_tokenizer.train_from_config(config.text_tokenizer, captions).save(
+      os.path.join(work, "text_tokenizer.model"))
+  result = loop.train_and_evaluate(config, work, "tokenizer")
+  assert result.last_eval["eval/val/num"] == 24  # every val image: 3 whole batches of 8
+  assert 0.0 <= result.last_eval["eval/val/parser_recon"] <= 1.0
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "eval/val/psnr" in r] == [2, 4]
+  assert sorted(os.listdir(os.path.join(work, "images", "eval", "val", "reconstructions"))) == [
+      "00000002.png", "00000004.png"]
