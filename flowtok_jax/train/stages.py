@@ -123,10 +123,16 @@ def _check_image_size(config, section: str, size: int):
                     f"{section}.image_size = {size}")
 
 
-def _example_batch(config) -> dict[str, np.ndarray]:
+def _example_batch(config, i2t_ids: bool = False) -> dict[str, np.ndarray]:
+  """The keys (and dtypes) a stage's train step receives; the loop leaves every other key of
+  the pipeline's batches on the host. `i2t_ids`: also the I2T caption ids, when the data names
+  one (`data.i2t_caption_key`)."""
   s, l = config.data.image_size, config.data.max_text_len
-  return {"image": np.zeros((1, s, s, 3), np.float32), "text_ids": np.zeros((1, l), np.int32),
-          "truncated": np.zeros((1,), bool)}
+  out = {"image": np.zeros((1, s, s, 3), np.float32), "text_ids": np.zeros((1, l), np.int32),
+         "truncated": np.zeros((1,), bool)}
+  if i2t_ids and config.data.get("i2t_caption_key"):
+    out["i2t_text_ids"] = np.zeros((1, l), np.int32)
+  return out
 
 
 def _text_tokenizer(config, ctx: stage_api.StageContext):
@@ -473,7 +479,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   from flowtok_jax import flops  # pylint: disable=g-import-not-at-top
   return stage_api.Stage(
       name="flowtok", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
-      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
+      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config, i2t_ids=True),
       frozen=frozen_parts, ema_decay=_ema(config),
       # Model FLOPs (flops.py) of the whole step for perf/mfu: trained parts 3x, frozen 1x.
       flops_per_step=flops.train_step_flops(config, ctx.global_batch_size)["total"])

@@ -100,24 +100,13 @@ def test_reconstruction_without_captions_has_no_parser_scores():
   assert not any("parser" in k for k in ev.fn({}, {}, 1).scalars)
 
 
-def test_tokenizer_stage_reports_held_out_reconstructions(tmp_path):
+def test_tokenizer_stage_reports_held_out_reconstructions(shapes_data):
   """The tokenizer stage, trained by the loop on a built shapes dataset, logs eval/val/..."""
-  from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from flowtok_jax.data import builders, text_tokenizer  # pylint: disable=g-import-not-at-top
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
-  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), "configs", "demo.py")
-  data_dir, work = str(tmp_path / "data"), str(tmp_path / "tok")
-  config = config_lib.load(demo + ":runlocal,res=32", [
-      f"data.data_dir={data_dir}", "data.shapes.num_train=32", "data.shapes.num_val=24",
-      "data.shapes.num_test=8", "data.shapes.num_compositional=8", "clip_text.depth=1",
-      "tokenizer.encoder_depth=1", "tokenizer.decoder_depth=1"])
+  make, root = shapes_data
+  config = make()
   config.stages.tokenizer.train.update(total_steps=4, eval_every_steps=2, ckpt_every_steps=4)
-  builders.build(config.data, data_dir)
-  captions = builders.read_captions(config.data, "train", data_dir)
-  os.makedirs(work)
-  text_tokenizer.train_from_config(config.text_tokenizer, captions).save(
-      os.path.join(work, "text_tokenizer.model"))
+  work = os.path.join(root, "tokenizer")
   result = loop.train_and_evaluate(config, work, "tokenizer")
   assert result.last_eval["eval/val/num"] == 24  # every val image: 3 whole batches of 8
   assert 0.0 <= result.last_eval["eval/val/parser_recon"] <= 1.0
