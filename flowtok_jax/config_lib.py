@@ -143,6 +143,9 @@ def _closest(word: str, options: list[str]) -> str | None:
 
 
 def _cast_override(text: str, current: Any, key: str) -> Any:
+  if text == "None" and isinstance(current, (int, float, tuple, list)) and not isinstance(
+      current, bool):
+    return None  # Unsets an optional number a config chose (e.g. ema_decay, i2t_t_loc).
   if current is None:
     # An unset optional value: take Python literals when they parse, else the string.
     try:

@@ -32,6 +32,18 @@ def test_load_applies_overrides_and_locks():
     config.data.not_a_key = 1  # Locked: typos cannot add keys later.
 
 
+def test_none_unsets_an_optional_number_a_config_chose():
+  config = config_lib.load("configs/demo.py", ["flowtok_stage.i2t_t_loc=None",
+                                               "optim.clip_norm=0.5"])
+  assert config.flowtok_stage.i2t_t_loc is None and config.optim.clip_norm == 0.5
+  config = config_lib.load("configs/demo.py", ["train.ema_decay=None"])
+  assert config.train.ema_decay is None
+  # Strings stay strings; booleans have no None.
+  assert config_lib.load("configs/demo.py", ["data.name=None"]).data.name == "None"
+  with pytest.raises(UserError, match="progress_bar"):
+    config_lib.load("configs/demo.py", ["train.progress_bar=None"])
+
+
 @pytest.mark.parametrize("override,match", [
     ("data.shapes.num_trian=5", "num_trian.*did you mean 'num_train'"),
     ("data.shapes.num_train=five", "num_train"),

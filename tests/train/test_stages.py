@@ -294,8 +294,12 @@ def test_flowtok_section_and_model_checks():
     build("flowtok", flowtok_config(num_shards=3))  # B = 8
   with pytest.raises(UserError, match="t_scale"):
     build("flowtok", flowtok_config(t_scale=0.0))
+  config = flowtok_config()
+  # A config file (not the CLI, which casts) can still hold a non-number.
+  config.flowtok_stage = ml_collections.ConfigDict(
+      dict(config.flowtok_stage.to_dict(), i2t_t_loc="abc"))
   with pytest.raises(UserError, match="i2t_t_loc must be a number"):
-    build("flowtok", flowtok_config(i2t_t_loc="abc"))
+    build("flowtok", config)
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
