@@ -3,13 +3,17 @@
 The loop runs them every `train.eval_every_steps` and at the last step, on the EMA parameters
 when there is an EMA. Each reads a fixed set of held-out examples (the first ones of
 `data.eval_split`, never the training split) once, runs one compiled program per global batch,
-and returns scalars the loop logs as `eval/<stage>/...`, plus image grids for TensorBoard and
-`W/images/`.
+and returns scalars the loop logs as `eval/<split>/...`, plus image grids and texts for
+TensorBoard (images also under `W/images/`).
 
   reconstruction  the tokenizer's round trip from the posterior mean: PSNR, SSIM, posterior σ
                   and, on the captioned-shapes world, the share of reconstructions the pixel
                   parser reads back as their caption (so a tokenizer is checked against the
                   parser before anything downstream trains on it).
+  flowtok         FlowTok's training objective on held-out pairs (flow loss per direction,
+                  relative to its target's variance; text-decoder accuracy) and, for a two-way
+                  model, captions of the held-out images (the bundle's I2T sampler), scored on
+                  the captioned-shapes world by exact match, parse rate and attribute.
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
   Args:
     ctx: the stage context (mesh, logical-axis rules, host -> global batches).
     every_steps: evaluation period in steps (0: never).
-    read_batches: returns the held-out host batches (called once, at the first evaluation).
+    read_batches: returns the held-out host batches (called once, by `prepare`).
     recon_fn: see `ReconFn`; compiled here.
     decode_text: ids [N, L] -> captions. Given (the captioned-shapes world), reconstructions are
       also read by the pixel parser and scored against their captions.
@@ -87,10 +91,13 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
   program = jax.jit(recon_fn)
   cache: dict[str, list[Batch]] = {}
 
-  def fn(params, frozen, step):
-    del step
+  def prepare():
     if "batches" not in cache:
       cache["batches"] = read_batches()
+
+  def fn(params, frozen, step):
+    del step
+    prepare()
     images, recons, sigmas, ids = [], [], [], []
     for host_batch in cache["batches"]:
       batch = ctx.to_global({"image": host_batch["image"], "text_ids": host_batch["text_ids"]})
@@ -114,7 +121,8 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
     grid = np.concatenate([images[:GRID], recons[:GRID]])  # Originals above reconstructions.
     return stage_api.EvalResult(scalars=scalars, images={f"{name}/reconstructions": grid})
 
-  return stage_api.Evaluator(name="reconstruction", fn=fn, every_steps=int(every_steps))
+  return stage_api.Evaluator(name="reconstruction", fn=fn, every_steps=int(every_steps),
+                             prepare=prepare)
 
 
 def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[str, float]:
@@ -130,3 +138,70 @@ def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[s
   acc = shapes_eval.t2i_accuracy(recons[keep], [captions[i] for i in keep])
   return {f"{name}/parser_recon": acc["accuracy"], f"{name}/parser_recon_shape": acc["shape"],
           f"{name}/parser_recon_color": acc["color"]}
+
+
+# (trainable params, frozen params, global batch) -> (loss metrics {name: scalar},
+# I2T caption ids [B, L] or None).
+FlowFn = Callable[[Any, Any, dict[str, jax.Array]], tuple[dict[str, jax.Array], Any]]
+
+
+def flowtok(ctx: stage_api.StageContext, *, every_steps: int,
+            read_batches: Callable[[], list[Batch]], flow_fn: FlowFn, keys: tuple[str, ...],
+            decode_text: Callable[[np.ndarray], list[str]] | None = None,
+            shapes_world: bool = False, split: str = "val") -> stage_api.Evaluator:
+  """The FlowTok evaluator: held-out losses and, when the model writes captions, I2T.
+
+  Args:
+    ctx: the stage context.
+    every_steps: evaluation period in steps (0: never).
+    read_batches: returns the held-out host batches (called once, by `prepare`).
+    flow_fn: see `FlowFn`; compiled here. Its losses use a fixed key, so two evaluations of the
+      same params agree; they are averaged over the batches (`eval/<split>/rel_loss_t2i`, ...).
+    keys: the batch keys the program reads (the stage's example_batch keys).
+    decode_text: ids [N, L] -> strings; needed for captions.
+    shapes_world: score the captions against the true captions' attributes (exact match, parse
+      rate, per attribute) on the captioned-shapes world.
+    split: the held-out split's name.
+  Returns:
+    The `Evaluator`.
+  """
+  program = jax.jit(flow_fn)
+  cache: dict[str, list[Batch]] = {}
+
+  def prepare():
+    if "batches" not in cache:
+      cache["batches"] = read_batches()
+
+  def fn(params, frozen, step):
+    del step
+    prepare()
+    sums: dict[str, list[float]] = {}
+    captions, truths = [], []
+    for host_batch in cache["batches"]:
+      batch = ctx.to_global({k: host_batch[k] for k in keys})
+      with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+        metrics, ids = program(params, frozen, batch)
+      for k, v in metrics.items():
+        sums.setdefault(k, []).append(float(v))
+      if ids is not None and decode_text is not None:
+        captions += decode_text(_gather(ids))
+        truths += decode_text(_gather(batch["text_ids"]))
+    name = f"eval/{split}"
+    scalars = {f"{name}/{k}": float(np.mean(v)) for k, v in sums.items()}
+    texts = {}
+    if captions:
+      texts[f"{name}/captions"] = "\n".join(
+          f"{c}  ({t})" for c, t in zip(captions[:GRID], truths[:GRID]))
+      if shapes_world:
+        from flowtok_jax.data import shapes  # pylint: disable=g-import-not-at-top
+        from flowtok_jax.evaluation import caption_metrics  # pylint: disable=g-import-not-at-top
+        keep = [i for i, t in enumerate(truths) if shapes.parse_caption(t) is not None]
+        if keep:
+          acc = caption_metrics.caption_accuracy([captions[i] for i in keep],
+                                                 [truths[i] for i in keep])
+          scalars.update({f"{name}/i2t_{k}": acc[k] for k in ("exact", "parse_rate", "color",
+                                                                "shape", "size", "location")})
+    return stage_api.EvalResult(scalars=scalars, texts=texts)
+
+  return stage_api.Evaluator(name="flowtok", fn=fn, every_steps=int(every_steps),
+                             prepare=prepare)

@@ -273,6 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    total_steps)
       return RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
 
+    for ev in stage.evaluators:  # Held-out data is read now: a missing split fails here.
+      if ev.every_steps and ev.prepare is not None:
+        ev.prepare()
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       jitted = jax.jit(make_train_step(stage), in_shardings=(state_sh, frozen_sh, data_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)

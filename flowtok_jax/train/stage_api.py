@@ -148,10 +148,13 @@ class Evaluator:
       builds/jits its own programs (once, e.g. at stage build time or on first call) and reads its
       own data; all processes call it (collective programs), process 0 writes the results.
     every_steps: run when `step % every_steps == 0` and at the last step; 0 disables.
+    prepare: optional; the loop calls it once before the first step (e.g. to read held-out data),
+      so a missing evaluation split fails at the start of a run, not at its first evaluation.
   """
   name: str
   fn: Callable[[Params, Mapping[str, Params], int], EvalResult]
   every_steps: int
+  prepare: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       t_loc=0.0,
       t_scale=1.0,
       i2t_t_loc=None,  # t_loc of the I2T examples (None: t_loc).
+      eval_num=256,  # Held-out examples (data.eval_split) of the periodic evaluation.
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
       # Per-shard semantics of the reference (null roll, 'local' negatives, KL 'sum' per shard)
       # split the batch into this many blocks; None: the data-parallel device count (parity).
@@ -329,13 +330,8 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       evaluators=_reconstruction_evaluator(config, ctx, recon_fn, sc.eval_num))
 
 
-def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num: int) -> tuple:
-  """The tokenizer's held-out reconstruction evaluator (none when train.eval_every_steps is 0)."""
-  every = int(config.train.get("eval_every_steps") or 0)
-  if not every:
-    return ()
-  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
-
+def _held_out_reader(config, ctx: stage_api.StageContext, num: int):
+  """A loader of the first `num` examples of data.eval_split, in whole global batches."""
   def read():
     from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     make = lambda: pipeline.make_eval_iterator(
@@ -343,13 +339,43 @@ def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num
         global_batch_size=ctx.global_batch_size, process_index=ctx.process_index,
         process_count=ctx.process_count)
     return evaluators.held_out_batches(make, num, ctx.global_batch_size, ctx.process_count)
+  return read
 
+
+def _is_shapes(config) -> bool:
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  return config.data.name == builders.SHAPES_NAME
+
+
+def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num: int) -> tuple:
+  """The tokenizer's held-out reconstruction evaluator (none when train.eval_every_steps is 0)."""
+  every = int(config.train.get("eval_every_steps") or 0)
+  if not every:
+    return ()
   decode = None
-  if config.data.name == builders.SHAPES_NAME:
+  if _is_shapes(config):
     decode = lambda ids: _text_tokenizer(config, ctx).decode(ids)
-  return (evaluators.reconstruction(ctx, every_steps=every, read_batches=read,
+  return (evaluators.reconstruction(ctx, every_steps=every,
+                                    read_batches=_held_out_reader(config, ctx, num),
                                     recon_fn=recon_fn, decode_text=decode,
                                     split=config.data.eval_split),)
+
+
+# Held-out FlowTok scalars (eval/<split>/...): the flow loss, per direction relative to its
+# target's variance, and the text decoder's token accuracy.
+_FLOW_EVAL_METRICS = ("loss_fm", "rel_loss_t2i", "rel_loss_i2t", "dec_acc")
+
+
+def _flowtok_evaluator(config, ctx: stage_api.StageContext, flow_fn, keys: tuple) -> tuple:
+  """FlowTok's held-out evaluator (none when train.eval_every_steps is 0)."""
+  every = int(config.train.get("eval_every_steps") or 0)
+  if not every:
+    return ()
+  num = int(_section(config, "flowtok_stage").eval_num)
+  return (evaluators.flowtok(ctx, every_steps=every, read_batches=_held_out_reader(
+      config, ctx, num), flow_fn=flow_fn, keys=keys,
+      decode_text=lambda ids: _text_tokenizer(config, ctx).decode(ids),
+      shapes_world=_is_shapes(config), split=config.data.eval_split),)
 
 
 # -- flowtok -----------------------------------------------------------------------------------
@@ -475,11 +501,30 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
                            checkpoint=_init_get(config, "tokenizer_from"),
                            select=_tokenizer_select(config) + ("encoder",)),
   )
+  def flow_fn(params, frozen, batch):
+    """Held-out losses (the training objective, fixed key) and, two-way, greedy I2T captions."""
+    _, metrics = flowtok_step.flowtok_loss(models, lc, params, frozen, batch,
+                                           jax.random.PRNGKey(config.seed))
+    metrics = {k: v for k, v in metrics.items() if k in _FLOW_EVAL_METRICS}
+    ids = None
+    if p_i2t > 0 and decoder is not None:
+      from flowtok_jax import export, flow_matching  # pylint: disable=g-import-not-at-top
+      mean, _ = models.image_encoder.apply({"params": frozen["image_encoder"]}, batch["image"])
+      velocity = lambda x, t, null, d: models.flow.apply({"params": params["flow"]}, x, t, null, d)
+      knobs = export.I2T_DEFAULTS
+      z_text = flow_matching.sample(velocity, mean * scale, steps=knobs["steps"],
+                                    cfg_scale=knobs["cfg_scale"], sampler=knobs["sampler"],
+                                    grid=knobs["grid"], direction=1)
+      ids = jnp.argmax(decoder.apply({"params": params["text_decoder"]}, z_text), axis=-1)
+    return metrics, ids
+
+  example = _example_batch(config, i2t_ids=True)
   opt = _optimizer(config)
   from flowtok_jax import flops  # pylint: disable=g-import-not-at-top
   return stage_api.Stage(
       name="flowtok", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
-      train_iter=_train_iter(config, ctx), example_batch=_example_batch(config, i2t_ids=True),
+      train_iter=_train_iter(config, ctx), example_batch=example,
       frozen=frozen_parts, ema_decay=_ema(config),
+      evaluators=_flowtok_evaluator(config, ctx, flow_fn, tuple(example)),
       # Model FLOPs (flops.py) of the whole step for perf/mfu: trained parts 3x, frozen 1x.
       flops_per_step=flops.train_step_flops(config, ctx.global_batch_size)["total"])

@@ -115,3 +115,49 @@ def test_tokenizer_stage_reports_held_out_reconstructions(shapes_data):
   assert [r["step"] for r in rows if "eval/val/psnr" in r] == [2, 4]
   assert sorted(os.listdir(os.path.join(work, "images", "eval", "val", "reconstructions"))) == [
       "00000002.png", "00000004.png"]
+
+
+def test_flowtok_evaluator_averages_losses_and_scores_captions():
+  images, ids, captions = _scenes(16)
+  batches = [{"image": images[i:i + 8], "text_ids": ids[i:i + 8], "extra": ids[i:i + 8]}
+             for i in (0, 8)]
+  # The "model" captions even rows right and writes word salad for odd ones.
+  salad = np.full((16, 4), -1, np.int32)
+
+  def flow_fn(params, frozen, batch):
+    del frozen
+    assert set(batch) == {"image", "text_ids"}  # only the keys asked for
+    out = jnp.where((batch["text_ids"][:, :1] % 2) == 0, batch["text_ids"], salad[:8])
+    return {"rel_loss_t2i": params["loss"] + batch["text_ids"][0, 0]}, out
+
+  def decode(rows):
+    return [captions[r[0]] if r[0] >= 0 else "square square the" for r in rows]
+
+  ev = evaluators.flowtok(_ctx(), every_steps=3, read_batches=lambda: batches,
+                          flow_fn=flow_fn, keys=("image", "text_ids"), decode_text=decode,
+                          shapes_world=True, split="val")
+  res = ev.fn({"loss": jnp.float32(0.5)}, {}, 3)
+  s = res.scalars
+  assert s["eval/val/rel_loss_t2i"] == pytest.approx(0.5 + (0 + 8) / 2)  # mean over batches
+  assert s["eval/val/i2t_exact"] == pytest.approx(0.5)
+  assert s["eval/val/i2t_parse_rate"] == pytest.approx(0.5)
+  lines = res.texts["eval/val/captions"].splitlines()
+  assert len(lines) == 8 and lines[0] == f"{captions[0]}  ({captions[0]})"
+  # Without captions (a T2I-only model): losses only.
+  ev = evaluators.flowtok(_ctx(), every_steps=3, read_batches=lambda: batches,
+                          flow_fn=lambda p, f, b: ({"loss_fm": jnp.float32(1.0)}, None),
+                          keys=("image",), decode_text=decode, shapes_world=True)
+  res = ev.fn({}, {}, 3)
+  assert res.scalars == {"eval/val/loss_fm": 1.0} and not res.texts
+
+
+def test_a_missing_evaluation_split_fails_before_the_first_step(shapes_data):
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  make, root = shapes_data
+  config = make("data.eval_split=nosuch")
+  config.stages.tokenizer.train.update(total_steps=4, eval_every_steps=2, ckpt_every_steps=1)
+  work = os.path.join(root, "tokenizer_nosplit")
+  with pytest.raises(UserError, match="nosuch"):
+    loop.train_and_evaluate(config, work, "tokenizer")
+  ckpts = os.path.join(work, "checkpoints")
+  assert not os.path.isdir(ckpts) or not [d for d in os.listdir(ckpts) if d.isdigit()]

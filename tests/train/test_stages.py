@@ -334,10 +334,17 @@ def test_the_loop_feeds_the_i2t_caption_to_the_flowtok_step(shapes_data):
     config.data.i2t_caption_key = key
     config.flowtok_stage.p_i2t = 1.0
     config.tokenizer.latent_scale = 1.0
-    config.train.update(total_steps=1, log_every_steps=1, eval_every_steps=0, ema_decay=None)
+    # One run also evaluates on held-out pairs (the stage's evaluator, through the loop).
+    every = 1 if key is None else 0
+    config.train.update(total_steps=1, log_every_steps=1, eval_every_steps=every,
+                        ema_decay=None)
     stage = build("flowtok", config)
     assert ("i2t_text_ids" in stage.example_batch) == (key is not None)
+    assert len(stage.evaluators) == every
     result = loop.train_and_evaluate(config, os.path.join(root, f"flow_{key}"), "flowtok")
     dec_ce[key] = result.last_metrics["train/dec_ce"]
   # Same data order and seed: only the captions the I2T examples encode differ.
   assert dec_ce["reference_caption"] != dec_ce[None]
+  ev = result.last_eval
+  assert np.isfinite(ev["eval/val/rel_loss_i2t"]) and 0.0 <= ev["eval/val/dec_acc"] <= 1.0
+  assert 0.0 <= ev["eval/val/i2t_exact"] <= ev["eval/val/i2t_parse_rate"] <= 1.0
