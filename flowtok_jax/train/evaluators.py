@@ -70,6 +70,26 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+class _HeldOut:
+  """Held-out host batches, read once (by `prepare`, or at the first evaluation)."""
+
+  def __init__(self, read_batches: Callable[[], list[Batch]]):
+    self._read, self._batches = read_batches, None
+
+  def prepare(self):
+    if self._batches is None:
+      self._batches = self._read()
+
+  def run(self, ctx: stage_api.StageContext, program, keys, params, frozen):
+    """Yields (global batch, program(params, frozen, global batch)) per held-out batch."""
+    self.prepare()
+    for host_batch in self._batches:
+      batch = ctx.to_global({k: host_batch[k] for k in keys})
+      with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+        out = program(params, frozen, batch)
+      yield batch, out
+
+
 def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
                    read_batches: Callable[[], list[Batch]], recon_fn: ReconFn,
                    decode_text: Callable[[np.ndarray], list[str]] | None = None,
@@ -88,21 +108,13 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
   Returns:
     The `Evaluator`.
   """
-  program = jax.jit(recon_fn)
-  cache: dict[str, list[Batch]] = {}
-
-  def prepare():
-    if "batches" not in cache:
-      cache["batches"] = read_batches()
+  program = jax.jit(lambda p, f, b: recon_fn(p, f, b["image"], b["text_ids"]))
+  held = _HeldOut(read_batches)
 
   def fn(params, frozen, step):
     del step
-    prepare()
     images, recons, sigmas, ids = [], [], [], []
-    for host_batch in cache["batches"]:
-      batch = ctx.to_global({"image": host_batch["image"], "text_ids": host_batch["text_ids"]})
-      with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
-        recon, sigma = program(params, frozen, batch["image"], batch["text_ids"])
+    for batch, (recon, sigma) in held.run(ctx, program, ("image", "text_ids"), params, frozen):
       images.append(_gather(batch["image"]))
       recons.append(_gather(recon))
       sigmas.append(_gather(sigma))
@@ -122,7 +134,7 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
     return stage_api.EvalResult(scalars=scalars, images={f"{name}/reconstructions": grid})
 
   return stage_api.Evaluator(name="reconstruction", fn=fn, every_steps=int(every_steps),
-                             prepare=prepare)
+                             prepare=held.prepare)
 
 
 def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[str, float]:
@@ -166,21 +178,13 @@ def flowtok(ctx: stage_api.StageContext, *, every_steps: int,
     The `Evaluator`.
   """
   program = jax.jit(flow_fn)
-  cache: dict[str, list[Batch]] = {}
-
-  def prepare():
-    if "batches" not in cache:
-      cache["batches"] = read_batches()
+  held = _HeldOut(read_batches)
 
   def fn(params, frozen, step):
     del step
-    prepare()
     sums: dict[str, list[float]] = {}
     captions, truths = [], []
-    for host_batch in cache["batches"]:
-      batch = ctx.to_global({k: host_batch[k] for k in keys})
-      with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
-        metrics, ids = program(params, frozen, batch)
+    for batch, (metrics, ids) in held.run(ctx, program, keys, params, frozen):
       for k, v in metrics.items():
         sums.setdefault(k, []).append(float(v))
       if ids is not None and decode_text is not None:
@@ -204,4 +208,4 @@ def flowtok(ctx: stage_api.StageContext, *, every_steps: int,
     return stage_api.EvalResult(scalars=scalars, texts=texts)
 
   return stage_api.Evaluator(name="flowtok", fn=fn, every_steps=int(every_steps),
-                             prepare=prepare)
+                             prepare=held.prepare)
