@@ -15,6 +15,7 @@ Stage-specific knobs live in `config.clip_stage`, `config.tokenizer_stage`, `con
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -330,12 +331,17 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       evaluators=_reconstruction_evaluator(config, ctx, recon_fn, sc.eval_num))
 
 
-def _held_out_reader(config, ctx: stage_api.StageContext, num: int):
+def _cached_text_tokenizer(config, ctx: stage_api.StageContext):
+  """A zero-argument getter that loads the sentencepiece model on first use, then reuses it."""
+  return functools.cache(lambda: _text_tokenizer(config, ctx))
+
+
+def _held_out_reader(config, ctx: stage_api.StageContext, num: int, text_tokenizer):
   """A loader of the first `num` examples of data.eval_split, in whole global batches."""
   def read():
     from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     make = lambda: pipeline.make_eval_iterator(
-        config.data, _text_tokenizer(config, ctx), split=config.data.eval_split,
+        config.data, text_tokenizer(), split=config.data.eval_split,
         global_batch_size=ctx.global_batch_size, process_index=ctx.process_index,
         process_count=ctx.process_count)
     return evaluators.held_out_batches(make, num, ctx.global_batch_size, ctx.process_count)
@@ -352,11 +358,13 @@ def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num
   every = int(config.train.get("eval_every_steps") or 0)
   if not every:
     return ()
+  text_tokenizer = _cached_text_tokenizer(config, ctx)
   decode = None
   if _is_shapes(config):
-    decode = lambda ids: _text_tokenizer(config, ctx).decode(ids)
+    decode = lambda ids: text_tokenizer().decode(ids)
   return (evaluators.reconstruction(ctx, every_steps=every,
-                                    read_batches=_held_out_reader(config, ctx, num),
+                                    read_batches=_held_out_reader(config, ctx, num,
+                                                                  text_tokenizer),
                                     recon_fn=recon_fn, decode_text=decode,
                                     split=config.data.eval_split),)
 
@@ -372,9 +380,10 @@ def _flowtok_evaluator(config, ctx: stage_api.StageContext, flow_fn, keys: tuple
   if not every:
     return ()
   num = int(_section(config, "flowtok_stage").eval_num)
+  text_tokenizer = _cached_text_tokenizer(config, ctx)
   return (evaluators.flowtok(ctx, every_steps=every, read_batches=_held_out_reader(
-      config, ctx, num), flow_fn=flow_fn, keys=keys,
-      decode_text=lambda ids: _text_tokenizer(config, ctx).decode(ids),
+      config, ctx, num, text_tokenizer), flow_fn=flow_fn, keys=keys,
+      decode_text=lambda ids: text_tokenizer().decode(ids),
       shapes_world=_is_shapes(config), split=config.data.eval_split),)
 
 
@@ -508,14 +517,17 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     metrics = {k: v for k, v in metrics.items() if k in _FLOW_EVAL_METRICS}
     ids = None
     if p_i2t > 0 and decoder is not None:
-      from flowtok_jax import export, flow_matching  # pylint: disable=g-import-not-at-top
+      # The bundle's I2T path (inference.velocity_fn / text_ids read only `.flow` and
+      # `.text_decoder`, which FlowTokModels has too); only the encoder differs: here it is the
+      # frozen encoder alone, not the whole tokenizer.
+      # pylint: disable-next=g-import-not-at-top
+      from flowtok_jax import export, flow_matching, inference
       mean, _ = models.image_encoder.apply({"params": frozen["image_encoder"]}, batch["image"])
-      velocity = lambda x, t, null, d: models.flow.apply({"params": params["flow"]}, x, t, null, d)
       knobs = export.I2T_DEFAULTS
-      z_text = flow_matching.sample(velocity, mean * scale, steps=knobs["steps"],
-                                    cfg_scale=knobs["cfg_scale"], sampler=knobs["sampler"],
-                                    grid=knobs["grid"], direction=1)
-      ids = jnp.argmax(decoder.apply({"params": params["text_decoder"]}, z_text), axis=-1)
+      z_text = flow_matching.sample(inference.velocity_fn(models, params["flow"]), mean * scale,
+                                    steps=knobs["steps"], cfg_scale=knobs["cfg_scale"],
+                                    sampler=knobs["sampler"], grid=knobs["grid"], direction=1)
+      ids = inference.text_ids(models, params, z_text)
     return metrics, ids
 
   example = _example_batch(config, i2t_ids=True)
