@@ -151,8 +151,7 @@ def get_config(arg=None):
   tr.batch_size = 32  # Global batch (all hosts); must divide by mesh data x fsdp.
   tr.total_steps = 2000  # Optimizer steps of the run.
   tr.log_every_steps = 50  # Metrics to host, metrics.jsonl and TensorBoard.
-  tr.eval_every_steps = 500  # Evaluators, also at the last step (0: never).
-  tr.sample_every_steps = 500  # Sampling evaluators (image / caption grids).
+  tr.eval_every_steps = 500  # Evaluators (scores, grids, captions), also at the last step (0: never).
   tr.ckpt_every_steps = 500  # Checkpoints (plus one at the end and on SIGTERM/SIGINT).
   tr.ema_decay = 0.999  # EMA of trainable params (None: no EMA, evaluators use raw params).
   tr.peak_flops_per_device = None  # FLOP/s for perf/mfu; None: measured matmul peak at start.
@@ -217,14 +216,14 @@ def get_config(arg=None):
       # Contrastive pretraining of the text tower that the tokenizer decoder, text VAE and
       # alignment read (frozen later). Short: random text features already carry every token.
       train=dict(total_steps=100, batch_size=64, ema_decay=None, eval_every_steps=100,
-                 sample_every_steps=100, ckpt_every_steps=100),
+                 ckpt_every_steps=100),
       optim=dict(lr=1e-3, warmup_steps=20, weight_decay=0.1)))
   st.tokenizer = ml_collections.ConfigDict(dict(
       # The bottleneck of quality per CPU-second. Batch 32 (more updates beat bigger batches
       # here); lr 2e-3 cosine to 1e-4 after 50 warm-up steps; no EMA: with a few hundred steps
       # an EMA still holds the random init, and the cosine tail does its job.
       train=dict(total_steps=640, batch_size=32, ema_decay=None, eval_every_steps=640,
-                 sample_every_steps=640, ckpt_every_steps=320),
+                 ckpt_every_steps=320),
       optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine", end_lr=1e-4, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0)))
   st.flowtok = ml_collections.ConfigDict(dict(
@@ -233,15 +232,15 @@ def get_config(arg=None):
       # No periodic evaluation (eval_every_steps 0): the demo evaluates the exported bundle
       # right after, on 256 test and compositional examples.
       train=dict(total_steps=360, batch_size=64, ema_decay=0.98, eval_every_steps=0,
-                 sample_every_steps=360, ckpt_every_steps=180),
+                 ckpt_every_steps=180),
       optim=dict(lr=1e-3, warmup_steps=60)))
 
   if arg.runlocal:
     tr.update(batch_size=8, total_steps=20, log_every_steps=5, eval_every_steps=10,
-              sample_every_steps=10, ckpt_every_steps=10)
+              ckpt_every_steps=10)
     op.warmup_steps = 2
     for s in (st.clip, st.tokenizer, st.flowtok):
-      s.train.update(total_steps=20, batch_size=8, eval_every_steps=10, sample_every_steps=10,
+      s.train.update(total_steps=20, batch_size=8, eval_every_steps=10,
                      ckpt_every_steps=10)
       s.optim.warmup_steps = 2
     ev.update(num=16, batch_size=8, frechet_steps=20)

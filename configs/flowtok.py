@@ -126,7 +126,7 @@ def get_config(arg=None):
     td.update(depth=1, heads=4, ffn_dim=128)
     fl.update(variant=None, depth=2, width=64, heads=4)
     config.train.update(batch_size=8, total_steps=20, log_every_steps=5, ckpt_every_steps=10,
-                        eval_every_steps=0, sample_every_steps=0)
+                        eval_every_steps=0)
     config.optim.warmup_steps = 2
   return config
 
@@ -169,8 +169,7 @@ def _training_sections(config, arg):
   tr.batch_size = arg.batch  # Global batch over all hosts (4096 in the paper recipe).
   tr.total_steps = 1_000_000  # Optimizer steps (the released configs' n_steps).
   tr.log_every_steps = 100  # Metrics to host, metrics.jsonl and TensorBoard.
-  tr.eval_every_steps = 10_000  # Evaluators (also at the last step; 0: never).
-  tr.sample_every_steps = 10_000  # Sample grids.
+  tr.eval_every_steps = 10_000  # Evaluators and their grids (also at the last step; 0: never).
   tr.ckpt_every_steps = 2_000  # Checkpoints (plus the final one and on preemption).
   tr.ema_decay = 0.9999  # EMA of the trainable params, every step.
   tr.peak_flops_per_device = None  # MFU denominator; None: measured matmul peak at start.

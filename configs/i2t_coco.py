@@ -51,7 +51,6 @@ def get_config(arg=None):
   tr = config.train
   tr.total_steps = 20 if arg.runlocal else 100_000  # Fine-tuning length (UNCONFIRMED in paper).
   tr.eval_every_steps = 0 if arg.runlocal else 5_000  # Captioning metrics on Karpathy test.
-  tr.sample_every_steps = 0 if arg.runlocal else 5_000  # Caption / image grids.
   config.optim.warmup_steps = 2 if arg.runlocal else 1_000  # From a T2I checkpoint: short.
   config.sample.cfg_scale = 1.0  # I2T sampling without guidance unless swept.
   return config

@@ -98,7 +98,7 @@ def get_config(arg=None):
     config = config_lib.load_module(os.path.join(REPO_ROOT, "configs", "demo.py")).get_config(
         "runlocal")
   config.train.update(stage=f"mh_{arg.stage}", batch_size=8, total_steps=arg.steps,
-                      log_every_steps=1, eval_every_steps=0, sample_every_steps=0,
+                      log_every_steps=1, eval_every_steps=0,
                       ckpt_every_steps=2, progress_bar=False)
   config.optim.warmup_steps = 1
   config.mesh.shape = (2, 2, 2)  # data x fsdp x tensor: every axis crosses the process boundary.

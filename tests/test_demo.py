@@ -9,7 +9,7 @@ from flowtok_jax import demo
 # A few steps per stage: this checks the wiring, not the quality (docs/benchmarks.md has that).
 TINY = ["stages.clip.train.total_steps=2", "stages.tokenizer.train.total_steps=2",
         "stages.flowtok.train.total_steps=2", "train.log_every_steps=1",
-        "train.eval_every_steps=0", "train.sample_every_steps=0", "train.ckpt_every_steps=2",
+        "train.eval_every_steps=0", "train.ckpt_every_steps=2",
         "train.progress_bar=False", "eval.num=4", "eval.batch_size=4", "eval.frechet_steps=2",
         "eval.steps=2"]
 

@@ -10,6 +10,9 @@ TensorBoard (images also under `W/images/`).
                   and, on the captioned-shapes world, the share of reconstructions the pixel
                   parser reads back as their caption (so a tokenizer is checked against the
                   parser before anything downstream trains on it).
+  retrieval       the CLIP stage's held-out image <-> text retrieval (recall@1 and @5 both ways
+                  among all held-out pairs, and text -> image hits whose image has the query's
+                  exact caption, since a short caption can describe several held-out images).
   flowtok         FlowTok's training objective on held-out pairs (flow loss per direction,
                   relative to its target's variance; text-decoder accuracy) and, for a two-way
                   model, captions of the held-out images (the bundle's I2T sampler), scored on
@@ -150,6 +153,66 @@ def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[s
   acc = shapes_eval.t2i_accuracy(recons[keep], [captions[i] for i in keep])
   return {f"{name}/parser_recon": acc["accuracy"], f"{name}/parser_recon_shape": acc["shape"],
           f"{name}/parser_recon_color": acc["color"]}
+
+
+# (trainable params, frozen params, images [B, S, S, 3], text ids [B, L]) ->
+# (image embeddings [B, E], text embeddings [B, E]).
+EmbedFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def retrieval_scores(img: np.ndarray, txt: np.ndarray, ids: np.ndarray,
+                     prefix: str) -> dict[str, float]:
+  """Recall@1/@5 of image -> text and text -> image over all N pairs (cosine similarity).
+
+  Args:
+    img, txt: [N, E] embeddings, row i of each from the same pair.
+    ids: [N, L] text ids; `t2i_r1_same_text` also counts a text -> image hit whose image's
+      caption is the query's exact text (duplicates are a property of the data, not errors).
+    prefix: scalars are `<prefix>/i2t_r1`, ...
+  """
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  sim = unit(img.astype(np.float64)) @ unit(txt.astype(np.float64)).T  # [image, text]
+  n = len(sim)
+  out = {f"{prefix}/num": float(n)}
+  for name, s in (("i2t", sim), ("t2i", sim.T)):
+    # Rank of the true pair: how many candidates score strictly higher.
+    rank = (s > np.diag(s)[:, None]).sum(axis=1)
+    out[f"{prefix}/{name}_r1"] = float(np.mean(rank < 1))
+    out[f"{prefix}/{name}_r5"] = float(np.mean(rank < 5))
+  best = sim.T.argmax(axis=1)  # Each text's top image.
+  out[f"{prefix}/t2i_r1_same_text"] = float(np.mean(np.all(ids[best] == ids, axis=1)))
+  return out
+
+
+def retrieval(ctx: stage_api.StageContext, *, every_steps: int,
+              read_batches: Callable[[], list[Batch]], embed_fn: EmbedFn,
+              split: str = "val") -> stage_api.Evaluator:
+  """The CLIP evaluator: held-out retrieval among all held-out pairs at once.
+
+  Args:
+    ctx: the stage context.
+    every_steps: evaluation period in steps (0: never).
+    read_batches: returns the held-out host batches (called once, by `prepare`).
+    embed_fn: see `EmbedFn`; compiled here.
+    split: the held-out split's name (`eval/<split>/i2t_r1`, ...).
+  Returns:
+    The `Evaluator`.
+  """
+  program = jax.jit(lambda p, f, b: embed_fn(p, f, b["image"], b["text_ids"]))
+  held = _HeldOut(read_batches)
+
+  def fn(params, frozen, step):
+    del step
+    imgs, txts, ids = [], [], []
+    for batch, (img, txt) in held.run(ctx, program, ("image", "text_ids"), params, frozen):
+      imgs.append(_gather(img))
+      txts.append(_gather(txt))
+      ids.append(_gather(batch["text_ids"]))
+    return stage_api.EvalResult(scalars=retrieval_scores(
+        np.concatenate(imgs), np.concatenate(txts), np.concatenate(ids), f"eval/{split}"))
+
+  return stage_api.Evaluator(name="retrieval", fn=fn, every_steps=int(every_steps),
+                             prepare=held.prepare)
 
 
 # (trainable params, frozen params, global batch) -> (loss metrics {name: scalar},

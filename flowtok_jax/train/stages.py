@@ -49,6 +49,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
   c.clip_stage = ml_collections.ConfigDict(dict(
       negatives="global",  # Contrastive negatives: global (whole batch) | local (per shard).
       num_shards=None,  # Shards of 'local' negatives; None: the data-parallel device count.
+      eval_num=256,  # Held-out pairs (data.eval_split) the retrieval evaluator ranks together.
   ))
   c.tokenizer_stage = ml_collections.ConfigDict(dict(
       recon="l2",  # Reconstruction loss: l2 | l1.
@@ -197,12 +198,18 @@ def build_clip(config, ctx: stage_api.StageContext) -> stage_api.Stage:
                   "acc_i2t": losses.contrastive_accuracy(img, txt),
                   "acc_t2i": losses.contrastive_accuracy(txt, img)}
 
+  def embed_fn(params, frozen, images, ids):
+    del frozen
+    txt, img, _ = model.apply({"params": params}, ids, images)
+    return img, txt
+
   opt = _optimizer(config)
   return stage_api.Stage(
       name="clip", init=lambda rng, b: model.init(rng, b["text_ids"], b["image"])["params"],
       loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
-      ema_decay=_ema(config))
+      ema_decay=_ema(config),
+      evaluators=_retrieval_evaluator(config, ctx, embed_fn, int(sc.eval_num)))
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -351,6 +358,16 @@ def _held_out_reader(config, ctx: stage_api.StageContext, num: int, text_tokeniz
 def _is_shapes(config) -> bool:
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   return config.data.name == builders.SHAPES_NAME
+
+
+def _retrieval_evaluator(config, ctx: stage_api.StageContext, embed_fn, num: int) -> tuple:
+  """CLIP's held-out retrieval evaluator (none when train.eval_every_steps is 0)."""
+  every = int(config.train.get("eval_every_steps") or 0)
+  if not every:
+    return ()
+  return (evaluators.retrieval(ctx, every_steps=every, read_batches=_held_out_reader(
+      config, ctx, num, _cached_text_tokenizer(config, ctx)), embed_fn=embed_fn,
+      split=config.data.eval_split),)
 
 
 def _reconstruction_evaluator(config, ctx: stage_api.StageContext, recon_fn, num: int) -> tuple:

@@ -161,3 +161,40 @@ def test_a_missing_evaluation_split_fails_before_the_first_step(shapes_data):
     loop.train_and_evaluate(config, work, "tokenizer")
   ckpts = os.path.join(work, "checkpoints")
   assert not os.path.isdir(ckpts) or not [d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_retrieval_scores_rank_every_pair_against_all_others():
+  rng = np.random.default_rng(0)
+  n, e = 12, 6
+  img = rng.normal(size=(n, e))
+  ids = np.arange(n)[:, None].repeat(3, axis=1)
+  s = evaluators.retrieval_scores(img, img * 3.0, ids, "eval/val")  # scale does not matter
+  assert s["eval/val/num"] == n
+  assert all(s[f"eval/val/{k}"] == 1.0 for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5",
+                                                   "t2i_r1_same_text"))
+  # Texts 0 and 1 swapped: those two pairs miss at rank 1 and hit at rank 5, both ways...
+  txt = img.copy()
+  txt[[0, 1]] = txt[[1, 0]]
+  s = evaluators.retrieval_scores(img, txt, ids, "p")
+  assert s["p/i2t_r1"] == s["p/t2i_r1"] == pytest.approx((n - 2) / n)
+  assert s["p/t2i_r1_same_text"] == pytest.approx((n - 2) / n)
+  # ...unless the two captions are the same text: then the swapped image is as right.
+  ids[1] = ids[0]
+  assert evaluators.retrieval_scores(img, txt, ids, "p")["p/t2i_r1_same_text"] == 1.0
+  # Unrelated embeddings: chance level.
+  s = evaluators.retrieval_scores(rng.normal(size=(200, e)), rng.normal(size=(200, e)),
+                                  np.arange(200)[:, None], "p")
+  assert s["p/i2t_r1"] < 0.05 and s["p/t2i_r5"] < 0.1
+
+
+def test_clip_stage_reports_held_out_retrieval(shapes_data):
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  make, root = shapes_data
+  config = make()
+  config.stages.clip.train.update(total_steps=2, eval_every_steps=2, ckpt_every_steps=2)
+  work = os.path.join(root, "clip")
+  result = loop.train_and_evaluate(config, work, "clip")
+  assert result.last_eval["eval/val/num"] == 24
+  for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "t2i_r1_same_text"):
+    assert 0.0 <= result.last_eval[f"eval/val/{k}"] <= 1.0
+  assert result.last_eval["eval/val/i2t_r5"] >= result.last_eval["eval/val/i2t_r1"]

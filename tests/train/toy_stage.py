@@ -29,7 +29,7 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.seed = 0
   c.train = ml_collections.ConfigDict(dict(
       stage="toy", batch_size=8, total_steps=12, log_every_steps=1, eval_every_steps=0,
-      sample_every_steps=0, ckpt_every_steps=4, ema_decay=0.9, peak_flops_per_device=1e9,
+      ckpt_every_steps=4, ema_decay=0.9, peak_flops_per_device=1e9,
       progress_bar=False, sleep_per_step=0.0))
   c.train.update(train_overrides)
   c.optim = optim.default_config()
