@@ -10,6 +10,7 @@ the rows its devices hold. (The dataset pipeline gives the same guarantee — it
 global stream in per-process blocks — but synthetic rows spare the test a dataset build.)
 """
 import dataclasses
+import itertools
 import os
 import sys
 
@@ -22,6 +23,7 @@ if REPO_ROOT not in sys.path:
 
 from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flowtok_jax.train import evaluators  # pylint: disable=wrong-import-position
 from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flowtok_jax.train import stages  # pylint: disable=wrong-import-position,unused-import
 
@@ -82,12 +84,47 @@ def _wrap(inner_name: str, example_fn):
   return build
 
 
+HELD_OUT = 24  # Held-out examples of the toy's evaluator: 3 global batches of 8.
+
+
+def _with_toy_evaluator(build):
+  """The toy stage with a collective held-out evaluator in place of its host-local one.
+
+  The real `evaluators.retrieval` ranks the student MLP's outputs against the teacher's on
+  HELD_OUT examples that each process reads only its rows of (as the dataset pipeline does), so
+  its programs, `held_out_batches` and the cross-process gather run as they do on a pod.
+  """
+  def wrapped(config, ctx: stage_api.StageContext) -> stage_api.Stage:
+    stage = build(config, ctx)
+    every = int(config.train.eval_every_steps)
+    model = toy_stage.MLP(hidden=config.toy.hidden)
+    b = ctx.global_batch_size
+    rows = process_rows(ctx.mesh, b)
+
+    def batches():
+      for k in itertools.count():
+        xs = [toy_stage._example(10**6 + k * b + r)["x"] for r in rows]  # pylint: disable=protected-access
+        yield {"image": np.stack(xs),
+               "text_ids": np.array([[k * b + r] for r in rows], np.int32)}
+
+    def embed(params, frozen, x, ids):
+      del frozen, ids
+      return model.apply({"params": params}, x), x @ toy_stage._TEACHER  # pylint: disable=protected-access
+
+    ev = evaluators.retrieval(
+        ctx, every_steps=every, split="held", embed_fn=embed,
+        read_batches=lambda: evaluators.held_out_batches(batches, HELD_OUT, b,
+                                                         ctx.process_count))
+    return dataclasses.replace(stage, evaluators=(ev,) if every else ())
+  return wrapped
+
+
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "train"))
 import toy_stage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-for _name, _example_fn in (("clip", _captioned_example), ("flowtok", _captioned_example),
-                           ("toy", _toy_example)):
+for _name, _example_fn in (("clip", _captioned_example), ("flowtok", _captioned_example)):
   stage_api.register(f"mh_{_name}")(_wrap(_name, _example_fn))
+stage_api.register("mh_toy")(_with_toy_evaluator(_wrap("toy", _toy_example)))
 
 
 def get_config(arg=None):
@@ -101,5 +138,7 @@ def get_config(arg=None):
                       log_every_steps=1, eval_every_steps=0,
                       ckpt_every_steps=2, progress_bar=False)
   config.optim.warmup_steps = 1
+  if arg.stage == "toy":
+    config.train.eval_every_steps = 2  # The collective held-out evaluator, at steps 2 and 4.
   config.mesh.shape = (2, 2, 2)  # data x fsdp x tensor: every axis crosses the process boundary.
   return config

@@ -42,6 +42,12 @@ def _losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
 
 
+def _evals(workdir: str) -> dict[int, dict[str, float]]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")}
+            for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)}
+
+
 def _check(result: subprocess.CompletedProcess, what: str):
   assert result.returncode == 0, f"{what} failed:\n{result.stdout[-3000:]}"
 
@@ -67,7 +73,7 @@ def _run_single_and_multi(stage: str, tmp_path, timeout: int):
                         text=True, timeout=timeout)
   _check(rest, "2-process run (resumed)")
   assert f"stopped at step {STEPS}" in rest.stdout
-  return _losses(one), _losses(two)
+  return _losses(one), _losses(two), _evals(one), _evals(two)
 
 
 def _assert_same(single: dict, multi: dict):
@@ -81,8 +87,14 @@ def _assert_same(single: dict, multi: dict):
 
 
 def test_two_processes_train_like_one_and_resume(tmp_path):
-  single, multi = _run_single_and_multi("toy", tmp_path, timeout=170)
+  single, multi, eval_one, eval_two = _run_single_and_multi("toy", tmp_path, timeout=170)
   _assert_same(single, multi)
+  # The held-out evaluator (collective programs, per-process held-out rows, the gather) scores
+  # all 24 examples alike on 2 processes and on 1, before and after the resume.
+  assert sorted(eval_one) == sorted(eval_two) == [2, 4]
+  for step in (2, 4):
+    assert eval_one[step]["eval/held/num"] == eval_two[step]["eval/held/num"] == 24
+    assert eval_two[step] == pytest.approx(eval_one[step], rel=1e-6)
 
 
 @pytest.mark.skipif(not os.environ.get("FLOWTOK_SLOW_TESTS"),
@@ -90,5 +102,5 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
                            "set FLOWTOK_SLOW_TESTS=1")
 @pytest.mark.parametrize("stage", ["clip", "flowtok"])
 def test_real_stage_on_two_processes(tmp_path, stage):
-  single, multi = _run_single_and_multi(stage, tmp_path, timeout=900)
+  single, multi, _, _ = _run_single_and_multi(stage, tmp_path, timeout=900)
   _assert_same(single, multi)
