@@ -84,7 +84,7 @@ def _masked_var(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, batch,
-                 rng: jax.Array):
+                 rng: jax.Array, deterministic: bool = False):
   """The unified T2I + I2T loss of SPEC §3 (one DiT forward over the whole batch).
 
   Args:
@@ -96,6 +96,8 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
       'latent_mean', 'latent_logvar' [B, K, C] (unscaled); optionally 'i2t_text_ids' [B, L],
       the caption I2T examples use instead of 'text_ids'.
     rng: the step's key.
+    deterministic: dropout off in the text VAE and text decoder (held-out evaluation, as the
+      bundle runs them); the sampled tokens, times and directions still come from `rng`.
   Returns:
     (total loss, metrics).
   """
@@ -115,7 +117,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   # 1. Text: frozen CLIP features -> text VAE posterior -> sampled z_T; KL; alignment.
   feats = jax.lax.stop_gradient(models.clip_text.apply({"params": frozen["clip_text"]}, ids))
   mean_t, logvar_t = models.text_vae.apply({"params": params["text_vae"]}, feats,
-                                           deterministic=False, rngs={"dropout": k_drop})
+                                           deterministic=deterministic, rngs={"dropout": k_drop})
   z_text = mean_t + jnp.exp(0.5 * logvar_t) * jax.random.normal(k_zt, mean_t.shape)
   kl = losses.text_kl(mean_t, logvar_t, lc.kl_reduction, num_shards=lc.num_shards)
   aligned = models.align_mlp.apply({"params": params["align_mlp"]}, feats)
@@ -166,7 +168,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   # 4. Text decoder: read z_T back into ids (pad positions do not count).
   if models.text_decoder is not None:
     logits = models.text_decoder.apply({"params": params["text_decoder"]}, z_text,
-                                       deterministic=False, rngs={"dropout": k_dec})
+                                       deterministic=deterministic, rngs={"dropout": k_dec})
     mask = ids != lc.pad_id
     dec = losses.masked_token_ce(logits, ids, mask)
     total = total + lc.dec_weight * dec

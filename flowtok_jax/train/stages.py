@@ -528,9 +528,10 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
                            select=_tokenizer_select(config) + ("encoder",)),
   )
   def flow_fn(params, frozen, batch):
-    """Held-out losses (the training objective, fixed key) and, two-way, greedy I2T captions."""
+    """Held-out losses (the training objective, fixed key, no dropout) and, two-way, greedy I2T
+    captions."""
     _, metrics = flowtok_step.flowtok_loss(models, lc, params, frozen, batch,
-                                           jax.random.PRNGKey(config.seed))
+                                           jax.random.PRNGKey(config.seed), deterministic=True)
     metrics = {k: v for k, v in metrics.items() if k in _FLOW_EVAL_METRICS}
     ids = None
     if p_i2t > 0 and decoder is not None:

@@ -348,3 +348,34 @@ def test_the_loop_feeds_the_i2t_caption_to_the_flowtok_step(shapes_data):
   ev = result.last_eval
   assert np.isfinite(ev["eval/val/rel_loss_i2t"]) and 0.0 <= ev["eval/val/dec_acc"] <= 1.0
   assert 0.0 <= ev["eval/val/i2t_exact"] <= ev["eval/val/i2t_parse_rate"] <= 1.0
+
+
+def test_deterministic_loss_has_no_dropout(monkeypatch):
+  """deterministic=True (held-out evaluation) equals the same model with dropout rates 0."""
+  seen = {}
+  real = flowtok_step.flowtok_loss
+
+  def spy(models, lc, *args, **kwargs):
+    seen.update(models=models, lc=lc)
+    return real(models, lc, *args, **kwargs)
+
+  monkeypatch.setattr(flowtok_step, "flowtok_loss", spy)
+
+  def metrics(rate, deterministic):
+    config = flowtok_config(p_i2t=0.5)
+    config.text_vae.dropout = rate
+    config.text_decoder.dropout = rate
+    stage = build("flowtok", config)
+    state, frozen = init_all(stage)
+    batch = fixed_batch(config.clip_text.vocab_size)
+    jax.eval_shape(lambda: stage.loss_fn(state.params, frozen, batch, jax.random.PRNGKey(1),
+                                         jnp.int32(0), None))  # the stage's models and lc
+    fn = jax.jit(lambda b: real(seen["models"], seen["lc"], state.params, frozen, b,
+                                jax.random.PRNGKey(1), deterministic)[1],
+                 compiler_options=FAST_COMPILE)
+    return jax.device_get(fn(batch))
+
+  off, no_dropout, on = metrics(0.5, True), metrics(0.0, False), metrics(0.5, False)
+  for k in ("dec_ce", "dec_acc", "kl", "align", "loss_fm"):
+    np.testing.assert_allclose(off[k], no_dropout[k], rtol=1e-6, err_msg=k)
+  assert not np.isclose(on["dec_ce"], off["dec_ce"])
