@@ -125,5 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Searched in '/'-joined parameter paths; ndim < 2 leaves are never decayed anyway.
-DEFAULT_DECAY_EXCLUDE = ("norm", r"(^|/)ln", "embedding", "latent_tokens", "mask_token",
-                         "pos_emb", "null_emb", "dir_emb")
+# Biases by name too: fused projections (qkv, SwiGLU's w12) hold 2D ones. Learned position
+# tables are `*_pos` (FlowTiTok) or `*embedding` (CLIP, text decoder).
+DEFAULT_DECAY_EXCLUDE = ("norm", r"(^|/)ln", r"(^|/)bias$", "embedding", "latent_tokens",
+                         "mask_token", r"_pos$", "pos_emb", "null_emb", "dir_emb")

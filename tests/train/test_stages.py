@@ -11,7 +11,7 @@ import pytest
 from flowtok_jax import config_lib
 from flowtok_jax import sharding
 from flowtok_jax.errors import UserError
-from flowtok_jax.train import flowtok_step, loop, stage_api, stages
+from flowtok_jax.train import flowtok_step, loop, optim, stage_api, stages
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                     "configs", "demo.py")
@@ -379,3 +379,19 @@ def test_deterministic_loss_has_no_dropout(monkeypatch):
   for k in ("dec_ce", "dec_acc", "kl", "align", "loss_fm"):
     np.testing.assert_allclose(off[k], no_dropout[k], rtol=1e-6, err_msg=k)
   assert not np.isclose(on["dec_ce"], off["dec_ce"])
+
+
+@pytest.mark.parametrize("name", ["clip", "tokenizer", "flowtok"])
+def test_default_weight_decay_hits_only_weight_matrices(name):
+  """The reference tokenizer recipe: no decay on biases (2D fused ones too), norms, embeddings,
+  learned positions, latent / mask tokens: with the default exclusions only kernels decay."""
+  config = flowtok_config(p_i2t=0.5) if name == "flowtok" else tiny_config(name)
+  stage = build(name, config)
+  params = sharding.strip_boxes(jax.eval_shape(stage.init, jax.random.PRNGKey(0),
+                                               loop.example_batch_1(stage)))
+  mask = optim.decay_mask(params, optim.DEFAULT_DECAY_EXCLUDE)
+  decayed = {optim.path_name(k) for k, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v}
+  assert decayed and all(n.endswith("/kernel") for n in decayed), sorted(decayed)
+  kernels = {optim.path_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+             if optim.path_name(k).endswith("/kernel")}
+  assert decayed == kernels
