@@ -87,3 +87,11 @@ def test_default_rules_are_short_and_use_known_names():
   assert layers.nn.logical_to_mesh_axes(("batch", "length", "embed"), rules) == act
   want = jax.sharding.PartitionSpec("fsdp", "tensor")
   assert layers.nn.logical_to_mesh_axes(("embed", "mlp"), rules) == want
+
+
+def test_trunc_normal_matches_the_references_absolute_bounds():
+  """torch's trunc_normal_(std=0.02) cuts at ±2 (absolute): effectively N(0, 0.02²), not the
+  ±2σ-truncated normal (std 0.0176) that flax's truncated_normal draws."""
+  w = layers.trunc_normal(0.02)(jax.random.PRNGKey(0), (512, 512))
+  assert abs(float(jnp.std(w)) / 0.02 - 1.0) < 0.01
+  assert float(jnp.max(jnp.abs(w))) > 2.5 * 0.02  # not cut at 2σ
