@@ -40,6 +40,9 @@ def get_config(arg=None):
   data.max_text_len = 16  # L: caption tokens after padding/truncation; must equal image tokens K.
   data.read_threads = 1  # Threads preparing batches per reading process (more contend for the GIL).
   data.prefetch_batches = 2  # Batches prepared ahead per reading process (bounds host memory).
+  # Stored tokenizer posteriors of the train split (`flowtok data pretokenize`; str): the flowtok
+  # stage then reads them instead of encoding images. None: encode on the fly.
+  data.latents_dir = None
   data.folder = None  # image_caption_folder: folder with images + captions.jsonl (str).
   data.folder_val_fraction = 0.05  # image_caption_folder: share of the images put in split 'val'.
   # Captioned-shapes builder knobs (ignored for other datasets).

@@ -43,15 +43,25 @@ def load_config(args, overrides):
 
 
 def _data_flags(p):
-  p.add_argument("action", choices=("build", "show"), help="build the dataset or write a preview")
+  p.add_argument("action", choices=("build", "show", "pretokenize"),
+                 help="build the dataset, write a preview, or store a trained tokenizer's "
+                      "posteriors of its records (for config.data.latents_dir)")
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
   p.add_argument("--split", default="train", help="split to preview (show)")
   p.add_argument("--num", type=int, default=16, help="images in the preview grid (show)")
-  p.add_argument("--out", default=None, help="preview PNG path (show); default DATA_DIR/preview.png")
+  p.add_argument("--out", default=None, help="preview PNG path (show; default "
+                 "DATA_DIR/preview.png) or the latents directory (pretokenize; required)")
+  p.add_argument("--tokenizer", default=None, help="tokenizer stage workdir (pretokenize; "
+                 "default: config.init.tokenizer_from)")
+  p.add_argument("--splits", default=None, help="comma-separated splits (pretokenize; default: "
+                 "config.data.train_split)")
+  p.add_argument("--batch_size", type=int, default=64, help="images per encoder call "
+                 "(pretokenize)")
 
 
-@command("data", "build the configured dataset (TFDS, ArrayRecord) or preview it", _data_flags)
+@command("data", "build the configured dataset (TFDS, ArrayRecord), preview it, or "
+         "pretokenize it", _data_flags)
 def _data(args, overrides):
   config = load_config(args, overrides)
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
@@ -61,6 +71,18 @@ def _data(args, overrides):
   if args.action == "build":
     info = builders.build(config.data, data_dir)
     print(info)
+  elif args.action == "pretokenize":
+    from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
+    tokenizer = args.tokenizer or (config.get("init") or {}).get("tokenizer_from")
+    if not tokenizer:
+      raise UserError("pretokenize needs the tokenizer: pass --tokenizer or set "
+                      "config.init.tokenizer_from")
+    if not args.out:
+      raise UserError("pretokenize needs --out (the latents directory)")
+    splits = (args.splits or config.data.train_split).split(",")
+    meta = pretokenize.pretokenize(config, tokenizer, data_dir, args.out, splits,
+                                   batch_size=args.batch_size)
+    print(json.dumps({"out": os.path.abspath(args.out), "splits": meta["splits"]}))
   else:
     out = args.out or os.path.join(data_dir, "preview.png")
     builders.write_preview(config.data, data_dir, split=args.split, num=args.num, out=out)

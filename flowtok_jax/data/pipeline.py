@@ -60,6 +60,49 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
+def load_image(element: dict[str, Any], image_key: str, size: int) -> np.ndarray:
+  """A record's image as the model sees it: float32 [S, S, 3] in [0, 1] (resize + centre crop)."""
+  try:
+    image = to_rgb_uint8(feature(element, image_key))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
+    # foreign dataset: stop rather than train on a silently altered stream.
+    raise UserError(f"undecodable image in the dataset: {e}") from e
+  return resize_center_crop(image, size).astype(np.float32) * np.float32(1 / 255)
+
+
+class _WithLatents:
+  """A random-access source whose records also carry their stored tokenizer posteriors.
+
+  Holds only paths (grain may pickle it into worker processes) and opens the memory maps on
+  first use in each process.
+  """
+
+  def __init__(self, source: Sequence, latents_dir: str, split: str):
+    from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
+    self._source, self._dir, self._split = source, latents_dir, split
+    self._arrays = None
+    mean, _ = pretokenize.open_split(latents_dir, split)
+    if len(mean) != len(source):
+      raise UserError(f"pre-tokenized split {split!r} has {len(mean)} rows but the dataset has "
+                      f"{len(source)} records: pretokenize again")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if self._arrays is None:
+      from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
+      self._arrays = pretokenize.open_split(self._dir, self._split)
+    element = dict(self._source[index])
+    element["latent_mean"] = np.asarray(self._arrays[0][index], np.float32)
+    element["latent_logvar"] = np.asarray(self._arrays[1][index], np.float32)
+    return element
+
+  def __getstate__(self):
+    return {**self.__dict__, "_arrays": None}
+
+
 class _Preprocess(grain.transforms.RandomMap):
   """One example -> {'image': f32 [S, S, 3] in [0, 1], 'text_ids': i32 [L], 'truncated': bool}.
 
@@ -77,18 +120,13 @@ class _Preprocess(grain.transforms.RandomMap):
     self._max_text_len = max_text_len
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    raw_image = feature(element, self._image_key)
     caption = pick_caption(feature(element, self._caption_key), rng)
-    try:
-      image = to_rgb_uint8(raw_image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-      # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
-      # foreign dataset: stop rather than train on a silently altered stream.
-      raise UserError(f"undecodable image in the dataset: {e}") from e
-    image = resize_center_crop(image, self._image_size)
     ids, truncated = self._tokenizer.encode([caption], self._max_text_len)
-    out = {"image": image.astype(np.float32) * np.float32(1 / 255),
-           "text_ids": ids[0], "truncated": truncated[0]}
+    if "latent_mean" in element:  # Pre-tokenized: the stored posterior replaces the image.
+      out = {"latent_mean": element["latent_mean"], "latent_logvar": element["latent_logvar"]}
+    else:
+      out = {"image": load_image(element, self._image_key, self._image_size)}
+    out.update(text_ids=ids[0], truncated=truncated[0])
     if self._i2t_caption_key:
       target = pick_caption(feature(element, self._i2t_caption_key), rng)
       out["i2t_text_ids"] = self._tokenizer.encode([target], self._max_text_len)[0][0]
@@ -143,7 +181,8 @@ def _process_defaults(process_index, process_count):
 def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                 data_dir: str | None = None, source: Sequence | None = None) -> grain.IterDataset:
+                 data_dir: str | None = None, source: Sequence | None = None,
+                 latents_dir: str | None = None) -> grain.IterDataset:
   """Builds the per-process dataset (see `make_iterator`, which iterates it)."""
   process_index, process_count = _process_defaults(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
@@ -156,7 +195,14 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
     raise UserError(f"shuffle seed must be in [0, 2**32), got {seed}")
   if source is None:
     from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
-    source = builders.data_source(data_cfg, split, data_dir or data_cfg.get("data_dir"))
+    decoders = None
+    if latents_dir and "/" not in data_cfg.image_key:  # The image bytes are never decoded.
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      decoders = {data_cfg.image_key: tfds.decode.SkipDecoding()}
+    source = builders.data_source(data_cfg, split, data_dir or data_cfg.get("data_dir"),
+                                  decoders=decoders)
+  if latents_dir:
+    source = _WithLatents(source, latents_dir, split)
 
   if len(source) < process_count:
     raise UserError(f"split {split!r} has no examples for process {process_index} of "
@@ -194,7 +240,8 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
                   seed: int, process_index: int | None = None, process_count: int | None = None,
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, data_dir: str | None = None,
-                  source: Sequence | None = None) -> grain.DatasetIterator:
+                  source: Sequence | None = None,
+                  latents_dir: str | None = None) -> grain.DatasetIterator:
   """An iterator over this process's batches; its state round-trips through get/set_state and
   orbax (`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`).
 
@@ -212,6 +259,9 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
     drop_remainder: drop a final partial batch (only reachable with finite num_epochs).
     data_dir: TFDS data dir; default `data_cfg.data_dir`.
     source: a random-access source (len + getitem of feature dicts) read instead of TFDS.
+    latents_dir: pre-tokenized posteriors of this split (`flowtok data pretokenize`): batches
+      carry 'latent_mean' / 'latent_logvar' f32 [b, K, C] instead of 'image', and the image
+      bytes are never decoded.
   Returns:
     A grain iterator of {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
     'truncated': bool [b]} (plus 'i2t_text_ids' i32 [b, L] when data.i2t_caption_key names a
@@ -221,7 +271,7 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
   ds = make_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                     seed=seed, process_index=process_index, process_count=process_count,
                     shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
-                    data_dir=data_dir, source=source)
+                    data_dir=data_dir, source=source, latents_dir=latents_dir)
   logging.info("input pipeline: split=%s global_batch=%d seed=%d shuffle=%s epochs=%s workers=%s",
                split, global_batch_size, seed, shuffle, num_epochs, data_cfg.get("num_workers"))
   return iter(ds)

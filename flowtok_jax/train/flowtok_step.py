@@ -177,22 +177,27 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   return total, metrics
 
 
-def estimate_latent_scale(encode: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+def estimate_latent_scale(encode: Optional[Callable[[jax.Array], tuple[jax.Array, jax.Array]]],
                           batches: Iterable[dict], *, sample: bool = True,
                           seed: int = 0) -> float:
   """1 / std of the image latents the flow would see (SPEC §1.1: the demo's `latent_scale`).
 
   Args:
-    encode: images [B, H, W, 3] -> (mean, logvar) [B, K, C] (e.g. a jitted FlowTiTok.encode).
-    batches: batches with 'image' (global arrays are fine: the reduction runs under jit).
+    encode: images [B, H, W, 3] -> (mean, logvar) [B, K, C] (e.g. a jitted FlowTiTok.encode);
+      unused (may be None) for batches of stored posteriors.
+    batches: batches with 'image', or with pre-tokenized 'latent_mean' / 'latent_logvar'
+      (global arrays are fine: the reduction runs under jit).
     sample: measure posterior samples (what training uses) rather than means.
     seed: key of the posterior noise.
   Returns:
     The scale as a Python float (std over every element of every batch, in float64).
   """
   @jax.jit
-  def moments(images, key):
-    mean, logvar = encode(images)
+  def moments(batch, key):
+    if "latent_mean" in batch:
+      mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+      mean, logvar = encode(batch["image"])
     z = mean
     if sample:
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
@@ -201,7 +206,8 @@ def estimate_latent_scale(encode: Callable[[jax.Array], tuple[jax.Array, jax.Arr
 
   total = total_sq = count = 0.0
   for i, batch in enumerate(batches):
-    s, sq, n = jax.device_get(moments(batch["image"], jax.random.PRNGKey(seed + i)))
+    keys = ("latent_mean", "latent_logvar") if "latent_mean" in batch else ("image",)
+    s, sq, n = jax.device_get(moments({k: batch[k] for k in keys}, jax.random.PRNGKey(seed + i)))
     total, total_sq, count = total + float(s), total_sq + float(sq), count + float(n)
   if not count:
     raise ValueError("estimate_latent_scale needs at least one batch")

@@ -126,13 +126,18 @@ def _check_image_size(config, section: str, size: int):
                     f"{section}.image_size = {size}")
 
 
-def _example_batch(config, i2t_ids: bool = False) -> dict[str, np.ndarray]:
+def _example_batch(config, i2t_ids: bool = False,
+                   latents: bool = False) -> dict[str, np.ndarray]:
   """The keys (and dtypes) a stage's train step receives; the loop leaves every other key of
   the pipeline's batches on the host. `i2t_ids`: also the I2T caption ids, when the data names
-  one (`data.i2t_caption_key`)."""
+  one (`data.i2t_caption_key`). `latents`: stored tokenizer posteriors instead of images."""
   s, l = config.data.image_size, config.data.max_text_len
-  out = {"image": np.zeros((1, s, s, 3), np.float32), "text_ids": np.zeros((1, l), np.int32),
-         "truncated": np.zeros((1,), bool)}
+  if latents:
+    kc = (1, config.tokenizer.num_tokens, config.tokenizer.token_channels)
+    out = {"latent_mean": np.zeros(kc, np.float32), "latent_logvar": np.zeros(kc, np.float32)}
+  else:
+    out = {"image": np.zeros((1, s, s, 3), np.float32)}
+  out.update(text_ids=np.zeros((1, l), np.int32), truncated=np.zeros((1,), bool))
   if i2t_ids and config.data.get("i2t_caption_key"):
     out["i2t_text_ids"] = np.zeros((1, l), np.int32)
   return out
@@ -151,14 +156,14 @@ def _text_tokenizer(config, ctx: stage_api.StageContext):
                   "set text_tokenizer.path")
 
 
-def _train_iter(config, ctx: stage_api.StageContext):
+def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None):
   def make():
     from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.make_iterator(
         config.data, _text_tokenizer(config, ctx), split=config.data.train_split,
         global_batch_size=ctx.global_batch_size,
         seed=config.data.get("shuffle_seed", config.seed), process_index=ctx.process_index,
-        process_count=ctx.process_count)
+        process_count=ctx.process_count, latents_dir=latents_dir)
   return make
 
 
@@ -407,7 +412,7 @@ def _flowtok_evaluator(config, ctx: stage_api.StageContext, flow_fn, keys: tuple
 # -- flowtok -----------------------------------------------------------------------------------
 
 def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTokEncoder,
-                  init_fn, sc) -> float:
+                  init_fn, sc, latents_dir: Optional[str] = None) -> float:
   """`tokenizer.latent_scale`, or 1/std of the trained tokenizer's latents when it is None.
 
   The estimate reads the first `flowtok_stage.latent_scale_batches` global batches of the
@@ -418,23 +423,25 @@ def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTo
   if scale is not None:
     return float(scale)
   path = _init_get(config, "tokenizer_from")
-  if not path:
+  if not path and not latents_dir:
     logging.warning("tokenizer.latent_scale is None and init.tokenizer_from is unset: using 1.0")
     return 1.0
-  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
-  example = {k: jnp.asarray(v) for k, v in _example_batch(config).items()}
-  target, _ = sharding.abstract_with_shardings(lambda r: init_fn(r, example), ctx.mesh,
-                                               ctx.rules, jax.random.PRNGKey(0))
-  params, _ = ckpt_lib.load_params(path, target,
-                                   select=_tokenizer_select(config) + ("encoder",))
-  it = _train_iter(config, ctx)()
+  encode = None
+  if not latents_dir:  # Stored posteriors need no encoder.
+    from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
+    example = {k: jnp.asarray(v) for k, v in _example_batch(config).items()}
+    target, _ = sharding.abstract_with_shardings(lambda r: init_fn(r, example), ctx.mesh,
+                                                 ctx.rules, jax.random.PRNGKey(0))
+    params, _ = ckpt_lib.load_params(path, target,
+                                     select=_tokenizer_select(config) + ("encoder",))
+    encode = lambda x: encoder.apply({"params": params}, x)
+  it = _train_iter(config, ctx, latents_dir)()
   try:
     batches = [ctx.to_global(next(it)) for _ in range(int(sc.latent_scale_batches))]
   finally:
     if hasattr(it, "close"):
       it.close()
-  encode = lambda x: encoder.apply({"params": params}, x)
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     scale = flowtok_step.estimate_latent_scale(encode, batches, sample=bool(sc.image_sample),
                                                seed=config.seed)
@@ -488,8 +495,15 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
 
   # Only the tokenizer's encoder is frozen in: the flow never decodes during training (and a
   # paper-scale decoder is a ViT-L that would sit idle in device memory).
-  encoder_init = lambda rng, b: models.image_encoder.init(rng, b["image"])["params"]
-  scale = _latent_scale(config, ctx, models.image_encoder, encoder_init, sc)
+  # Pre-tokenized data (`flowtok data pretokenize`): the train batches carry the stored
+  # posteriors instead of images; the frozen encoder stays for the held-out evaluator's images.
+  latents_dir = config.data.get("latents_dir")
+  if latents_dir:
+    from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
+    pretokenize.check_meta(pretokenize.read_meta(latents_dir), config, config.data.train_split)
+  image1 = jnp.zeros((1, tc.image_size, tc.image_size, 3), jnp.float32)
+  encoder_init = lambda rng, b: models.image_encoder.init(rng, image1)["params"]
+  scale = _latent_scale(config, ctx, models.image_encoder, encoder_init, sc, latents_dir)
   lc = flowtok_step.FlowTokLossConfig(
       p_i2t=p_i2t, null_prob=float(sc.null_prob), fm_weight=float(sc.fm_weight),
       kl_weight=float(sc.kl_weight), kl_reduction=sc.kl_reduction,
@@ -548,13 +562,16 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       ids = inference.text_ids(models, params, z_text)
     return metrics, ids
 
-  example = _example_batch(config, i2t_ids=True)
+  example = _example_batch(config, i2t_ids=True, latents=bool(latents_dir))
   opt = _optimizer(config)
   from flowtok_jax import flops  # pylint: disable=g-import-not-at-top
   return stage_api.Stage(
       name="flowtok", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
-      train_iter=_train_iter(config, ctx), example_batch=example,
+      train_iter=_train_iter(config, ctx, latents_dir), example_batch=example,
       frozen=frozen_parts, ema_decay=_ema(config),
-      evaluators=_flowtok_evaluator(config, ctx, flow_fn, tuple(example)),
+      # Held-out batches are images (the evaluator encodes them), stored posteriors or not.
+      evaluators=_flowtok_evaluator(config, ctx, flow_fn,
+                                    tuple(_example_batch(config, i2t_ids=True))),
       # Model FLOPs (flops.py) of the whole step for perf/mfu: trained parts 3x, frozen 1x.
-      flops_per_step=flops.train_step_flops(config, ctx.global_batch_size)["total"])
+      flops_per_step=flops.train_step_flops(config, ctx.global_batch_size,
+                                            pretokenized=bool(latents_dir))["total"])

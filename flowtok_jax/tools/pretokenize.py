@@ -1,0 +1,173 @@
+"""Pre-tokenization: a trained tokenizer's posterior parameters, stored per dataset record.
+
+FlowTok trains on a frozen tokenizer, so its encoder gives the same posterior for an image at
+every epoch. At scale the posteriors are computed once and training reads [K, C] tokens instead of
+decoding and encoding images (SPEC §3.2, DESIGN §2):
+
+    flowtok data pretokenize --config CFG --data_dir D --tokenizer W_TOK --out L [--splits train]
+    flowtok train --config CFG --workdir W --config.data.latents_dir=L ...
+
+`L` holds, per split, `<split>.mean.npy` and `<split>.logvar.npy` (float16 [N, K, C]; row i is
+record i of `builders.data_source(data, split)`, so they join the TFDS records by index and every
+shuffle, shard and resume of the pipeline carries over), and `latents.json`, which says what made
+them. Training still samples z = mean + σ·ε each step (`flowtok_stage.image_sample`). Images are
+decoded and resized exactly as the training pipeline does (`pipeline.load_image`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from flowtok_jax.errors import UserError
+
+META_FILE = "latents.json"
+DTYPE = np.float16  # As the reference's stored posteriors (2 bytes per value).
+
+
+def split_file(latents_dir: str, split: str, part: str) -> str:
+  """`<latents_dir>/<split>.<part>.npy` with the split spec made file-safe ('train[:90%]' ...)."""
+  return os.path.join(latents_dir, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}.{part}.npy")
+
+
+def read_meta(latents_dir: str) -> dict:
+  path = os.path.join(latents_dir, META_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{latents_dir} holds no pre-tokenized latents ({META_FILE} missing): run "
+                    "`flowtok data pretokenize` first") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable or corrupt ({type(e).__name__})") from None
+
+
+def check_meta(meta: dict, config, split: str, num_records: int | None = None) -> None:
+  """UserError unless the stored latents fit this config (tokens, channels, pixels, dataset)."""
+  want = {"num_tokens": int(config.tokenizer.num_tokens),
+          "token_channels": int(config.tokenizer.token_channels),
+          "image_size": int(config.data.image_size), "dataset": str(config.data.name)}
+  for key, value in want.items():
+    if meta.get(key) != value:
+      raise UserError(f"pre-tokenized latents were made with {key}={meta.get(key)!r}, this "
+                      f"config has {value!r}: pretokenize again for this config")
+  if split not in meta.get("splits", {}):
+    raise UserError(f"no pre-tokenized latents for split {split!r} (have: "
+                    f"{', '.join(meta.get('splits', {})) or 'none'})")
+  if num_records is not None and meta["splits"][split] != num_records:
+    raise UserError(f"pre-tokenized split {split!r} has {meta['splits'][split]} rows but the "
+                    f"dataset has {num_records} records: pretokenize again")
+
+
+def open_split(latents_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, logvar) of a split as read-only memory maps, float16 [N, K, C]."""
+  out = []
+  for part in ("mean", "logvar"):
+    path = split_file(latents_dir, split, part)
+    try:
+      out.append(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError) as e:
+      raise UserError(f"cannot read pre-tokenized latents {path}: {e}") from None
+  if out[0].shape != out[1].shape:
+    raise UserError(f"pre-tokenized split {split!r}: mean {out[0].shape} and logvar "
+                    f"{out[1].shape} differ")
+  return out[0], out[1]
+
+
+def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
+                splits: Sequence[str] = ("train",), batch_size: int = 64,
+                progress: bool = True) -> dict:
+  """Encodes every record of `splits` with the tokenizer checkpoint's encoder and stores the
+  posterior parameters in `out` (see the module docstring).
+
+  Args:
+    config: a config with `data`, `tokenizer` (and `init.tokenizer_select`, if the tokenizer
+      sits under a prefix of its checkpoint).
+    tokenizer_workdir: the tokenizer stage's workdir (or a checkpoint directory); the EMA
+      parameters when it has them, as the flowtok stage loads them.
+    data_dir: TFDS data dir of `config.data`.
+    out: directory to write (created; existing splits are replaced).
+    splits: TFDS split specs.
+    batch_size: images per encoder call (one compiled shape; the last batch is padded).
+    progress: tqdm bar per split.
+  Returns:
+    The metadata written to `latents.json`.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise UserError("flowtok data pretokenize runs on one process")
+  if batch_size < 1:
+    raise UserError(f"batch size must be >= 1, got {batch_size}")
+  splits = [s.strip() for s in splits if s.strip()]
+  if not splits:
+    raise UserError("no splits to pretokenize")
+  tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype="float32")
+  if config.data.image_size != tc.image_size:
+    raise UserError(f"data.image_size = {config.data.image_size} must equal "
+                    f"tokenizer.image_size = {tc.image_size}")
+  encoder = tok_lib.FlowTiTokEncoder(tc)
+  s = tc.image_size
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(
+      encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)))["params"]))
+  select = tuple(config.get("init", {}).get("tokenizer_select", ()) or ()) + ("encoder",)
+  params, _ = ckpt_lib.load_params(tokenizer_workdir, abstract, select=select)
+  encode = jax.jit(lambda x: encoder.apply({"params": params}, x))
+
+  os.makedirs(out, exist_ok=True)
+  meta_path = os.path.join(out, META_FILE)
+  meta = {"num_tokens": tc.num_tokens, "token_channels": tc.token_channels, "image_size": s,
+          "dataset": str(config.data.name), "image_key": config.data.image_key,
+          "tokenizer": os.path.abspath(tokenizer_workdir), "dtype": np.dtype(DTYPE).name,
+          "splits": {}}
+  if os.path.exists(meta_path):  # Keep the splits made earlier by the same tokenizer.
+    old = read_meta(out)
+    if all(old.get(k) == meta[k] for k in ("num_tokens", "token_channels", "image_size",
+                                            "dataset", "tokenizer")):
+      meta["splits"] = dict(old.get("splits", {}))
+  for split in splits:
+    source = builders.data_source(config.data, split, data_dir)
+    n = len(source)
+    if not n:
+      raise UserError(f"split {split!r} has no records")
+    files = {part: split_file(out, split, part) for part in ("mean", "logvar")}
+    tmp = {part: path + ".tmp" for part, path in files.items()}
+    arrays = {part: np.lib.format.open_memmap(tmp[part], mode="w+", dtype=DTYPE,
+                                              shape=(n, tc.num_tokens, tc.token_channels))
+              for part in files}
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=n, desc=f"pretokenize {split}", unit="image")
+    for start in range(0, n, batch_size):
+      rows = range(start, min(start + batch_size, n))
+      images = np.zeros((batch_size, s, s, 3), np.float32)
+      for j, i in enumerate(rows):
+        images[j] = pipeline.load_image(source[i], config.data.image_key, s)
+      mean, logvar = jax.device_get(encode(images))
+      arrays["mean"][start:start + len(rows)] = mean[:len(rows)]
+      arrays["logvar"][start:start + len(rows)] = logvar[:len(rows)]
+      if bar is not None:
+        bar.update(len(rows))
+    if bar is not None:
+      bar.close()
+    for part, a in arrays.items():
+      a.flush()
+      del a
+      os.replace(tmp[part], files[part])  # Whole files only: a crash leaves no partial split.
+    arrays.clear()
+    meta["splits"][split] = n
+    logging.info("pretokenized %s: %d records -> %s", split, n, out)
+  tmp_meta = meta_path + ".tmp"
+  with open(tmp_meta, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp_meta, meta_path)
+  return meta
