@@ -252,7 +252,8 @@ def flowtok(ctx: stage_api.StageContext, *, every_steps: int,
         sums.setdefault(k, []).append(float(v))
       if ids is not None and decode_text is not None:
         captions += decode_text(_gather(ids))
-        truths += decode_text(_gather(batch["text_ids"]))
+        # The caption I2T was trained to write (data.i2t_caption_key) when there is one.
+        truths += decode_text(_gather(batch.get("i2t_text_ids", batch["text_ids"])))
     name = f"eval/{split}"
     scalars = {f"{name}/{k}": float(np.mean(v)) for k, v in sums.items()}
     texts = {}

@@ -143,6 +143,15 @@ def test_flowtok_evaluator_averages_losses_and_scores_captions():
   assert s["eval/val/i2t_parse_rate"] == pytest.approx(0.5)
   lines = res.texts["eval/val/captions"].splitlines()
   assert len(lines) == 8 and lines[0] == f"{captions[0]}  ({captions[0]})"
+  # With an I2T caption in the batch, captions are shown beside (and scored against) it.
+  with_i2t = [dict(b, i2t_text_ids=b["text_ids"][::-1]) for b in batches]
+  ev = evaluators.flowtok(_ctx(), every_steps=3, read_batches=lambda: with_i2t,
+                          flow_fn=lambda p, f, b: ({}, b["i2t_text_ids"]),
+                          keys=("image", "text_ids", "i2t_text_ids"), decode_text=decode,
+                          shapes_world=True, split="val")
+  res = ev.fn({}, {}, 3)
+  assert res.scalars["eval/val/i2t_exact"] == 1.0
+  assert res.texts["eval/val/captions"].splitlines()[0] == f"{captions[7]}  ({captions[7]})"
   # Without captions (a T2I-only model): losses only.
   ev = evaluators.flowtok(_ctx(), every_steps=3, read_batches=lambda: batches,
                           flow_fn=lambda p, f, b: ({"loss_fm": jnp.float32(1.0)}, None),
