@@ -64,6 +64,9 @@ def get_config(arg=None):
   text.model_type = "bpe"  # sentencepiece model type: unigram | bpe | word | char.
   text.lowercase = True  # Case-fold all text, so "A Red Circle" encodes like "a red circle".
   text.num_captions = 2_000  # Captions read to train it (BPE-128 on 2k covers all 20k with no <unk>).
+  # A trained .model file for `flowtok train` on one stage (None: W/text_tokenizer.model or
+  # W/../text_tokenizer.model; `flowtok demo` trains it into W).
+  text.path = None
 
   # --- Models (SPEC §1), demo-sized. K = L = data.max_text_len; widths shared by reference. ---
   config.model_dtype = "float32"  # Compute dtype: float32 | bfloat16 (bf16 is slower on CPU).

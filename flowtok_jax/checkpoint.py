@@ -258,9 +258,16 @@ def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: 
     wrapped = present
     for k in reversed((field, *select)):
       wrapped = {k: wrapped}
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        wrapped, restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
-        partial_restore=True)))["state"]
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          wrapped, restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
+          partial_restore=True)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged array data (truncated or overwritten files) surfaces here, after the metadata
+      # checks above passed.
+      raise UserError(f"cannot read the parameters of checkpoint {where} (damaged?): "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                      ) from None
     for k in (field, *select):
       restored = restored[k]
     return _fill(target, restored), missing

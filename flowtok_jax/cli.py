@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Callable, Sequence
@@ -25,6 +26,30 @@ def command(name: str, help_text: str, add_flags: Callable[[argparse.ArgumentPar
     _COMMANDS[name] = (help_text, add_flags, fn)
     return fn
   return register
+
+
+def _int_at_least(low: int):
+  """argparse type: an int >= low (so 0 or a negative count is an error, not a default)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+  return parse
+
+
+def _finite_float(text: str) -> float:
+  """argparse type: a finite float."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+  return value
 
 
 def _config_flags(p: argparse.ArgumentParser, required: bool = True):
@@ -56,7 +81,7 @@ def _data_flags(p):
                  "default: config.init.tokenizer_from)")
   p.add_argument("--splits", default=None, help="comma-separated splits (pretokenize; default: "
                  "config.data.train_split)")
-  p.add_argument("--batch_size", type=int, default=64, help="images per encoder call "
+  p.add_argument("--batch_size", type=_int_at_least(1), default=64, help="images per encoder call "
                  "(pretokenize)")
 
 
@@ -99,17 +124,20 @@ def _bench_flags(p):
                       "memory); sample: images/s and captions/s")
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
-  p.add_argument("--batch_size", type=int, default=None,
+  p.add_argument("--batch_size", type=_int_at_least(1), default=None,
                  help="examples per batch (pipeline: 64; train: config.train.batch_size; "
                       "sample: config.sample.batch_size)")
-  p.add_argument("--steps", type=int, default=5, help="train/sample: timed calls after warm-up")
-  p.add_argument("--warmup", type=int, default=1, help="train: untimed steps before the timed ones")
+  p.add_argument("--steps", type=_int_at_least(1), default=5,
+                 help="train/sample: timed calls after warm-up")
+  p.add_argument("--warmup", type=_int_at_least(0), default=1,
+                 help="train: untimed steps before the timed ones")
   p.add_argument("--stage", default=None, help="train: stage (default: config.train.stage)")
-  p.add_argument("--sample_steps", type=int, default=None,
+  p.add_argument("--sample_steps", type=_int_at_least(1), default=None,
                  help="sample: ODE steps (default: config.sample.steps, else 20)")
-  p.add_argument("--cfg_scale", type=float, default=None,
+  p.add_argument("--cfg_scale", type=_finite_float, default=None,
                  help="sample: guidance scale (default: config.sample.cfg_scale, else 2.0)")
-  p.add_argument("--num_batches", type=int, default=50, help="batches timed after the first")
+  p.add_argument("--num_batches", type=_int_at_least(1), default=50,
+                 help="batches timed after the first")
   p.add_argument("--num_workers", type=int, default=None,
                  help="grain worker processes (default: config.data.num_workers)")
 
@@ -322,13 +350,14 @@ def _eval_flags(p):
                  help="TFDS data dir of captioned_shapes (built there if missing)")
   p.add_argument("--split", default="test,compositional",
                  help="comma-separated evaluation splits (never train)")
-  p.add_argument("--num", type=int, default=None, help="examples per split (default: all)")
+  p.add_argument("--num", type=_int_at_least(1), default=None,
+                 help="examples per split (default: all)")
   p.add_argument("--out", default=None, help="directory for eval.json + report.html "
                                              "(default: BUNDLE/eval)")
   p.add_argument("--seed", type=int, default=0, help="seed of each split's first image")
   p.add_argument("--caption_cfg", type=float, default=None,
                  help="guidance scale of the captions (default: the bundle's, 1.0)")
-  p.add_argument("--frechet_steps", type=int, default=300,
+  p.add_argument("--frechet_steps", type=_int_at_least(0), default=300,
                  help="training steps of the shapes feature net (0: no Fréchet distance)")
   _sampler_flags(p, "2.0 for the images")
   p.set_defaults(batch_size=32)
@@ -352,8 +381,10 @@ def _probe_flags(p):
   p.add_argument("--data_dir", required=True, help="TFDS data dir of captioned_shapes")
   p.add_argument("--split", default="test", help="held-out split (never train)")
   p.add_argument("--num", type=int, default=128, help="examples probed")
-  p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's)")
-  p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the bundle's)")
+  p.add_argument("--steps", type=_int_at_least(1), default=None,
+                 help="ODE steps (default: the bundle's)")
+  p.add_argument("--cfg", type=_finite_float, default=None,
+                 help="guidance scale (default: the bundle's)")
   p.add_argument("--blend_captions", type=int, default=32,
                  help="captions per scene averaged for text/blend_exact (0: skip)")
 
@@ -371,9 +402,17 @@ def _probe(args, overrides):
 # ---------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with the CLI's error contract: one `flowtok: error: ...` line and exit 2 (the
+  usage block argparse would print first is one `--help` away)."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="flowtok", description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(prog="flowtok", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for name, (help_text, add_flags, _) in _COMMANDS.items():
     add_flags(sub.add_parser(name, help=help_text))
   return parser

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
 import math
 import os
 from typing import Any, Iterable, Mapping
@@ -116,7 +117,27 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     if isinstance(current, ml_collections.ConfigDict):
       raise UserError(f"config key {key!r} is a section, not a value")
     parent[leaf] = _cast_override(value, current, key)
+    _check_not_shadowed(config, key)
   return config
+
+
+def _check_not_shadowed(config: ml_collections.ConfigDict, key: str):
+  """Warns when a multi-stage config's `stages.<name>.<key>` replaces an overridden `<key>` for
+  some stages (stage_api.config_for_stage merges those in last), naming the keys to set."""
+  stages = config.get("stages")
+  if not stages or key.startswith("stages."):
+    return
+  def has(node, parts):
+    for part in parts:
+      if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
+        return False
+      node = node[part]
+    return True
+  shadowing = [n for n in stages.keys() if has(stages[n], key.split("."))]
+  if shadowing:
+    logging.warning("override %r does not reach the stages that set it themselves; to change "
+                    "it there, override %s", key,
+                    ", ".join(f"stages.{n}.{key}" for n in shadowing))
 
 
 def _resolve(config: ml_collections.ConfigDict, dotted: str):

@@ -85,7 +85,7 @@ def _text_tokenizer_path(config, workdir: str) -> str:
     if c and os.path.isfile(c):
       return c
   raise UserError(f"no text tokenizer model for {workdir} (looked for {', '.join(candidates)}); "
-                  "set text_tokenizer.path")
+                  "copy the run's text_tokenizer.model there")
 
 
 def _init_get(config, key: str, default=None):
@@ -231,18 +231,6 @@ def export_programs(models: inference.Models, params, *, t2i: Optional[dict],
   return out
 
 
-def _check_traces(models: inference.Models, params, i2t: bool):
-  """Traces (no compile) the serving pipelines on the tree before anything is written."""
-  jax.eval_shape(lambda p: inference.text_to_image(
-      models, p, jnp.zeros((1, models.text_len), jnp.int32), jnp.zeros((1,), jnp.uint32), 2.0,
-      steps=1, sampler="euler", grid="parity"), params)
-  if i2t:
-    s = models.image_size
-    jax.eval_shape(lambda p: inference.image_to_text(
-        models, p, jnp.zeros((1, s, s, 3)), 1.0, steps=1, sampler="euler", grid="parity"),
-                   params)
-
-
 # -- writing ---------------------------------------------------------------------------------------
 
 def _prepare_out(out: str) -> str:
@@ -253,6 +241,15 @@ def _prepare_out(out: str) -> str:
       os.path.join(out, inference.BUNDLE_JSON)):
     raise UserError(f"--out {out} is a non-empty directory that is not a bundle; "
                     "refusing to overwrite it")
+  if os.path.isdir(out):
+    # Replacing a bundle replaces the whole directory: anything else in it (`flowtok eval`
+    # writes BUNDLE/eval by default) would go with it.
+    owned = {inference.BUNDLE_JSON, inference.CONFIG_JSON, inference.PARAMS_FILE,
+             inference.TOKENIZER_FILE, *inference.PROGRAM_FILES.values()}
+    foreign = sorted(set(os.listdir(out)) - owned)
+    if foreign:
+      raise UserError(f"--out {out} holds files a new export would delete "
+                      f"({', '.join(foreign)}); move them or choose another --out")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   return out
 
@@ -316,7 +313,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
   models = inference.build_models(config, scale)
   i2t_missing = _i2t_missing(config, params)
   if not programs:
-    _check_traces(models, params, i2t_missing is None)
+    inference.check_params(models, params, i2t_missing is None)
   # (Exporting the programs traces the same code, so the check is not repeated then.)
   progs = export_programs(models, params, t2i=t2i_knobs,
                           i2t=i2t_knobs if i2t_missing is None else None) if programs else {}

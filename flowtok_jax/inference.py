@@ -232,6 +232,24 @@ def _read_json(path: str, what: str) -> dict:
   return value
 
 
+def check_params(models: Models, params, i2t: bool) -> None:
+  """Traces (no compile) the serving pipelines on `params`: a parameter tree that does not fit
+  the modules (a missing or misshapen leaf) is a UserError, not a traceback at first use."""
+  import flax.errors  # pylint: disable=g-import-not-at-top
+  try:
+    jax.eval_shape(lambda p: text_to_image(
+        models, p, jnp.zeros((1, models.text_len), jnp.int32), jnp.zeros((1,), jnp.uint32), 2.0,
+        steps=1, sampler="euler", grid="parity"), params)
+    if i2t:
+      s = models.image_size
+      jax.eval_shape(lambda p: image_to_text(
+          models, p, jnp.zeros((1, s, s, 3)), 1.0, steps=1, sampler="euler", grid="parity"),
+                     params)
+  except (flax.errors.FlaxError, KeyError, TypeError, ValueError) as e:
+    raise UserError(f"the parameters do not fit the config: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+
+
 def read_bundle_meta(path: str) -> dict:
   """bundle.json of the bundle at `path`, with its format checked (UserError if not a bundle)."""
   path = os.path.abspath(os.path.expanduser(str(path)))
@@ -249,6 +267,8 @@ def read_bundle_meta(path: str) -> dict:
   if meta.get("format_version") != FORMAT_VERSION:
     raise UserError(f"bundle {path} has format version {meta.get('format_version')}; this "
                     f"flowtok reads version {FORMAT_VERSION} (re-export it)")
+  if not isinstance(meta.get("files", {}), dict):
+    raise UserError(f"bundle {path} is corrupt: {BUNDLE_JSON} 'files' is not a mapping")
   return meta
 
 
@@ -290,6 +310,10 @@ def load_bundle(path: str) -> Bundle:
              if not isinstance(params, dict) or k not in params]
   if missing:
     raise UserError(f"bundle {path} is corrupt: parameters lack {', '.join(missing)}")
+  try:
+    check_params(models, params, i2t=models.text_decoder is not None and "text_decoder" in params)
+  except UserError as e:
+    raise UserError(f"bundle {path}: {e}") from None
   return Bundle(path=path, meta=meta, config=config, params=params, tokenizer=tok, models=models)
 
 
@@ -359,6 +383,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     UserError: missing or unreadable file, not an image, or smaller than MIN_IMAGE_SIDE.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data.examples import pil_to_rgb_uint8  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise UserError(f"cannot read image {path}: no such file")
   if os.path.isdir(path):
@@ -366,7 +391,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   try:
     with Image.open(path) as img:
       img.load()
-      array = np.asarray(img.convert("RGB"))
+      array = pil_to_rgb_uint8(img)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise UserError(f"cannot read image {path}: not a readable image file "
                     f"({type(e).__name__})") from None

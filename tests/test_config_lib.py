@@ -88,3 +88,28 @@ def test_split_overrides_accepts_both_spellings():
       ["train", "--config", "c.py", "--config.a.b=1", "--config.c", "2", "--workdir", "w"])
   assert rest == ["train", "--config", "c.py", "--workdir", "w"]
   assert overrides == ["a.b=1", "c=2"]
+
+
+def test_an_override_a_stage_replaces_is_named_in_a_warning(caplog):
+  with caplog.at_level("WARNING"):
+    config = config_lib.load("configs/demo.py", ["train.batch_size=7", "train.log_every_steps=3"])
+  assert config.train.batch_size == 7
+  msgs = [r.getMessage() for r in caplog.records]
+  assert any("'train.batch_size'" in m and "stages.flowtok.train.batch_size" in m
+             and "stages.clip.train.batch_size" in m for m in msgs), msgs
+  assert not any("log_every_steps" in m for m in msgs)  # no stage sets it: no warning
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "pipeline", "--config", "configs/demo.py", "--batch_size", "0"], "must be >= 1"),
+    (["bench", "sample", "--config", "configs/demo.py", "--cfg_scale", "nan"], "must be finite"),
+    (["probe", "--bundle", "b", "--data_dir", "d", "--steps", "0"], "must be >= 1"),
+    (["eval", "--bundle", "b", "--data_dir", "d", "--frechet_steps", "-5"], "must be >= 0"),
+])
+def test_cli_counts_and_scales_are_checked_not_defaulted(argv, needle, capsys):
+  from flowtok_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("flowtok: error: ") and needle in err[0], err

@@ -96,10 +96,15 @@ def test_bundle_holds_the_runs_parameters(tiny_runs, tiny_bundle_dir):
 def test_reexport_bfloat16_replaces_atomically(tiny_runs, tiny_bundle_dir, tmp_path):
   out = tmp_path / "b"
   shutil.copytree(tiny_bundle_dir, out)
-  (out / "stale.txt").write_text("from the old bundle")
+  # Files the bundle does not own (`flowtok eval` writes BUNDLE/eval) would be lost: refused.
+  (out / "eval").mkdir()
+  (out / "eval" / "eval.json").write_text("{}")
+  with pytest.raises(UserError, match="would delete \\(eval\\)"):
+    export.export_bundle(tiny_runs.flowtok, str(out), dtype="bfloat16")
+  assert (out / "eval" / "eval.json").exists()
+  shutil.rmtree(out / "eval")
   summary = export.export_bundle(tiny_runs.flowtok, str(out), dtype="bfloat16")
   assert sorted(os.listdir(tmp_path)) == ["b"]  # No temporary or old directories left.
-  assert not (out / "stale.txt").exists()  # Replaced, not merged.
   b = inference.load_bundle(str(out))
   assert b.meta["param_dtype"] == "bfloat16" and summary["dtype"] == "bfloat16"
   kernel = b.params["flow"]["x_embedder"]["kernel"]
@@ -177,6 +182,17 @@ def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):
   assert_one_error(code, err, "not a bundle", "refusing")
   assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
   assert not os.path.exists(out)
+  # A checkpoint whose array data is damaged (metadata intact): one line, not a traceback.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tiny_runs.flowtok, damaged)
+  data_files = [os.path.join(d, f) for d, _, fs in os.walk(damaged / "checkpoints")
+                for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
+  assert data_files
+  for f in data_files:
+    with open(f, "r+b") as fh:
+      fh.truncate(max(1, os.path.getsize(f) // 3))
+  code, _, err = run_cli(["export", "--workdir", str(damaged), "--out", out], capsys)
+  assert_one_error(code, err, "damaged")
 
 
 def test_export_cli_writes_a_loadable_bundle(tiny_runs, tmp_path, capsys):

@@ -107,6 +107,20 @@ def test_bad_bundles_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
     meta = json.load(f)
   (bad / inference.BUNDLE_JSON).write_text(json.dumps(dict(meta, format_version=99)))
   assert_one_error(*gen(bad), "format version 99", "re-export")
+  (bad / inference.BUNDLE_JSON).write_text(json.dumps(dict(meta, files=["params.msgpack"])))
+  assert_one_error(*gen(bad), "'files' is not a mapping")
+  # Checksums that match parameters that do not fit the config (a leaf of the wrong shape).
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  params = flax.serialization.msgpack_restore(
+      open(os.path.join(tiny_bundle_dir, inference.PARAMS_FILE), "rb").read())
+  kernel = params["flow"]["x_embedder"]["kernel"]
+  params["flow"]["x_embedder"]["kernel"] = np.zeros(kernel.shape[:-1] + (kernel.shape[-1] + 1,),
+                                                    kernel.dtype)
+  (bad / inference.PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
+  files = dict(meta["files"], **{inference.PARAMS_FILE: inference.file_sha256(
+      str(bad / inference.PARAMS_FILE))})
+  (bad / inference.BUNDLE_JSON).write_text(json.dumps(dict(meta, files=files)))
+  assert_one_error(*gen(bad), "do not fit the config")
 
 
 def test_bad_images_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
@@ -120,6 +134,18 @@ def test_bad_images_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
     code, out, err = run_cli(["caption", "--bundle", tiny_bundle_dir, good, path], capsys)
     assert_one_error(code, err, path, *needles)
     assert out == ""  # Checked before any captioning: no partial output.
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tiny_bundle_dir, tmp_path, capsys):
+  """PIL's convert('RGB') clips 16-bit values to 255; the image must read as its 8-bit self."""
+  grey = np.zeros((64, 64), np.uint8)
+  grey[16:48, 16:48] = 200
+  eight = save(tmp_path / "g8.png", grey)
+  sixteen = str(tmp_path / "g16.png")
+  Image.fromarray(grey.astype(np.uint16) * 257).save(sixteen)
+  with Image.open(sixteen) as img:
+    assert img.mode.startswith("I")
+  np.testing.assert_array_equal(inference.load_image(sixteen, 64), inference.load_image(eight, 64))
 
 
 def test_t2i_only_bundle_refuses_to_caption(tiny_bundle_dir, tmp_path, capsys):

@@ -357,6 +357,8 @@ def build(data_cfg, data_dir: str) -> str:
   Returns:
     One line: dataset/config version, split sizes and the path.
   """
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise UserError(f"data dir {data_dir} is a file, not a directory")
   builder = _own_builder(data_cfg, data_dir)
   if builder is None:
     return _summary(_prepared_builder(data_cfg, data_dir), "prepared")
@@ -450,6 +452,8 @@ def write_preview(data_cfg, data_dir: str, split: str = "train", num: int = 16,
   """
   if num <= 0:
     raise UserError(f"--num must be positive, got {num}")
+  if os.path.isdir(out) or os.path.splitext(out)[1].lower() != ".png":
+    raise UserError(f"--out {out} must be a .png file path")
   src = data_source(data_cfg, split, data_dir)
   image_key, caption_key = data_cfg.get("image_key", "image"), data_cfg.get("caption_key",
                                                                             "caption")

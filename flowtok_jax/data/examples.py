@@ -14,6 +14,21 @@ from PIL import Image
 from flowtok_jax.errors import UserError
 
 
+def pil_to_rgb_uint8(img) -> np.ndarray:
+  """A PIL image -> uint8 [H, W, 3]. 16-bit and 32-bit integer greyscale (which PIL's
+  convert('RGB') clips to 255) are scaled down to 8 bits first."""
+  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    arr = np.asarray(img).astype(np.int64)
+    if arr.min() < 0 or arr.max() > 65535:
+      raise ValueError(f"integer image values outside [0, 65535] (mode {img.mode})")
+    if img.mode != "I" or arr.max() > 255:  # 16-bit data (mode I holding 8-bit values stays)
+      arr = arr >> 8
+    return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
+  if img.mode == "F":
+    raise ValueError("floating-point images are not supported")
+  return np.asarray(img.convert("RGB"))
+
+
 def to_rgb_uint8(value: Any) -> np.ndarray:
   """Turns a dataset image (decoded array or encoded PNG/JPEG bytes) into uint8 [H, W, 3]."""
   if isinstance(value, np.ndarray) and value.dtype == object:
@@ -21,7 +36,7 @@ def to_rgb_uint8(value: Any) -> np.ndarray:
   if isinstance(value, (bytes, np.bytes_)):
     raw = bytes(value)
     with Image.open(io.BytesIO(raw)) as img:
-      return np.asarray(img.convert("RGB"))
+      return pil_to_rgb_uint8(img)
   arr = np.asarray(value)
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]

@@ -163,6 +163,8 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   if not data_dir:
     raise UserError("--data_dir is required")
   out = os.path.abspath(out or os.path.join(b.path, "eval"))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out} is a file; give a directory for the evaluation")
   try:
     logging.info("eval data: %s", builders.build(data_cfg, data_dir))
   except OSError as e:

@@ -122,6 +122,8 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   params, _ = ckpt_lib.load_params(tokenizer_workdir, abstract, select=select)
   encode = jax.jit(lambda x: encoder.apply({"params": params}, x))
 
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out} is a file; give a directory for the latents")
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, META_FILE)
   meta = {"num_tokens": tc.num_tokens, "token_channels": tc.token_channels, "image_size": s,

@@ -80,6 +80,13 @@ def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path
       fn()
   with pytest.raises(UserError, match="caption_key='text'"):
     builders.data_source(_data_cfg(data_cfg, caption_key="text"), "train", data_dir)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  with pytest.raises(UserError, match="is a file, not a directory"):
+    builders.build(data_cfg, str(a_file))
+  for out in (str(tmp_path), str(tmp_path / "grid.txt")):
+    with pytest.raises(UserError, match="must be a .png file path"):
+      builders.write_preview(data_cfg, data_dir, out=out)
 
 
 def _write_png(path, array):

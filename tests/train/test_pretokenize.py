@@ -135,3 +135,8 @@ def test_cli_pretokenize_needs_its_inputs(stored, tmp_path):
   r = subprocess.run(base + [f"--out={tmp_path}"], capture_output=True, text=True, env=env,
                      timeout=300)
   assert r.returncode != 0 and "needs the tokenizer" in r.stderr.strip().splitlines()[-1]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  r = subprocess.run(base + [f"--tokenizer={work}", f"--out={a_file}"], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode != 0 and "is a file" in r.stderr.strip().splitlines()[-1]
