@@ -377,7 +377,9 @@ def _eval(args, overrides):
 
 
 def _probe_flags(p):
-  p.add_argument("--bundle", required=True, help="two-way bundle directory (flowtok export)")
+  p.add_argument("--direction", choices=("i2t", "t2i"), default="i2t",
+                 help="i2t: where captions fail (needs a two-way bundle); t2i: where images fail")
+  p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--data_dir", required=True, help="TFDS data dir of captioned_shapes")
   p.add_argument("--split", default="test", help="held-out split (never train)")
   p.add_argument("--num", type=int, default=128, help="examples probed")
@@ -386,17 +388,23 @@ def _probe_flags(p):
   p.add_argument("--cfg", type=_finite_float, default=None,
                  help="guidance scale (default: the bundle's)")
   p.add_argument("--blend_captions", type=int, default=32,
-                 help="captions per scene averaged for text/blend_exact (0: skip)")
+                 help="captions per scene averaged for text/blend_exact (i2t; 0: skip)")
 
 
-@command("probe", "where image-to-text fails: text round trip, velocity along the path, ODE end",
-         _probe_flags)
+@command("probe", "where image-to-text (or --direction t2i: text-to-image) fails: the "
+         "tokens' own ceiling, the velocity along the true path, the ODE's end", _probe_flags)
 def _probe(args, overrides):
   _no_config(overrides, "probe")
-  from flowtok_jax.evaluation import i2t_probe  # pylint: disable=g-import-not-at-top
-  print(json.dumps(i2t_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
-                                   steps=args.steps, cfg_scale=args.cfg,
-                                   blend_captions=args.blend_captions), sort_keys=True))
+  if args.direction == "t2i":
+    from flowtok_jax.evaluation import t2i_probe  # pylint: disable=g-import-not-at-top
+    result = t2i_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
+                             steps=args.steps, cfg_scale=args.cfg)
+  else:
+    from flowtok_jax.evaluation import i2t_probe  # pylint: disable=g-import-not-at-top
+    result = i2t_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
+                             steps=args.steps, cfg_scale=args.cfg,
+                             blend_captions=args.blend_captions)
+  print(json.dumps(result, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,3 +53,29 @@ def test_probe_refuses_the_training_split(tiny_bundle_dir, shapes_data_dir, caps
     cli.main(["probe", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--num", "0"])
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1 and "--num must be at least 1" in err[0]
+
+
+def test_t2i_probe_reads_like_the_t2i_bar(tiny_bundle_dir, shapes_data_dir, capsys):
+  """`--direction t2i`: parser accuracies in [0, 1]; with the DiT's output zeroed (v = 0) the
+  one-step error is x_t's, which falls as (1 − t)² towards the true tokens, and the ODE stays
+  at z_T."""
+  from flowtok_jax.evaluation import t2i_probe  # pylint: disable=g-import-not-at-top
+  _, data_dir = shapes_data_dir
+  cli.main(["probe", "--direction", "t2i", "--bundle", tiny_bundle_dir, "--data_dir", data_dir,
+            "--num", "4", "--steps", "2"])
+  out = json.loads(capsys.readouterr().out)
+  assert out["num"] == 4 and out["steps"] == 2
+  assert {"recon/accuracy", "ode/accuracy"} | {
+      f"noise/sigma={s:g}/accuracy" for s in t2i_probe.DEFAULT_SIGMAS} <= set(out)
+  for key, value in out.items():
+    assert np.isfinite(value), key
+    if key.endswith("accuracy"):
+      assert 0.0 <= value <= 1.0, key
+  b = inference.load_bundle(tiny_bundle_dir)
+  b.params["flow"]["final_layer"]["linear"] = jax.tree.map(
+      np.zeros_like, b.params["flow"]["final_layer"]["linear"])
+  out = t2i_probe.probe(b, data_dir, num=4, steps=2, sigmas=())
+  r0 = out["onestep/t=0/rel_err"]
+  assert r0 > 0.1
+  for t in t2i_probe.DEFAULT_TIMES:
+    np.testing.assert_allclose(out[f"onestep/t={t:g}/rel_err"], (1 - t) ** 2 * r0, rtol=1e-3)
