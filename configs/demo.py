@@ -10,12 +10,15 @@ Arguments (after a colon): `runlocal` shrinks everything to a few seconds (tests
 import ml_collections
 
 from flowtok_jax import config_lib
+from flowtok_jax.errors import UserError
 from flowtok_jax.train import optim
 from flowtok_jax.train import stages as stages_lib
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, runlocal=False, res=64)
+  if arg.res < 32 or arg.res % 32:  # The shapes world's geometry (DESIGN §6) scales by res / 64.
+    raise UserError(f"configs/demo.py: res must be a positive multiple of 32, got {arg.res}")
   config = ml_collections.ConfigDict()
   config.seed = 0  # Global seed: model init, per-step randomness.
 
@@ -63,7 +66,7 @@ def get_config(arg=None):
   text.vocab_size = 128  # Requested vocabulary (pad/unk/bos/eos included).
   text.model_type = "bpe"  # sentencepiece model type: unigram | bpe | word | char.
   text.lowercase = True  # Case-fold all text, so "A Red Circle" encodes like "a red circle".
-  text.num_captions = 2_000  # Captions read to train it (BPE-128 on 2k covers all 20k with no <unk>).
+  text.num_captions = 2_000  # Captions it trains on (BPE-128 on 2k covers all 20k, no <unk>).
   # A trained .model file for `flowtok train` on one stage (None: W/text_tokenizer.model or
   # W/../text_tokenizer.model; `flowtok demo` trains it into W).
   text.path = None
@@ -157,7 +160,7 @@ def get_config(arg=None):
   tr.batch_size = 32  # Global batch (all hosts); must divide by mesh data x fsdp.
   tr.total_steps = 2000  # Optimizer steps of the run.
   tr.log_every_steps = 50  # Metrics to host, metrics.jsonl and TensorBoard.
-  tr.eval_every_steps = 500  # Evaluators (scores, grids, captions), also at the last step (0: never).
+  tr.eval_every_steps = 500  # Evaluators (scores, grids, captions), also at the end (0: never).
   tr.ckpt_every_steps = 500  # Checkpoints (plus one at the end and on SIGTERM/SIGINT).
   tr.ema_decay = 0.999  # EMA of trainable params (None: no EMA, evaluators use raw params).
   tr.peak_flops_per_device = None  # FLOP/s for perf/mfu; None: measured matmul peak at start.

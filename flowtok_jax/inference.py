@@ -370,9 +370,15 @@ def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int,
       n = int(np.argmax(full[0] == tt.EOS_ID))
       raise UserError(f"prompt is too long: {p!r} is {n} tokens, this model reads at most "
                       f"{text_len - 1} (text length L = {text_len} including EOS)")
+  # What is left of each prompt once its unknown pieces are dropped (empty: nothing known).
+  known = tokenizer.decode(np.where(ids == tt.UNK_ID, tt.PAD_ID, ids))
+  for p, rest in zip(prompts, known):
+    if not rest.strip():
+      raise UserError(f"prompt {p!r} has nothing the text tokenizer knows (every token is "
+                      "unknown): nothing to condition on")
   unknown = [p for p, row in zip(prompts, ids) if tt.UNK_ID in row]
   if unknown:
-    logging.warning("words unknown to the text tokenizer in %r", unknown[0])
+    logging.warning("parts of %r are unknown to the text tokenizer (read as <unk>)", unknown[0])
   return ids
 
 

@@ -80,6 +80,10 @@ def test_bad_prompts_and_flags_are_one_line_errors(tiny_bundle_dir, tmp_path, ca
   gen = ["generate", "--bundle", tiny_bundle_dir, "--out", str(tmp_path / "o")]
   for prompt in ("", "   "):
     assert_one_error(*run_cli(gen + ["--prompt", prompt], capsys)[::2], "empty prompt")
+  # Nothing the text tokenizer knows (shapes captions have no CJK or emoji): refused.
+  for prompt in ("\u732b", "\U0001F642\U0001F642"):
+    assert_one_error(*run_cli(gen + ["--prompt", prompt], capsys)[::2], "nothing the text "
+                     "tokenizer knows")
   code, _, err = run_cli(gen + ["--prompt", PROMPTS[0], "--prompt", "a red circle " * 8], capsys)
   assert_one_error(code, err, "too long", "tokens", "at most 15")
   for flags, needle in ((["--num", "0"], "--num"), (["--steps", "0"], "--steps"),
