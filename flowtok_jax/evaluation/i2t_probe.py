@@ -54,14 +54,19 @@ def target_captions(bundle: inference.Bundle, attrs: Sequence[dict],
   return [shapes.reference_caption(a["objects"], a["relation"]) for a in attrs]
 
 
+def text_posterior(models: inference.Models, params, ids: jax.Array, key: jax.Array):
+  """Prompt ids [B, L] -> (CLIP features [B, L, D], text-VAE mean, a posterior sample [B, L, C])."""
+  feats = models.clip_text.apply({"params": params["clip_text"]}, ids)
+  mean, logvar = models.text_vae.apply({"params": params["text_vae"]}, feats)
+  return feats, mean, mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+
 def _programs(bundle: inference.Bundle):
   m = bundle.models
 
   @jax.jit
   def text(params, ids, key):
-    feats = m.clip_text.apply({"params": params["clip_text"]}, ids)
-    mean, logvar = m.text_vae.apply({"params": params["text_vae"]}, feats)
-    return mean, mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return text_posterior(m, params, ids, key)[1:]
 
   @jax.jit
   def one_step(params, z_image, z_text, t):

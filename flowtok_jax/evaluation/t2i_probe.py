@@ -33,7 +33,7 @@ import numpy as np
 from flowtok_jax import flow_matching as fm
 from flowtok_jax import inference
 from flowtok_jax.errors import UserError
-from flowtok_jax.evaluation import shapes_eval
+from flowtok_jax.evaluation import i2t_probe, shapes_eval
 
 DEFAULT_TIMES = (0.0, 0.25, 0.5, 0.75, 0.9)
 DEFAULT_SIGMAS = (0.1, 0.2, 0.4, 0.8)
@@ -45,9 +45,8 @@ def _programs(bundle: inference.Bundle):
 
   @jax.jit
   def text(params, ids, key):
-    feats = m.clip_text.apply({"params": params["clip_text"]}, ids)
-    mean, logvar = m.text_vae.apply({"params": params["text_vae"]}, feats)
-    return feats, mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    feats, _, sample = i2t_probe.text_posterior(m, params, ids, key)
+    return feats, sample
 
   @jax.jit
   def decode(params, z, feats):
