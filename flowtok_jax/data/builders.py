@@ -408,7 +408,11 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
   if _ARRAY_RECORD not in {f.value for f in info.available_file_formats()}:
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is not stored as ArrayRecord: "
                     + _tfds_build_hint(data_cfg.name, data_dir))
-  return builder.as_data_source(split=split, decoders=decoders)
+  try:
+    return builder.as_data_source(split=split, decoders=decoders)
+  except (RuntimeError, OSError, ValueError) as e:  # Truncated or overwritten record files.
+    raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); rebuild it") from None
 
 
 def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None) -> list[str]:

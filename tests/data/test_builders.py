@@ -226,3 +226,17 @@ def test_nested_feature_keys_resolve_through_sequences():
   assert not builders._has_feature(features, "captions/txt")
   assert not builders._has_feature(features, "image/text")
   assert not builders._has_feature(features, "caption")
+
+
+def test_a_damaged_record_file_is_a_user_error(shapes_data_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import shapes_eval  # pylint: disable=g-import-not-at-top
+  data_cfg, data_dir = shapes_data_dir
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  (record,) = [os.path.join(d, f) for d, _, fs in os.walk(copy) for f in fs
+               if "-val.array_record" in f]
+  with open(record, "r+b") as fh:
+    fh.truncate(1000)
+  with pytest.raises(UserError, match="damaged"):
+    shapes_eval.load_split(data_cfg, str(copy), "val", 4)
