@@ -74,6 +74,17 @@ def resolve_dir(path: str) -> tuple[str, int | None]:
   raise UserError(f"no checkpoint at {path}")
 
 
+def resolve_step(path: str) -> tuple[str, int]:
+  """(manager directory, step) of the checkpoint `path` names: its latest when it names none."""
+  directory, step = resolve_dir(path)
+  if step is None:
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    if not steps:
+      raise UserError(f"no checkpoint at {path}")
+    step = max(steps)
+  return directory, step
+
+
 def _manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(

@@ -10,7 +10,8 @@ decoding and encoding images (SPEC §3.2, DESIGN §2):
 `L` holds, per split, `<split>.mean.npy` and `<split>.logvar.npy` (float16 [N, K, C]; row i is
 record i of `builders.data_source(data, split)`, so they join the TFDS records by index and every
 shuffle, shard and resume of the pipeline carries over), and `latents.json`, which says what made
-them. Training still samples z = mean + σ·ε each step (`flowtok_stage.image_sample`). Images are
+them: the tokenizer checkpoint (directory and step) and the prepared dataset, which training
+checks against `init.tokenizer_from` and `data.data_dir`. Training still samples z = mean + σ·ε each step (`flowtok_stage.image_sample`). Images are
 decoded and resized exactly as the training pipeline does (`pipeline.load_image`).
 """
 from __future__ import annotations
@@ -38,12 +39,49 @@ def read_meta(latents_dir: str) -> dict:
   path = os.path.join(latents_dir, META_FILE)
   try:
     with open(path) as f:
-      return json.load(f)
+      meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
+      raise ValueError("not a latents description")
+    return meta
   except FileNotFoundError:
     raise UserError(f"{latents_dir} holds no pre-tokenized latents ({META_FILE} missing): run "
                     "`flowtok data pretokenize` first") from None
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is unreadable or corrupt ({type(e).__name__})") from None
+
+
+def dataset_id(data_cfg, data_dir: str) -> str:
+  """The prepared dataset's identity: TFDS name/config/version (captioned_shapes' config name
+  fixes its content) and where it lives."""
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  builder = builders._prepared_builder(data_cfg, data_dir)  # pylint: disable=protected-access
+  return f"{builder.info.full_name} @ {os.path.abspath(data_dir)}"
+
+
+def tokenizer_checkpoint(path: str) -> dict:
+  """{'dir', 'step'} of the tokenizer checkpoint `path` names (its latest step)."""
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  directory, step = ckpt_lib.resolve_step(path)
+  return {"dir": directory, "step": int(step)}
+
+
+def check_sources(meta: dict, config) -> None:
+  """UserError unless the latents were made by the tokenizer checkpoint this run loads
+  (`init.tokenizer_from`: its encoder evaluates and its decoder is exported) and from this
+  run's prepared dataset."""
+  path = (config.get("init") or {}).get("tokenizer_from")
+  if not path:
+    raise UserError("data.latents_dir needs init.tokenizer_from: the tokenizer that made the "
+                    "latents (its encoder evaluates held-out images, its decoder is exported)")
+  want = tokenizer_checkpoint(path)
+  if meta.get("tokenizer_checkpoint") != want:
+    raise UserError(f"the latents in {config.data.latents_dir} were made by tokenizer "
+                    f"checkpoint {meta.get('tokenizer_checkpoint')}, this run loads {want}: "
+                    "pretokenize again")
+  data_id = dataset_id(config.data, config.data.data_dir)
+  if meta.get("dataset_id") != data_id:
+    raise UserError(f"the latents in {config.data.latents_dir} were made from "
+                    f"{meta.get('dataset_id')!r}, this run reads {data_id!r}: pretokenize again")
 
 
 def check_meta(meta: dict, config, split: str, num_records: int | None = None) -> None:
@@ -72,9 +110,14 @@ def open_split(latents_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
       out.append(np.load(path, mmap_mode="r"))
     except (OSError, ValueError) as e:
       raise UserError(f"cannot read pre-tokenized latents {path}: {e}") from None
-  if out[0].shape != out[1].shape:
-    raise UserError(f"pre-tokenized split {split!r}: mean {out[0].shape} and logvar "
-                    f"{out[1].shape} differ")
+  if out[0].shape != out[1].shape or out[0].ndim != 3 or out[0].dtype != DTYPE:
+    raise UserError(f"pre-tokenized split {split!r}: mean {out[0].shape} {out[0].dtype} and "
+                    f"logvar {out[1].shape} {out[1].dtype} are not a matching float16 [N, K, C]")
+  meta = read_meta(latents_dir)
+  if out[0].shape[1:] != (meta.get("num_tokens"), meta.get("token_channels")):
+    raise UserError(f"pre-tokenized split {split!r} holds [N, K, C] = {out[0].shape} but "
+                    f"{META_FILE} says K = {meta.get('num_tokens')}, C = "
+                    f"{meta.get('token_channels')}")
   return out[0], out[1]
 
 
@@ -119,7 +162,9 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)))["params"]))
   select = tuple(config.get("init", {}).get("tokenizer_select", ()) or ()) + ("encoder",)
-  params, _ = ckpt_lib.load_params(tokenizer_workdir, abstract, select=select)
+  source_ckpt = tokenizer_checkpoint(tokenizer_workdir)
+  params, _ = ckpt_lib.load_params(os.path.join(source_ckpt["dir"], str(source_ckpt["step"])),
+                                   abstract, select=select)
   encode = jax.jit(lambda x: encoder.apply({"params": params}, x))
 
   if os.path.exists(out) and not os.path.isdir(out):
@@ -127,14 +172,26 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, META_FILE)
   meta = {"num_tokens": tc.num_tokens, "token_channels": tc.token_channels, "image_size": s,
-          "dataset": str(config.data.name), "image_key": config.data.image_key,
-          "tokenizer": os.path.abspath(tokenizer_workdir), "dtype": np.dtype(DTYPE).name,
-          "splits": {}}
-  if os.path.exists(meta_path):  # Keep the splits made earlier by the same tokenizer.
+          "dataset": str(config.data.name), "dataset_id": dataset_id(config.data, data_dir),
+          "image_key": config.data.image_key,
+          "tokenizer_checkpoint": source_ckpt,
+          "dtype": np.dtype(DTYPE).name, "splits": {}}
+  keys = ("num_tokens", "token_channels", "image_size", "dataset", "dataset_id", "image_key",
+          "tokenizer_checkpoint", "dtype")
+  if os.path.exists(meta_path):  # Keep the splits made earlier by the same tokenizer and data.
     old = read_meta(out)
-    if all(old.get(k) == meta[k] for k in ("num_tokens", "token_channels", "image_size",
-                                            "dataset", "tokenizer")):
-      meta["splits"] = dict(old.get("splits", {}))
+    if all(old.get(k) == meta[k] for k in keys):
+      meta["splits"] = {k: v for k, v in old.get("splits", {}).items() if k not in splits}
+
+  def write_meta():
+    tmp_meta = meta_path + ".tmp"
+    with open(tmp_meta, "w") as f:
+      json.dump(meta, f, indent=1)
+    os.replace(tmp_meta, meta_path)
+
+  # The splits being (re)made are absent from latents.json until their files are whole, so a
+  # crash part-way leaves no description vouching for files of another tokenizer.
+  write_meta()
   for split in splits:
     source = builders.data_source(config.data, split, data_dir)
     n = len(source)
@@ -155,8 +212,12 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
       for j, i in enumerate(rows):
         images[j] = pipeline.load_image(source[i], config.data.image_key, s)
       mean, logvar = jax.device_get(encode(images))
-      arrays["mean"][start:start + len(rows)] = mean[:len(rows)]
-      arrays["logvar"][start:start + len(rows)] = logvar[:len(rows)]
+      for part, value in (("mean", mean), ("logvar", logvar)):
+        stored = value[:len(rows)].astype(DTYPE)
+        if not np.isfinite(stored).all():
+          raise UserError(f"split {split!r}, records {start}..{start + len(rows) - 1}: the "
+                          f"posterior {part} is not finite in float16 (|value| > 65504?)")
+        arrays[part][start:start + len(rows)] = stored
       if bar is not None:
         bar.update(len(rows))
     if bar is not None:
@@ -167,9 +228,6 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
       os.replace(tmp[part], files[part])  # Whole files only: a crash leaves no partial split.
     arrays.clear()
     meta["splits"][split] = n
+    write_meta()
     logging.info("pretokenized %s: %d records -> %s", split, n, out)
-  tmp_meta = meta_path + ".tmp"
-  with open(tmp_meta, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp_meta, meta_path)
   return meta

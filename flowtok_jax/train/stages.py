@@ -501,7 +501,9 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   latents_dir = config.data.get("latents_dir")
   if latents_dir:
     from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
-    pretokenize.check_meta(pretokenize.read_meta(latents_dir), config, config.data.train_split)
+    meta = pretokenize.read_meta(latents_dir)
+    pretokenize.check_meta(meta, config, config.data.train_split)
+    pretokenize.check_sources(meta, config)
   image1 = jnp.zeros((1, tc.image_size, tc.image_size, 3), jnp.float32)
   encoder_init = lambda rng, b: models.image_encoder.init(rng, image1)["params"]
   scale = _latent_scale(config, ctx, models.image_encoder, encoder_init, sc, latents_dir)

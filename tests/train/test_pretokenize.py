@@ -1,5 +1,6 @@
 """Pre-tokenized training data: `flowtok data pretokenize` stores a trained tokenizer's posteriors,
 the pipeline joins them to the records by index, and the flowtok stage trains on them."""
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,22 @@ def test_latents_that_do_not_fit_are_one_line_errors(stored, tmp_path):
     pretokenize.check_meta(meta, make(), "train", num_records=40)
   with pytest.raises(UserError, match="pretokenize` first"):
     pretokenize.read_meta(str(tmp_path))
+  # Made by another tokenizer checkpoint, or with none to check against: refused.
+  config = make(f"data.latents_dir={out}")
+  with pytest.raises(UserError, match="needs init.tokenizer_from"):
+    pretokenize.check_sources(meta, config)
+  config = make(f"data.latents_dir={out}", f"init.tokenizer_from={tmp_path}")
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+  with pytest.raises(UserError, match="made by tokenizer checkpoint"):
+    pretokenize.check_sources(meta, config)
+  # Arrays that do not match latents.json (a foreign or half-written file): one line.
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / pretokenize.META_FILE).write_text(json.dumps(dict(meta, token_channels=4)))
+  for part in ("mean", "logvar"):
+    np.save(pretokenize.split_file(str(bad), "train", part), np.zeros((32, 16, 8), np.float16))
+  with pytest.raises(UserError, match="says K = 16, C = 4"):
+    pretokenize.open_split(str(bad), "train")
 
 
 def test_cli_pretokenize_needs_its_inputs(stored, tmp_path):
