@@ -234,7 +234,10 @@ def test_a_damaged_record_file_is_a_user_error(shapes_data_dir, tmp_path):
   data_cfg, data_dir = shapes_data_dir
   copy = tmp_path / "data"
   shutil.copytree(data_dir, copy)
-  (record,) = [os.path.join(d, f) for d, _, fs in os.walk(copy) for f in fs
+  # This config's variant (the shared data dir may hold others).
+  variant = os.path.relpath(
+      builders._prepared_builder(data_cfg, data_dir).data_dir, data_dir)  # pylint: disable=protected-access
+  (record,) = [os.path.join(copy, variant, f) for f in os.listdir(copy / variant)
                if "-val.array_record" in f]
   with open(record, "r+b") as fh:
     fh.truncate(1000)
