@@ -92,6 +92,14 @@ class _HeldOut:
         out = program(params, frozen, batch)
       yield batch, out
 
+  def collect(self, ctx: stage_api.StageContext, program, keys, params, frozen,
+              pick: Callable[[dict, Any], tuple]) -> list[np.ndarray]:
+    """Runs every held-out batch and returns the arrays `pick(global batch, program output)`
+    names, each gathered to numpy and concatenated over the batches, in global order."""
+    parts = [[_gather(x) for x in pick(batch, out)]
+             for batch, out in self.run(ctx, program, keys, params, frozen)]
+    return [np.concatenate(column) for column in zip(*parts)]
+
 
 def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
                    read_batches: Callable[[], list[Batch]], recon_fn: ReconFn,
@@ -116,23 +124,20 @@ def reconstruction(ctx: stage_api.StageContext, *, every_steps: int,
 
   def fn(params, frozen, step):
     del step
-    images, recons, sigmas, ids = [], [], [], []
-    for batch, (recon, sigma) in held.run(ctx, program, ("image", "text_ids"), params, frozen):
-      images.append(_gather(batch["image"]))
-      recons.append(_gather(recon))
-      sigmas.append(_gather(sigma))
-      ids.append(_gather(batch["text_ids"]))
+    images, recons, sigmas, ids = held.collect(
+        ctx, program, ("image", "text_ids"), params, frozen,
+        lambda b, out: (b["image"], out[0], out[1], b["text_ids"]))
     # uint8 as the exported bundle writes them, so the numbers match `flowtok eval`'s.
-    to_u8 = lambda x: np.round(np.clip(np.concatenate(x), 0.0, 1.0) * 255).astype(np.uint8)
+    to_u8 = lambda x: np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
     images, recons = to_u8(images), to_u8(recons)
     from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
     name = f"eval/{split}"
     scalars = {f"{name}/psnr": float(np.mean(image_metrics.psnr(images, recons))),
                f"{name}/ssim": float(np.mean(image_metrics.ssim(images, recons))),
-               f"{name}/posterior_std": float(np.mean(np.concatenate(sigmas))),
+               f"{name}/posterior_std": float(np.mean(sigmas)),
                f"{name}/num": float(len(images))}
     if decode_text is not None:
-      scalars.update(_parser_scores(name, recons, decode_text(np.concatenate(ids))))
+      scalars.update(_parser_scores(name, recons, decode_text(ids)))
     grid = np.concatenate([images[:GRID], recons[:GRID]])  # Originals above reconstructions.
     return stage_api.EvalResult(scalars=scalars, images={f"{name}/reconstructions": grid})
 
@@ -203,13 +208,9 @@ def retrieval(ctx: stage_api.StageContext, *, every_steps: int,
 
   def fn(params, frozen, step):
     del step
-    imgs, txts, ids = [], [], []
-    for batch, (img, txt) in held.run(ctx, program, ("image", "text_ids"), params, frozen):
-      imgs.append(_gather(img))
-      txts.append(_gather(txt))
-      ids.append(_gather(batch["text_ids"]))
-    return stage_api.EvalResult(scalars=retrieval_scores(
-        np.concatenate(imgs), np.concatenate(txts), np.concatenate(ids), f"eval/{split}"))
+    img, txt, ids = held.collect(ctx, program, ("image", "text_ids"), params, frozen,
+                                 lambda b, out: (out[0], out[1], b["text_ids"]))
+    return stage_api.EvalResult(scalars=retrieval_scores(img, txt, ids, f"eval/{split}"))
 
   return stage_api.Evaluator(name="retrieval", fn=fn, every_steps=int(every_steps),
                              prepare=held.prepare)
