@@ -74,18 +74,14 @@ def load_image(element: dict[str, Any], image_key: str, size: int) -> np.ndarray
 class _WithLatents:
   """A random-access source whose records also carry their stored tokenizer posteriors.
 
-  Holds only paths (grain may pickle it into worker processes) and opens the memory maps on
-  first use in each process.
+  Pickles as paths (grain may send it to worker processes), which reopen the memory maps on
+  first use.
   """
 
   def __init__(self, source: Sequence, latents_dir: str, split: str):
     from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
     self._source, self._dir, self._split = source, latents_dir, split
-    self._arrays = None
-    mean, _ = pretokenize.open_split(latents_dir, split)
-    if len(mean) != len(source):
-      raise UserError(f"pre-tokenized split {split!r} has {len(mean)} rows but the dataset has "
-                      f"{len(source)} records: pretokenize again")
+    self._arrays = pretokenize.open_split(latents_dir, split, num_records=len(source))
 
   def __len__(self) -> int:
     return len(self._source)

@@ -84,7 +84,7 @@ def check_sources(meta: dict, config) -> None:
                     f"{meta.get('dataset_id')!r}, this run reads {data_id!r}: pretokenize again")
 
 
-def check_meta(meta: dict, config, split: str, num_records: int | None = None) -> None:
+def check_meta(meta: dict, config, split: str) -> None:
   """UserError unless the stored latents fit this config (tokens, channels, pixels, dataset)."""
   want = {"num_tokens": int(config.tokenizer.num_tokens),
           "token_channels": int(config.tokenizer.token_channels),
@@ -96,13 +96,12 @@ def check_meta(meta: dict, config, split: str, num_records: int | None = None) -
   if split not in meta.get("splits", {}):
     raise UserError(f"no pre-tokenized latents for split {split!r} (have: "
                     f"{', '.join(meta.get('splits', {})) or 'none'})")
-  if num_records is not None and meta["splits"][split] != num_records:
-    raise UserError(f"pre-tokenized split {split!r} has {meta['splits'][split]} rows but the "
-                    f"dataset has {num_records} records: pretokenize again")
 
 
-def open_split(latents_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, logvar) of a split as read-only memory maps, float16 [N, K, C]."""
+def open_split(latents_dir: str, split: str,
+               num_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, logvar) of a split as read-only memory maps, float16 [N, K, C]; with `num_records`
+  (the dataset split's length), a row count that differs is a UserError."""
   out = []
   for part in ("mean", "logvar"):
     path = split_file(latents_dir, split, part)
@@ -118,6 +117,9 @@ def open_split(latents_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise UserError(f"pre-tokenized split {split!r} holds [N, K, C] = {out[0].shape} but "
                     f"{META_FILE} says K = {meta.get('num_tokens')}, C = "
                     f"{meta.get('token_channels')}")
+  if num_records is not None and len(out[0]) != num_records:
+    raise UserError(f"pre-tokenized split {split!r} has {len(out[0])} rows but the dataset has "
+                    f"{num_records} records: pretokenize again")
   return out[0], out[1]
 
 
@@ -222,11 +224,11 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
         bar.update(len(rows))
     if bar is not None:
       bar.close()
-    for part, a in arrays.items():
+    for a in arrays.values():
       a.flush()
-      del a
+    arrays.clear()  # Closes the maps before their files move.
+    for part in files:
       os.replace(tmp[part], files[part])  # Whole files only: a crash leaves no partial split.
-    arrays.clear()
     meta["splits"][split] = n
     write_meta()
     logging.info("pretokenized %s: %d records -> %s", split, n, out)

@@ -118,7 +118,7 @@ def test_latents_that_do_not_fit_are_one_line_errors(stored, tmp_path):
   with pytest.raises(UserError, match="no pre-tokenized latents for split 'test'"):
     pretokenize.check_meta(meta, make(), "test")
   with pytest.raises(UserError, match="has 32 rows but the dataset has 40"):
-    pretokenize.check_meta(meta, make(), "train", num_records=40)
+    pretokenize.open_split(out, "train", num_records=40)
   with pytest.raises(UserError, match="pretokenize` first"):
     pretokenize.read_meta(str(tmp_path))
   # Made by another tokenizer checkpoint, or with none to check against: refused.
