@@ -424,7 +424,7 @@ def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTo
   if scale is not None:
     return float(scale)
   path = _init_get(config, "tokenizer_from")
-  if not path and not latents_dir:
+  if not path:  # (Stored latents always name theirs: pretokenize.check_sources.)
     logging.warning("tokenizer.latent_scale is None and init.tokenizer_from is unset: using 1.0")
     return 1.0
   encode = None
