@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import os
+import traceback
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -84,10 +85,39 @@ def load_module(path: str):
   name = "flowtok_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  with errors_in(path):
+    spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} defines no get_config(arg)")
   return module
+
+
+class errors_in:
+  """Turns an exception raised by the code of config file `path` into a one-line UserError.
+
+  The message names the deepest line of `path` on the traceback (or, for a SyntaxError, the line
+  that does not parse). UserErrors pass through unchanged.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is None or isinstance(error, UserError) or not isinstance(error, Exception):
+      return False
+    real = os.path.realpath(self.path)
+    if isinstance(error, SyntaxError) and error.filename and (
+        os.path.realpath(error.filename) == real):
+      line = error.lineno
+    else:
+      frames = [f for f in traceback.extract_tb(tb) if os.path.realpath(f.filename) == real]
+      line = frames[-1].lineno if frames else None
+    where = f"{self.path}, line {line}" if line else self.path
+    detail = error.msg if isinstance(error, SyntaxError) else str(error)
+    raise UserError(f"config file {where}: {type(error).__name__}: {detail}") from error
 
 
 def load(config_arg: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -100,7 +130,12 @@ def load(config_arg: str, overrides: Iterable[str] = ()) -> ml_collections.Confi
     The config, locked: adding a key afterwards is an error.
   """
   path, _, arg = config_arg.partition(":")
-  config = load_module(path).get_config(arg or None)
+  module = load_module(path)
+  with errors_in(path):
+    config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"config file {path}: get_config returned {type(config).__name__}, "
+                    "not an ml_collections.ConfigDict")
   config = apply_overrides(config, overrides)
   config.lock()
   return config

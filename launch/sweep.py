@@ -75,7 +75,8 @@ def expand(config_arg: str) -> list[Run]:
   def add(**overrides):
     runs.append(Run(_name(list(overrides.items())), tuple(overrides.items())))
 
-  module.get_sweep(add, arg or None)
+  with config_lib.errors_in(path):
+    module.get_sweep(add, arg or None)
   if not runs:
     raise UserError(f"{config_arg}: get_sweep added no runs")
   names = [r.name for r in runs]

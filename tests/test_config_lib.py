@@ -60,6 +60,25 @@ def test_missing_config_file():
     config_lib.load("configs/nope.py")
 
 
+@pytest.mark.parametrize("body, match", [
+    ("def get_config(arg=None)\n  return None\n", r"bad\.py, line 1: SyntaxError"),
+    ("import ml_collections\n\ndef get_config(arg=None):\n  return ml_collections.ConfigDict(\n"
+     "      dict(x=undefined_name))\n", r"bad\.py, line 5: NameError: .*undefined_name"),
+    ("raise RuntimeError('boom')\n", r"bad\.py, line 1: RuntimeError: boom"),
+    ("def get_config(arg=None):\n  return {'x': 1}\n", "returned dict, not an ml_collections"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_its_line(tmp_path, body, match):
+  path = tmp_path / "bad.py"
+  path.write_text(body)
+  with pytest.raises(UserError, match=match):
+    config_lib.load(str(path))
+
+
+def test_a_user_error_in_get_config_passes_through():
+  with pytest.raises(UserError, match="^configs/demo.py: res must be"):
+    config_lib.load("configs/demo.py:res=48")
+
+
 def test_steps_units():
   c = ml_collections.ConfigDict(dict(batch_size=64, total_steps=None, total_epochs=2.5,
                                      total_examples=None))

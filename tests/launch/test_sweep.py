@@ -75,6 +75,8 @@ def test_every_run_is_validated_before_anything_starts(tmp_path):
     ("def get_sweep(add, arg=None):\n  pass\n", "added no runs"),
     ("def get_sweep(add, arg=None):\n  add(**{'optim.lr': 1})\n  add(**{'optim.lr': 1})\n",
      "several runs are named 'lr=1'"),
+    ("def get_sweep(add, arg=None):\n  for lr in lrs:\n    add(**{'optim.lr': lr})\n",
+     r"line \d+: NameError: name 'lrs'"),
 ])
 def test_bad_sweeps_are_user_errors(tmp_path, body, msg):
   with pytest.raises(UserError, match=msg):
