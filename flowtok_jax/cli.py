@@ -64,19 +64,22 @@ def load_config(args, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# data build | show
+# data build | show | text_tokenizer | pretokenize
 
 
 def _data_flags(p):
-  p.add_argument("action", choices=("build", "show", "pretokenize"),
-                 help="build the dataset, write a preview, or store a trained tokenizer's "
-                      "posteriors of its records (for config.data.latents_dir)")
+  p.add_argument("action", choices=("build", "show", "text_tokenizer", "pretokenize"),
+                 help="build the dataset, write a preview, train the sentencepiece model on "
+                      "the training captions (what `flowtok train` reads as text_tokenizer.model), "
+                      "or store a trained tokenizer's posteriors of its records (for "
+                      "config.data.latents_dir)")
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
   p.add_argument("--split", default="train", help="split to preview (show)")
   p.add_argument("--num", type=int, default=16, help="images in the preview grid (show)")
   p.add_argument("--out", default=None, help="preview PNG path (show; default "
-                 "DATA_DIR/preview.png) or the latents directory (pretokenize; required)")
+                 "DATA_DIR/preview.png), the .model file (text_tokenizer; default "
+                 "config.text_tokenizer.path) or the latents directory (pretokenize; required)")
   p.add_argument("--tokenizer", default=None, help="tokenizer stage workdir (pretokenize; "
                  "default: config.init.tokenizer_from)")
   p.add_argument("--splits", default=None, help="comma-separated splits (pretokenize; default: "
@@ -85,8 +88,8 @@ def _data_flags(p):
                  "(pretokenize)")
 
 
-@command("data", "build the configured dataset (TFDS, ArrayRecord), preview it, or "
-         "pretokenize it", _data_flags)
+@command("data", "build the configured dataset (TFDS, ArrayRecord), preview it, train its "
+         "text tokenizer, or pretokenize it", _data_flags)
 def _data(args, overrides):
   config = load_config(args, overrides)
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
@@ -96,6 +99,17 @@ def _data(args, overrides):
   if args.action == "build":
     info = builders.build(config.data, data_dir)
     print(info)
+  elif args.action == "text_tokenizer":
+    from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+    out = args.out or config.text_tokenizer.get("path")
+    if not out:
+      raise UserError("text_tokenizer needs --out (e.g. W/text_tokenizer.model, or its parent "
+                      "directory's) or config.text_tokenizer.path")
+    if os.path.exists(out):
+      raise UserError(f"{out} exists; models trained with it depend on its token ids (delete it "
+                      "to train a new one)")
+    tokenizer = text_tokenizer.train_on_split(config, data_dir, out)
+    print(json.dumps({"out": os.path.abspath(out), "vocab_size": tokenizer.vocab_size}))
   elif args.action == "pretokenize":
     from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
     tokenizer = args.tokenizer or (config.get("init") or {}).get("tokenizer_from")

@@ -136,9 +136,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   def text():
     path = tokenizer_path(workdir)
     if not os.path.exists(path):
-      captions = builders.read_captions(data_cfg, data_cfg.train_split, data_dir,
-                                        limit=config.text_tokenizer.num_captions)
-      text_tokenizer.train_from_config(config.text_tokenizer, captions).save(path)
+      text_tokenizer.train_on_split(config, data_dir, path)
     return {"text/vocab_size": text_tokenizer.TextTokenizer.load(path).vocab_size}
   timer.run("text_tokenizer", text)
 

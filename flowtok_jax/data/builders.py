@@ -392,7 +392,8 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
     decoders: optional tfds decoders, e.g. `{'image': tfds.decode.SkipDecoding()}` to read
       captions without paying for image decoding.
   Returns:
-    A tfds ArrayRecord data source (a Sequence of example dicts).
+    A tfds ArrayRecord data source (a Sequence of example dicts) wrapped so that a damaged record
+    is a UserError naming it.
   """
   builder = _prepared_builder(data_cfg, data_dir)
   info = builder.info
@@ -409,10 +410,42 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is not stored as ArrayRecord: "
                     + _tfds_build_hint(data_cfg.name, data_dir))
   try:
-    return builder.as_data_source(split=split, decoders=decoders)
+    source = builder.as_data_source(split=split, decoders=decoders)
   except (RuntimeError, OSError, ValueError) as e:  # Truncated or overwritten record files.
-    raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); rebuild it") from None
+    raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({_first_line(e)}); "
+                    "rebuild it") from None
+  return CheckedSource(source, f"split {split!r} of {data_cfg.name} in {data_dir}")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).splitlines()[0][:160] if str(e) else ""
+  return f"{type(e).__name__}: {text}"
+
+
+class CheckedSource:
+  """A record source whose unreadable records are UserErrors naming the record, not tracebacks.
+
+  Opening a split checks only the files' footers; a record overwritten inside a file fails when it
+  is read, which happens in the training loop or in a grain worker process. Picklable when the
+  wrapped source is (grain sends sources to its workers).
+  """
+
+  def __init__(self, source, where: str):
+    self.source = source
+    self.where = where
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index):
+    try:
+      return self.source[index]
+    except (RuntimeError, OSError) as e:  # A damaged chunk of an ArrayRecord file.
+      raise UserError(f"cannot read record {index} of {self.where} (damaged? {_first_line(e)}); "
+                      "rebuild the dataset") from None
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self.where})"
 
 
 def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None) -> list[str]:

@@ -206,3 +206,21 @@ def train_from_config(text_cfg, captions: Iterable[str | bytes]) -> TextTokenize
   return TextTokenizer.train(subset, vocab_size=text_cfg.vocab_size,
                              model_type=text_cfg.get("model_type", "unigram"),
                              lowercase=text_cfg.get("lowercase", True))
+
+
+def train_on_split(config, data_dir: str, path: str) -> TextTokenizer:
+  """Trains the configured tokenizer on `config.data.train_split`'s captions and saves it.
+
+  Args:
+    config: the experiment config (its `data` and `text_tokenizer` sections).
+    data_dir: TFDS data dir of the prepared dataset.
+    path: the `.model` file to write (written atomically).
+  Returns:
+    The trained tokenizer.
+  """
+  from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+  captions = builders.read_captions(config.data, config.data.train_split, data_dir,
+                                    limit=config.text_tokenizer.get("num_captions"))
+  tokenizer = train_from_config(config.text_tokenizer, captions)
+  tokenizer.save(path)
+  return tokenizer

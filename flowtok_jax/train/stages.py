@@ -153,8 +153,8 @@ def _text_tokenizer(config, ctx: stage_api.StageContext):
     if c and os.path.exists(c):
       return TextTokenizer.load(c)
   raise UserError(f"no text tokenizer model found (looked for {', '.join(candidates)}); "
-                  "put text_tokenizer.model there or set text_tokenizer.path (`flowtok demo` "
-                  "trains one into its workdir)")
+                  "train one with `flowtok data text_tokenizer --config ... --out "
+                  "W/text_tokenizer.model` or set text_tokenizer.path")
 
 
 def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None):

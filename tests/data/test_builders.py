@@ -15,6 +15,7 @@ from flowtok_jax import cli
 from flowtok_jax.data import builders
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
+from cli_run import assert_one_error, run_cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO_ROOT, "configs", "demo.py")
@@ -181,6 +182,22 @@ def test_cli_data_build_then_show(tmp_path, runlocal_config):
   hits = [(y, x) for y in range(cell.shape[0] - 127) for x in range(cell.shape[1] - 127)
           if (cell[y, x] == big[0, 0]).all() and (cell[y:y + 128, x:x + 128] == big).all()]
   assert hits, "the first val image is not in the top-left cell of the preview"
+
+
+def test_cli_data_text_tokenizer_trains_what_train_reads(shapes_data_dir, tmp_path, capsys):
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  data_dir = shapes_data_dir[1]
+  out = str(tmp_path / "w" / "text_tokenizer.model")
+  argv = ["data", "text_tokenizer", "--config", DEMO + ":runlocal", "--data_dir", data_dir]
+  assert cli.main([*argv, "--out", out]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == {"out": out, "vocab_size": 128}
+  tok = text_tokenizer.TextTokenizer.load(out)
+  caption = builders.read_captions(shapes_data_dir[0], "train", data_dir, limit=1)[0]
+  assert tok.decode(tok.encode([caption], 16)[0]) == [caption.lower()]
+  # Never over an existing model (checkpoints depend on its ids); --out is needed.
+  assert_one_error(*run_cli([*argv, "--out", out], capsys)[::2], "exists")
+  assert_one_error(*run_cli(argv, capsys)[::2], "needs --out")
 
 
 def test_cli_unknown_override_exits_2_with_one_line(tmp_path):

@@ -3,6 +3,7 @@ shards, resize/crop, errors, worker processes."""
 import io
 import json
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -288,6 +289,32 @@ def test_worker_processes_give_the_same_batches_and_resume(data, tmp_path):
   finally:
     it.close()
 
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_damaged_record_read_while_training_is_a_user_error(data, tmp_path, num_workers):
+  # The files' footers are intact, so the split opens; the damage surfaces when a batch reads it,
+  # in this process or in a grain worker.
+  data_cfg, data_dir, tok, _ = data
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  variant = builders._prepared_builder(data_cfg, str(copy)).data_dir  # pylint: disable=protected-access
+  (record,) = [os.path.join(variant, f) for f in os.listdir(variant)
+               if "-train.array_record" in f]
+  size = os.path.getsize(record)
+  with open(record, "r+b") as fh:
+    fh.seek(size // 2)
+    fh.write(b"\0" * 4000)
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.num_workers = num_workers
+  it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=64, seed=0,
+                              process_index=0, process_count=1, shuffle=False,
+                              data_dir=str(copy))
+  try:
+    with pytest.raises(UserError, match=r"cannot read record \d+ of split 'train'.*damaged"):
+      _take(it, 4)  # 256 records: the damaged middle is in one of the four batches.
+  finally:
+    if num_workers:
+      it.close()
 
 
 def test_bench_pipeline_command(shapes_data_dir, capsys):
