@@ -60,21 +60,35 @@ def test_stored_posteriors_are_the_encoders(stored):
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def test_pipeline_joins_latents_to_records_under_shuffle(stored):
+@pytest.mark.parametrize("num_workers, process_index, process_count", [
+    (0, 0, 1),
+    (2, 0, 1),  # grain worker processes reopen the memory maps (the source pickles as paths)
+    (0, 1, 2),  # the second of two hosts reads its own block of records and their latents
+])
+def test_pipeline_joins_latents_to_records_under_shuffle(stored, num_workers, process_index,
+                                                         process_count):
   """Same seed: the latents iterator's rows are the image iterator's rows, encoded."""
   make, root, _, out, encode = stored
   config = make()
+  config.data.num_workers = num_workers
   tok = text_tokenizer.TextTokenizer.load(os.path.join(root, "text_tokenizer.model"))
-  kw = dict(split="train", global_batch_size=8, seed=3, process_index=0, process_count=1)
+  kw = dict(split="train", global_batch_size=8, seed=3, process_index=process_index,
+            process_count=process_count)
+  rows = 8 // process_count
   with_images = pipeline.make_iterator(config.data, tok, **kw)
   with_latents = pipeline.make_iterator(config.data, tok, latents_dir=out, **kw)
-  for _ in range(5):  # 40 rows: across an epoch boundary (32 records)
-    a, b = next(with_images), next(with_latents)
-    assert "image" not in b and b["latent_mean"].shape == (8, 16, 8)
-    assert b["latent_mean"].dtype == np.float32
-    np.testing.assert_array_equal(a["text_ids"], b["text_ids"])
-    np.testing.assert_allclose(b["latent_mean"], jax.device_get(encode(a["image"]))[0],
-                               atol=2e-3, rtol=2e-3)
+  try:
+    for _ in range(5):  # 40 global rows: across an epoch boundary (32 records)
+      a, b = next(with_images), next(with_latents)
+      assert "image" not in b and b["latent_mean"].shape == (rows, 16, 8)
+      assert b["latent_mean"].dtype == np.float32
+      np.testing.assert_array_equal(a["text_ids"], b["text_ids"])
+      np.testing.assert_allclose(b["latent_mean"], jax.device_get(encode(a["image"]))[0],
+                                 atol=2e-3, rtol=2e-3)
+  finally:
+    if num_workers:
+      with_images.close()
+      with_latents.close()
 
 
 def test_flowtok_stage_trains_on_stored_latents(stored, monkeypatch):
