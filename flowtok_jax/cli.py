@@ -309,6 +309,8 @@ def _export_flags(p):
                  help="default ODE steps of the bundle and its programs (20)")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
                  help="default solver of the bundle and its programs (euler)")
+  p.add_argument("--i2t_steps", type=_int_at_least(1), default=None,
+                 help="image-to-text ODE steps, where they differ from --steps")
 
 
 @command("export", "write an inference bundle from a trained flowtok-stage workdir",
@@ -318,7 +320,8 @@ def _export(args, overrides):
   from flowtok_jax import export  # pylint: disable=g-import-not-at-top
   print(json.dumps(export.export_bundle(args.workdir, args.out, dtype=args.dtype,
                                         programs=args.programs, steps=args.steps,
-                                        sampler=args.sampler), sort_keys=True))
+                                        sampler=args.sampler, i2t_steps=args.i2t_steps),
+                   sort_keys=True))
 
 
 def _generate_flags(p):

@@ -150,8 +150,20 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
     if _up_to_date(bundle, flowtok_ckpt):
       logging.info("bundle %s is newer than the flowtok checkpoints: kept", bundle)
       return {}
-    summary = export.export_bundle(os.path.join(workdir, "flowtok"), bundle)
-    return {"export/bytes": summary.get("bytes", 0)}
+    run = os.path.join(workdir, "flowtok")
+    summary = export.export_bundle(run, bundle)
+    out = {"export/bytes": summary.get("bytes", 0)}
+    candidates = (config.get("eval") or {}).get("i2t_steps_candidates")
+    if candidates and summary["i2t"]:
+      steps, exact = run_eval.select_i2t_steps(
+          bundle, data_dir, candidates, split=data_cfg.eval_split,
+          num=config.eval.get("num"), batch_size=config.eval.get("batch_size") or 32)
+      out.update({f"export/i2t_{data_cfg.eval_split}_exact_at_{k}_steps": v
+                  for k, v in exact.items()})
+      out["export/i2t_steps"] = steps
+      if steps != summary["defaults"]["i2t"]["steps"]:
+        export.export_bundle(run, bundle, i2t_steps=steps)
+    return out
   timer.run("export", do_export)
 
   eval_dir = os.path.join(workdir, "eval")

@@ -268,7 +268,8 @@ def _replace_dir(tmp: str, out: str):
 
 def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: bool = False,
                   steps: Optional[int] = None, sampler: Optional[str] = None,
-                  grid: Optional[str] = None) -> dict[str, Any]:
+                  grid: Optional[str] = None, i2t_steps: Optional[int] = None
+                  ) -> dict[str, Any]:
   """Writes the inference bundle of a trained flowtok-stage workdir.
 
   Args:
@@ -278,8 +279,11 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     programs: also write `jax.export` T2I / I2T programs.
     steps, sampler, grid: sampler defaults recorded in the bundle and used by the programs
       (None: 20 Euler steps on the parity grid).
+    i2t_steps: image-to-text steps, where they differ from `steps` (e.g. chosen on held-out
+      images: `evaluation.run_eval.select_i2t_steps`).
   Returns:
-    A summary: bundle path, step, dtype, size in bytes, capabilities, programs.
+    A summary: bundle path, step, dtype, size in bytes, capabilities, sampler defaults,
+    programs.
   """
   import flax.serialization  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
@@ -290,6 +294,8 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
   t2i_knobs, i2t_knobs = dict(T2I_DEFAULTS), dict(I2T_DEFAULTS)
   for knobs in (t2i_knobs, i2t_knobs):
     knobs.update({k: v for k, v in (("steps", steps), ("sampler", sampler)) if v is not None})
+    if knobs is i2t_knobs and i2t_steps is not None:
+      knobs["steps"] = i2t_steps
     knobs["grid"] = inference.check_knobs(
         knobs["steps"], knobs["cfg_scale"], knobs["sampler"],
         grid or (knobs["grid"] if knobs["sampler"] == "euler" else None))
@@ -352,4 +358,4 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
   logging.info("exported %s step %d -> %s (%.1f MiB)", workdir, step, out, size / 2**20)
   return {"bundle": out, "step": step, "dtype": dtype, "bytes": size,
           "t2i": True, "i2t": i2t_missing is None, "programs": sorted(progs),
-          "random_parts": random_parts}
+          "defaults": bundle_meta["defaults"], "random_parts": random_parts}

@@ -39,6 +39,13 @@ def test_demo_writes_every_output(demo_run):
   assert metrics["bar/t2i_test_accuracy/met"] is False
   assert metrics["bar/t2i_test_accuracy/short_by"] > 0
   assert metrics["flowtok/final_step"] == 2 and metrics["flowtok/train/frac_i2t"] >= 0
+  # The bundle's I2T steps were chosen on val among the runlocal candidates (1, 4).
+  exact = {k: metrics[f"export/i2t_val_exact_at_{k}_steps"] for k in (1, 4)}
+  assert metrics["export/i2t_steps"] == max((1, 4), key=lambda k: (exact[k], -k))
+  with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
+    defaults = json.load(f)["defaults"]
+  assert defaults["i2t"]["steps"] == metrics["export/i2t_steps"]
+  assert defaults["t2i"]["steps"] == 20
   with open(os.path.join(workdir, "report.html")) as f:
     page = f.read()
   assert "eval/t2i/test/accuracy" in page and "<img" in page

@@ -206,3 +206,18 @@ def test_export_cli_writes_a_loadable_bundle(tiny_runs, tmp_path, capsys):
   assert "p_i2t = 0" in b.meta["capabilities"]["i2t_missing"]
   with pytest.raises(UserError, match="cannot caption"):
     inference.Captioner(b)
+
+
+def test_export_cli_i2t_steps_set_only_the_image_to_text_default(tiny_runs, tmp_path, capsys):
+  out = str(tmp_path / "b")
+  code, stdout, err = run_cli(["export", "--workdir", tiny_runs.flowtok, "--out", out,
+                               "--steps", "6", "--i2t_steps", "1"], capsys)
+  assert code == 0, err
+  defaults = json.loads(stdout.strip().splitlines()[-1])["defaults"]
+  assert (defaults["t2i"]["steps"], defaults["i2t"]["steps"]) == (6, 1)
+  b = inference.load_bundle(out)
+  assert b.meta["defaults"] == defaults
+  assert inference.Captioner(b).steps == 1 and inference.Generator(b).steps == 6
+  code, _, err = run_cli(["export", "--workdir", tiny_runs.flowtok, "--out", out,
+                          "--i2t_steps", "0"], capsys)
+  assert_one_error(code, err, "--i2t_steps")

@@ -277,6 +277,40 @@ def load_grids(eval_dir: str) -> list[tuple[str, np.ndarray, list[str]]]:
     return [(g["title"], data[f"grid{i}"], g["texts"]) for i, g in enumerate(result["grids"])]
 
 
+def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split: str = "val",
+                     num: Optional[int] = None, batch_size: int = 32,
+                     compiler_options: Optional[dict] = None) -> tuple[int, dict[int, float]]:
+  """The image-to-text step count with the best exact match on held-out images of `split`.
+
+  A model selection step, so it reads a held-out split other than the ones reported (the demo:
+  val, reports on test / compositional) and never train. Ties go to the fewest steps.
+
+  Returns:
+    (chosen steps, {steps: exact match on `split`}).
+  """
+  b = inference.as_bundle(bundle)
+  if not b.can_caption:
+    raise UserError(f"bundle {b.path} cannot caption: no image-to-text steps to choose")
+  if split not in EVAL_SPLITS:
+    raise UserError(f"the I2T steps are chosen on a held-out split (one of "
+                    f"{', '.join(EVAL_SPLITS)}), not {split!r}")
+  counts = sorted({int(c) for c in candidates})
+  if not counts or counts[0] < 1:
+    raise UserError(f"I2T step candidates must be positive integers, got {list(candidates)}")
+  images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
+  references = [_references(c, a) for c, a in zip(captions, attrs)]
+  exact = {}
+  for steps in counts:
+    cap = inference.Captioner(b, steps=steps, batch_size=batch_size,
+                              compiler_options=compiler_options)
+    predicted = cap.caption_images(list(images))
+    exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
+  best = max(counts, key=lambda k: (exact[k], -k))
+  logging.info("I2T exact match on %d %s images by steps: %s -> %d steps", len(images), split,
+               exact, best)
+  return best, exact
+
+
 # -- the demo's use -------------------------------------------------------------------------------
 
 def demo_eval(config, bundle: str, out: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ import tiny_bundle
 
 from flowtok_jax import cli
 from flowtok_jax import inference
+from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import image_metrics, run_eval, shapes_eval
 
 FAST = tiny_bundle.FAST_COMPILE
@@ -110,3 +111,26 @@ def test_eval_refuses_the_training_split(tiny_bundle_dir, shapes_data_dir, capsy
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1 and "never reads the training split" in err[0]
   assert not os.path.exists(os.path.join(tiny_bundle_dir, "eval"))
+
+
+def test_select_i2t_steps_picks_the_best_on_val_and_ties_to_fewer(tiny_bundle_dir,
+                                                                  shapes_data_dir, monkeypatch):
+  data_cfg, data_dir = shapes_data_dir
+  images, _, captions = shapes_eval.load_split(data_cfg, data_dir, "val", NUM)
+  truth = {_key(im): c for im, c in zip(images, captions)}
+  right = {1: 1, 2: 3, 4: 3, 8: 2}  # Captions a captioner of k steps gets right (of NUM = 4).
+  seen = []
+
+  def caption_images(self, ims):
+    seen.append(self.steps)
+    return [truth[_key(im)] if i < right[self.steps] else "a" for i, im in enumerate(ims)]
+
+  monkeypatch.setattr(inference.Captioner, "caption_images", caption_images)
+  best, exact = run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (8, 4, 2, 1, 2),
+                                          num=NUM, compiler_options=FAST)
+  assert seen == [1, 2, 4, 8]
+  assert exact == {1: 0.25, 2: 0.75, 4: 0.75, 8: 0.5} and best == 2
+  with pytest.raises(UserError, match="held-out split"):
+    run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (1,), split="train")
+  with pytest.raises(UserError, match="positive"):
+    run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (0, 1))
