@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 # Sub-command name -> (help, function adding its flags, function running it).
@@ -105,6 +106,7 @@ def _data(args, overrides):
     if not out:
       raise UserError("text_tokenizer needs --out (e.g. W/text_tokenizer.model, or its parent "
                       "directory's) or config.text_tokenizer.path")
+    out = paths.writable_file(out, "--out")
     if os.path.exists(out):
       raise UserError(f"{out} exists; models trained with it depend on its token ids (delete it "
                       "to train a new one)")
@@ -123,7 +125,7 @@ def _data(args, overrides):
                                    batch_size=args.batch_size)
     print(json.dumps({"out": os.path.abspath(args.out), "splits": meta["splits"]}))
   else:
-    out = args.out or os.path.join(data_dir, "preview.png")
+    out = paths.writable_file(args.out or os.path.join(data_dir, "preview.png"), "--out")
     builders.write_preview(config.data, data_dir, split=args.split, num=args.num, out=out)
     print(out)
 
@@ -221,6 +223,7 @@ def _train(args, overrides):
   result = loop.train_and_evaluate(load_config(args, overrides), args.workdir, args.stage)
   print(json.dumps({"step": result.step, "stopped_by": result.stopped_by,
                     **result.last_metrics, **result.last_eval}, sort_keys=True))
+  return result.exit_code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,13 +474,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     _, _, fn = _COMMANDS[args.command]
-    fn(args, overrides)
+    code = fn(args, overrides)
   except UserError as e:
     print(f"flowtok: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+          PermissionError) as e:
+    # A path the up-front checks did not foresee: still one line, not a traceback.
+    where = f": {e.filename}" if e.filename else ""
+    print(f"flowtok: error: {e.strerror or e}{where}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     print("flowtok: interrupted", file=sys.stderr)
     sys.exit(130)
+  if code:  # A command's own non-zero status (a training run stopped by a signal).
+    sys.exit(code)
   return 0
 
 

@@ -11,6 +11,7 @@ does not parse as the key's type is a `UserError` naming the key.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import logging
 import math
@@ -80,10 +81,14 @@ def _cast(text: str, default: Any, key: str) -> Any:
 
 def load_module(path: str):
   """Imports a config file by path and returns the module."""
+  if os.path.isdir(path):
+    raise UserError(f"config file {path} is a directory")
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
   name = "flowtok_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
+  # An explicit source loader: the file's suffix (.py or not) must not decide how it is read.
+  spec = importlib.util.spec_from_file_location(
+      name, path, loader=importlib.machinery.SourceFileLoader(name, path))
   module = importlib.util.module_from_spec(spec)
   with errors_in(path):
     spec.loader.exec_module(module)

@@ -24,6 +24,7 @@ import time
 from typing import Callable
 
 from flowtok_jax import config_lib
+from flowtok_jax import paths
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "demo.py")
@@ -121,7 +122,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
+  workdir = paths.writable_dir(workdir, "--workdir")
   config = demo_config(workdir, config_arg, overrides)
   os.makedirs(workdir, exist_ok=True)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from flowtok_jax import inference
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
@@ -234,9 +235,7 @@ def export_programs(models: inference.Models, params, *, t2i: Optional[dict],
 # -- writing ---------------------------------------------------------------------------------------
 
 def _prepare_out(out: str) -> str:
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.isfile(out):
-    raise UserError(f"--out {out} is a file; give a directory path for the bundle")
+  out = paths.writable_dir(out, "--out")
   if os.path.isdir(out) and os.listdir(out) and not os.path.exists(
       os.path.join(out, inference.BUNDLE_JSON)):
     raise UserError(f"--out {out} is a non-empty directory that is not a bundle; "

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from flowtok_jax import flow_matching as fm
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 FORMAT_NAME = "flowtok_bundle"
@@ -605,9 +606,7 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if int(num) < 1:
     raise UserError(f"--num must be at least 1, got {num}")
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f"--out {out} is a file; give a directory")
+  out = paths.writable_dir(out, "--out")
   all_prompts = [p for p in prompts for _ in range(int(num))]
   seeds = [int(seed) + j for j in range(len(all_prompts))]
   if int(seed) < 0 or seeds and seeds[-1] >= 2 ** 32:

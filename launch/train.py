@@ -52,6 +52,8 @@ def main(argv):
     print(f"flowtok: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"stopped at step {result.step}" + (f" ({result.stopped_by})" if result.stopped_by else ""))
+  if result.exit_code:  # Stopped by a signal (preemption): the scheduler must see a failure.
+    sys.exit(result.exit_code)
 
 
 if __name__ == "__main__":

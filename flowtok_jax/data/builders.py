@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 
 from flowtok_jax.data import examples as example_lib
 from flowtok_jax.data import shapes
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,7 @@ def build(data_cfg, data_dir: str) -> str:
   Returns:
     One line: dataset/config version, split sizes and the path.
   """
-  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-    raise UserError(f"data dir {data_dir} is a file, not a directory")
+  paths.writable_dir(data_dir, "data dir", existing_may_be_read_only=True)
   builder = _own_builder(data_cfg, data_dir)
   if builder is None:
     return _summary(_prepared_builder(data_cfg, data_dir), "prepared")
@@ -395,6 +395,9 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
     A tfds ArrayRecord data source (a Sequence of example dicts) wrapped so that a damaged record
     is a UserError naming it.
   """
+  if "," in split:
+    raise UserError(f"split {split!r}: one split spec at a time (TFDS joins splits with '+', "
+                    "e.g. 'test+val')")
   builder = _prepared_builder(data_cfg, data_dir)
   info = builder.info
   for base in re.findall(r"(?:^|\+)\s*([A-Za-z0-9_]+)", split):
@@ -411,7 +414,12 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
                     + _tfds_build_hint(data_cfg.name, data_dir))
   try:
     source = builder.as_data_source(split=split, decoders=decoders)
-  except (RuntimeError, OSError, ValueError) as e:  # Truncated or overwritten record files.
+  except ValueError as e:
+    if "split" in str(e).lower():  # A spec TFDS cannot parse, e.g. 'val[:x]'.
+      raise UserError(f"cannot read split {split!r}: {_first_line(e)}") from None
+    raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({_first_line(e)}); "
+                    "rebuild it") from None
+  except (RuntimeError, OSError) as e:  # Truncated or overwritten record files.
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({_first_line(e)}); "
                     "rebuild it") from None
   return CheckedSource(source, f"split {split!r} of {data_cfg.name} in {data_dir}")

@@ -112,8 +112,7 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
   b = inference.as_bundle(bundle)
   if not b.can_caption:
     raise UserError(f"bundle {b.path} has no image-to-text direction to probe")
-  if split == "train":
-    raise UserError("the probe never reads the training split")
+  split = shapes_eval.held_out_split(split, "the probe")
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   if not len(images):
     raise UserError(f"split {split!r} is empty")

@@ -290,6 +290,24 @@ def parse_image(image, cfg: ParserConfig = ParserConfig()) -> dict[str, Any]:
 
 # --- Scoring against prompts ------------------------------------------------------------------
 
+HELD_OUT_SPLITS = tuple(s for s in shapes.SPLITS if s != "train")
+
+
+def held_out_split(name: str, what: str = "evaluation") -> str:
+  """`name` if it is one whole held-out split (val, test, compositional), else a UserError.
+
+  Evaluations and probes never read training images, not even a slice such as 'train[:5]'.
+  """
+  name = name.strip()
+  if name.split("[")[0].strip() == "train":
+    raise UserError(f"{what} never reads the training split: choose from "
+                    f"{', '.join(HELD_OUT_SPLITS)}")
+  if name not in HELD_OUT_SPLITS:
+    raise UserError(f"unknown split {name!r} for {what} (choose one of "
+                    f"{', '.join(HELD_OUT_SPLITS)})")
+  return name
+
+
 _ATTRS = ("color", "shape", "size", "location")
 
 

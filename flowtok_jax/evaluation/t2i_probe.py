@@ -78,8 +78,7 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
   """
   if num < 1:
     raise UserError(f"--num must be at least 1, got {num}")
-  if split == "train":
-    raise UserError("the probe never reads the training split")
+  split = shapes_eval.held_out_split(split, "the probe")
   b = inference.as_bundle(bundle)
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   if not len(images):

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 META_FILE = "latents.json"
@@ -155,6 +156,10 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   splits = [s.strip() for s in splits if s.strip()]
   if not splits:
     raise UserError("no splits to pretokenize")
+  out = paths.writable_dir(out, "--out")
+  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, META_FILE)):
+    raise UserError(f"--out {out} is a non-empty directory that holds no latents; refusing to "
+                    "write into it")
   tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype="float32")
   if config.data.image_size != tc.image_size:
     raise UserError(f"data.image_size = {config.data.image_size} must equal "
@@ -169,8 +174,6 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
                                    abstract, select=select)
   encode = jax.jit(lambda x: encoder.apply({"params": params}, x))
 
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f"--out {out} is a file; give a directory for the latents")
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, META_FILE)
   meta = {"num_tokens": tc.num_tokens, "token_channels": tc.token_channels, "image_size": s,

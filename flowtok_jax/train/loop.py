@@ -31,6 +31,7 @@ import optax
 from flowtok_jax import checkpoint as ckpt_lib
 from flowtok_jax import config_lib
 from flowtok_jax import metrics as metrics_lib
+from flowtok_jax import paths
 from flowtok_jax import sharding
 from flowtok_jax.errors import UserError
 from flowtok_jax.train import stage_api
@@ -51,6 +52,13 @@ class RunResult:
   stopped_by: str | None
   last_metrics: dict
   last_eval: dict
+
+  @property
+  def exit_code(self) -> int:
+    """0 when the run finished (or stopped where asked); 128 + the signal number when a signal
+    stopped it, so that `flowtok train ... && flowtok export ...` does not go on with a
+    half-trained model and a scheduler sees the preemption."""
+    return {"SIGINT": 130, "SIGTERM": 143}.get(self.stopped_by, 0)
 
 
 def _namespaced(name: str, prefix: str) -> str:
@@ -228,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding"))
   sharding.check_batch_size(tcfg.batch_size, mesh)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.writable_dir(workdir, "--workdir")
   os.makedirs(workdir, exist_ok=True)
   ctx = stage_api.StageContext(mesh=mesh, rules=rules, workdir=workdir,
                                process_index=jax.process_index(),

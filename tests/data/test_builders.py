@@ -83,7 +83,7 @@ def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path
     builders.data_source(_data_cfg(data_cfg, caption_key="text"), "train", data_dir)
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
-  with pytest.raises(UserError, match="is a file, not a directory"):
+  with pytest.raises(UserError, match="is a file; give a directory"):
     builders.build(data_cfg, str(a_file))
   for out in (str(tmp_path), str(tmp_path / "grid.txt")):
     with pytest.raises(UserError, match="must be a .png file path"):

@@ -1,4 +1,5 @@
 """The one train loop on the toy stage: learning, exact resume, CLI, guards, 8 devices, SIGTERM."""
+import json
 import os
 import signal
 import subprocess
@@ -136,3 +137,22 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   result = loop.train_and_evaluate(config, workdir, "toy")
   assert result.step == saved + 2
   assert sorted(_losses(workdir)) == list(range(1, saved + 3))
+
+
+@pytest.mark.parametrize("stopped_by, code", [(None, 0), ("stop_at_step", 0), ("SIGINT", 130),
+                                              ("SIGTERM", 143)])
+def test_flowtok_train_exits_non_zero_when_a_signal_stopped_it(monkeypatch, tmp_path, capsys,
+                                                               stopped_by, code):
+  """`flowtok train ... && flowtok export ...` must not export a run a signal interrupted."""
+  from flowtok_jax import cli  # pylint: disable=g-import-not-at-top
+  result = loop.RunResult(step=7, stopped_by=stopped_by, last_metrics={}, last_eval={})
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda *a, **k: result)
+  argv = ["train", "--config", os.path.join(REPO, "configs", "demo.py:runlocal"), "--workdir",
+          str(tmp_path)]
+  if code:
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv)
+    assert e.value.code == code
+  else:
+    assert cli.main(argv) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped_by"] == stopped_by
