@@ -79,8 +79,16 @@ def demo_config(workdir: str, config_arg: str | None = None, overrides=()):
   return config_lib.load(config_arg or DEFAULT_CONFIG, [*wiring, *overrides])
 
 
+# Returned by a stage function that found its output done: its recorded time is kept.
+SKIPPED = {"_skipped": True}
+
+
 class _Timer:
-  """Records each stage's wall time into metrics.json as soon as the stage ends."""
+  """Records each stage's wall time into metrics.json as soon as the stage ends.
+
+  A stage that returns SKIPPED (its output was already there) keeps the time recorded when it
+  did its work, so a re-run's report still shows what each stage cost.
+  """
 
   def __init__(self, workdir: str, num_stages: int):
     self.workdir, self.num_stages, self.index = workdir, num_stages, 0
@@ -89,10 +97,14 @@ class _Timer:
     self.index += 1
     logging.info("demo stage %d/%d: %s", self.index, self.num_stages, name)
     t0 = time.time()
-    extra = fn() or {}
+    extra = dict(fn() or {})
     seconds = time.time() - t0
+    key = f"time/{name}_sec"
+    if extra.pop("_skipped", False) and key in _merge_metrics(self.workdir, {}):
+      logging.info("demo stage %s was already done: its recorded time is kept", name)
+      return _merge_metrics(self.workdir, extra)
     logging.info("demo stage %s done in %.1f s", name, seconds)
-    return _merge_metrics(self.workdir, {f"time/{name}_sec": seconds, **extra})
+    return _merge_metrics(self.workdir, {key: seconds, **extra})
 
 
 def _train_stage(config, workdir: str, stage: str) -> dict:
@@ -100,6 +112,8 @@ def _train_stage(config, workdir: str, stage: str) -> dict:
   result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage)
   if result.stopped_by:
     raise KeyboardInterrupt(f"{stage} stopped by {result.stopped_by} at step {result.step}")
+  if result.step == result.start_step:
+    return SKIPPED
   out = {f"{stage}/final_step": result.step}
   for key, value in {**result.last_metrics, **result.last_eval}.items():
     if isinstance(value, (int, float)):
@@ -127,18 +141,23 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   os.makedirs(workdir, exist_ok=True)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
-  t_start = time.time()
 
-  timer.run("data", lambda: logging.info("%s", builders.build(data_cfg, data_dir)))
+  def data():
+    summary = builders.build(data_cfg, data_dir)
+    logging.info("%s", summary)
+    return SKIPPED if summary.endswith("(already built)") else None
+  timer.run("data", data)
   timer.run("preview", lambda: builders.write_preview(
       data_cfg, data_dir, split=data_cfg.train_split, num=16,
       out=os.path.join(workdir, "preview.png")) and None)
 
   def text():
     path = tokenizer_path(workdir)
-    if not os.path.exists(path):
+    done = os.path.exists(path)
+    if not done:
       text_tokenizer.train_on_split(config, data_dir, path)
-    return {"text/vocab_size": text_tokenizer.TextTokenizer.load(path).vocab_size}
+    return {"text/vocab_size": text_tokenizer.TextTokenizer.load(path).vocab_size,
+            **(SKIPPED if done else {})}
   timer.run("text_tokenizer", text)
 
   for stage in TRAIN_STAGES:
@@ -150,7 +169,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   def do_export():
     if _up_to_date(bundle, flowtok_ckpt):
       logging.info("bundle %s is newer than the flowtok checkpoints: kept", bundle)
-      return {}
+      return SKIPPED
     run = os.path.join(workdir, "flowtok")
     summary = export.export_bundle(run, bundle)
     out = {"export/bytes": summary.get("bytes", 0)}
@@ -169,7 +188,11 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
 
   eval_dir = os.path.join(workdir, "eval")
   results = timer.run("eval", lambda: run_eval.demo_eval(config, bundle, eval_dir))
-  _merge_metrics(workdir, {"time/total_sec": time.time() - t_start, **quality_bars(results)})
+  # The stages' recorded times (up to the evaluation; the report comes after), so that a re-run
+  # that skips finished stages reports what the whole pipeline cost, not its own few seconds.
+  stage_secs = [v for k, v in results.items() if k.startswith("time/") and k.endswith("_sec")
+                and k not in ("time/total_sec", "time/report_sec")]
+  _merge_metrics(workdir, {"time/total_sec": sum(stage_secs), **quality_bars(results)})
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
   return _merge_metrics(workdir, {})

@@ -52,9 +52,15 @@ def test_demo_writes_every_output(demo_run):
 
 
 def test_demo_rerun_resumes_without_retraining(demo_run):
-  workdir, _ = demo_run
+  workdir, first = demo_run
   stamp = os.path.getmtime(os.path.join(workdir, "text_tokenizer.model"))
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
   assert os.path.getmtime(os.path.join(workdir, "text_tokenizer.model")) == stamp
   for stage in ("clip", "tokenizer", "flowtok"):
     assert metrics[f"{stage}/final_step"] == 2
+  # Skipped stages keep the times of the run that did their work; the total adds those up.
+  for stage in ("data", "text_tokenizer", "clip", "tokenizer", "flowtok", "export"):
+    assert metrics[f"time/{stage}_sec"] == first[f"time/{stage}_sec"], stage
+  stages = [v for k, v in metrics.items() if k.startswith("time/") and k != "time/total_sec"
+            and k != "time/report_sec"]
+  assert metrics["time/total_sec"] == pytest.approx(sum(stages))

@@ -47,11 +47,14 @@ class RunResult:
     stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT' or 'stop_at_step'.
     last_metrics: the last logged train metrics.
     last_eval: the last evaluation scalars.
+    start_step: the step the run started (or resumed) from; equal to `step` when the
+      checkpoint had already reached total_steps.
   """
   step: int
   stopped_by: str | None
   last_metrics: dict
   last_eval: dict
+  start_step: int = 0
 
   @property
   def exit_code(self) -> int:
@@ -279,7 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step >= total_steps:
       logging.info("checkpoint at step %d: nothing left to train (total_steps %d)", start_step,
                    total_steps)
-      return RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
+      return RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={},
+                       start_step=start_step)
 
     for ev in stage.evaluators:  # Held-out data is read now: a missing split fails here.
       if ev.every_steps and ev.prepare is not None:
@@ -303,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         tcfg.batch_size, stage.flops_per_step, peak * jax.device_count() if peak else None)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
     progress = _progress(start_step, total_steps, tcfg)
-    result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={})
+    result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={},
+                       start_step=start_step)
     last_good = ckpt.latest_step()
     try:
       with ckpt_lib.PreemptionGuard(enabled=jax.process_count() == 1) as guard:
