@@ -77,7 +77,7 @@ def _data_flags(p):
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
   p.add_argument("--split", default="train", help="split to preview (show)")
-  p.add_argument("--num", type=int, default=16, help="images in the preview grid (show)")
+  p.add_argument("--num", type=_int_at_least(1), default=16, help="images in the preview grid (show)")
   p.add_argument("--out", default=None, help="preview PNG path (show; default "
                  "DATA_DIR/preview.png), the .model file (text_tokenizer; default "
                  "config.text_tokenizer.path) or the latents directory (pretokenize; required)")
@@ -154,7 +154,7 @@ def _bench_flags(p):
                  help="sample: guidance scale (default: config.sample.cfg_scale, else 2.0)")
   p.add_argument("--num_batches", type=_int_at_least(1), default=50,
                  help="batches timed after the first")
-  p.add_argument("--num_workers", type=int, default=None,
+  p.add_argument("--num_workers", type=_int_at_least(0), default=None,
                  help="grain worker processes (default: config.data.num_workers)")
 
 
@@ -185,11 +185,11 @@ def _aot_flags(p):
                  help="TPU slice, e.g. v5p:2x2x1 (4 chips), v5p:2x2x2 (8), v5e:4x4, v6e:2x2")
   p.add_argument("--what", default="train,sample",
                  help="comma list of train, sample (text->image), caption (image->text)")
-  p.add_argument("--batch_size", type=int, default=None,
+  p.add_argument("--batch_size", type=_int_at_least(1), default=None,
                  help="global train batch (default: config.train.batch_size)")
-  p.add_argument("--sample_batch", type=int, default=None,
+  p.add_argument("--sample_batch", type=_int_at_least(1), default=None,
                  help="global sampling batch (default: config.sample.batch_size)")
-  p.add_argument("--sample_steps", type=int, default=None,
+  p.add_argument("--sample_steps", type=_int_at_least(1), default=None,
                  help="ODE steps (default: config.sample.steps)")
   p.add_argument("--stage", default=None, help="train stage (default: config.train.stage)")
 
@@ -287,14 +287,14 @@ def _no_config(overrides, name):
 
 
 def _sampler_flags(p, cfg_default: str):
-  p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's, 20)")
+  p.add_argument("--steps", type=_int_at_least(1), default=None, help="ODE steps (default: the bundle's, 20)")
   p.add_argument("--cfg", type=float, default=None,
                  help=f"guidance scale (default: the bundle's, {cfg_default})")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
                  help="ODE solver (default: the bundle's, euler)")
   p.add_argument("--grid", choices=("parity", "uniform"), default=None,
                  help="time grid: parity (Euler, the reference's) or uniform (Heun needs it)")
-  p.add_argument("--batch_size", type=int, default=8, help="images per compiled call")
+  p.add_argument("--batch_size", type=_int_at_least(1), default=8, help="images per compiled call")
 
 
 def _knobs(args) -> dict:
@@ -308,7 +308,7 @@ def _export_flags(p):
                  help="parameter dtype in the bundle")
   p.add_argument("--programs", action="store_true",
                  help="also write jax.export T2I / I2T programs (symbolic batch)")
-  p.add_argument("--steps", type=int, default=None,
+  p.add_argument("--steps", type=_int_at_least(1), default=None,
                  help="default ODE steps of the bundle and its programs (20)")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
                  help="default solver of the bundle and its programs (euler)")
@@ -331,7 +331,7 @@ def _generate_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--prompt", action="append", required=True,
                  help="text to draw; repeat the flag for several prompts")
-  p.add_argument("--num", type=int, default=1, help="images per prompt")
+  p.add_argument("--num", type=_int_at_least(1), default=1, help="images per prompt")
   p.add_argument("--seed", type=int, default=0, help="seed of the first image (image j: seed+j)")
   p.add_argument("--out", required=True, help="directory for NNNN.png and samples.json")
   _sampler_flags(p, "2.0")
@@ -402,12 +402,12 @@ def _probe_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--data_dir", required=True, help="TFDS data dir of captioned_shapes")
   p.add_argument("--split", default="test", help="held-out split (never train)")
-  p.add_argument("--num", type=int, default=128, help="examples probed")
+  p.add_argument("--num", type=_int_at_least(1), default=128, help="examples probed")
   p.add_argument("--steps", type=_int_at_least(1), default=None,
                  help="ODE steps (default: the bundle's)")
   p.add_argument("--cfg", type=_finite_float, default=None,
                  help="guidance scale (default: the bundle's)")
-  p.add_argument("--blend_captions", type=int, default=32,
+  p.add_argument("--blend_captions", type=_int_at_least(0), default=32,
                  help="captions per scene averaged for text/blend_exact (i2t; 0: skip)")
 
 

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import traceback
 from typing import Any, Iterable, Mapping
 
@@ -142,8 +143,25 @@ def load(config_arg: str, overrides: Iterable[str] = ()) -> ml_collections.Confi
     raise UserError(f"config file {path}: get_config returned {type(config).__name__}, "
                     "not an ml_collections.ConfigDict")
   config = apply_overrides(config, overrides)
+  check_sizes(config)
   config.lock()
   return config
+
+
+# Integer settings whose name says they count or measure something a model or batch has at least
+# one of (flow.depth, tokenizer.patch_size, train.batch_size, data.max_text_len, ...).
+_SIZE_KEY = re.compile(r"(^|_)(depth|width|heads|channels|size|len|num_tokens|hidden|ffn_dim|"
+                       r"embed_dim)$")
+
+
+def check_sizes(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """UserError for a size-like integer setting below 1 (a depth of -1 would build no blocks)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      check_sizes(value, f"{prefix}{key}.")
+    elif (_SIZE_KEY.search(key) and isinstance(value, int) and not isinstance(value, bool)
+          and value < 1):
+      raise UserError(f"config key {prefix}{key} must be at least 1, got {value}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):

@@ -95,7 +95,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, process_count: int | No
   """Raises a UserError unless the global batch splits evenly over data devices and hosts."""
   process_count = jax.process_count() if process_count is None else process_count
   dp = data_parallel_size(mesh)
-  if global_batch_size <= 0 or global_batch_size % dp:
+  if global_batch_size <= 0:
+    raise UserError(f"batch size must be positive, got {global_batch_size}")
+  if global_batch_size % dp:
     raise UserError(f"batch size {global_batch_size} is not divisible by the data-parallel size "
                     f"{dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
   if global_batch_size % process_count:

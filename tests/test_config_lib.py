@@ -132,3 +132,10 @@ def test_cli_counts_and_scales_are_checked_not_defaulted(argv, needle, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("flowtok: error: ") and needle in err[0], err
+
+
+@pytest.mark.parametrize("override", ["flow.depth=-1", "tokenizer.patch_size=0",
+                                      "stages.clip.train.batch_size=0", "text_decoder.ffn_dim=0"])
+def test_sizes_below_one_are_refused(override):
+  with pytest.raises(UserError, match=f"config key {override.split('=')[0]} must be at least 1"):
+    config_lib.load("configs/demo.py", [override])

@@ -320,6 +320,9 @@ def _tfds_build_hint(name: str, data_dir: str) -> str:
 
 def _prepared_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   """The builder of a prepared dataset, or a UserError saying how to prepare it."""
+  if not data_dir:
+    raise UserError("no data dir: set config.data.data_dir (--config.data.data_dir=D) or pass "
+                    "--data_dir where the command has it")
   builder = _own_builder(data_cfg, data_dir)
   name = data_cfg.name
   if builder is not None:
@@ -407,8 +410,11 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
   for key_name in ("image_key", "caption_key", "i2t_caption_key"):
     key = data_cfg.get(key_name)
     if key and not _has_feature(info.features, key):
+      hint = (f"; for a dataset without one, give its caption feature, e.g. "
+              f"--config.data.i2t_caption_key={data_cfg.caption_key}"
+              if key_name == "i2t_caption_key" else "")
       raise UserError(f"data.{key_name}={key!r} is not a feature of {data_cfg.name} "
-                      f"(features: {', '.join(info.features)}; nested ones as 'a/b')")
+                      f"(features: {', '.join(info.features)}; nested ones as 'a/b'){hint}")
   if _ARRAY_RECORD not in {f.value for f in info.available_file_formats()}:
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is not stored as ArrayRecord: "
                     + _tfds_build_hint(data_cfg.name, data_dir))

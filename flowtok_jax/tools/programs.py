@@ -78,10 +78,7 @@ def _random_like(abstract: dict[str, jax.ShapeDtypeStruct], seed: int = 0,
 
 
 def _check_batch(batch_size: int, mesh):
-  dp = sharding.data_parallel_size(mesh)
-  if batch_size < 1 or batch_size % dp:
-    raise UserError(f"batch size {batch_size} is not divisible by the data-parallel size {dp} "
-                    f"(mesh {dict(mesh.shape)})")
+  sharding.check_batch_size(batch_size, mesh, process_count=1)
 
 
 def train_program(config: ml_collections.ConfigDict, mesh, *, stage_name: Optional[str] = None,

@@ -61,8 +61,9 @@ def held_out_batches(make_iter: Callable[[], Iterator[Batch]], num: int,
       it.close()
   if not out:
     raise UserError(f"the evaluation split holds fewer than one global batch "
-                    f"({global_batch_size} examples); lower train.batch_size or set "
-                    "train.eval_every_steps=0")
+                    f"({global_batch_size} examples); lower the batch size or turn the stage's "
+                    "evaluation off: train.eval_every_steps=0, or stages.<stage>.train."
+                    "eval_every_steps=0 where the config sets it per stage (configs/demo.py)")
   return out
 
 

@@ -260,3 +260,14 @@ def test_a_damaged_record_file_is_a_user_error(shapes_data_dir, tmp_path):
     fh.truncate(1000)
   with pytest.raises(UserError, match="damaged"):
     shapes_eval.load_split(data_cfg, str(copy), "val", 4)
+
+
+def test_split_specs_tfds_cannot_read_are_not_called_damage(shapes_data_dir):
+  data_cfg, data_dir = shapes_data_dir
+  with pytest.raises(UserError, match="one split spec at a time"):
+    builders.data_source(data_cfg, "test,val", data_dir)
+  with pytest.raises(UserError, match=r"^cannot read split 'val\[:x\]'"):
+    builders.data_source(data_cfg, "val[:x]", data_dir)
+  assert len(builders.data_source(data_cfg, "test+val", data_dir)) == 128
+  with pytest.raises(UserError, match="no data dir"):
+    builders.data_source(data_cfg, "val", None)
