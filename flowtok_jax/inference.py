@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -614,6 +615,7 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
   gen = Generator(bundle, batch_size=batch_size, **knobs)
   images = gen.generate(all_prompts, seeds)
   os.makedirs(out, exist_ok=True)
+  previous = _listed_samples(out)
   records = []
   for j, (prompt, s, image) in enumerate(zip(all_prompts, seeds, images)):
     name = f"{j:04d}.png"
@@ -623,7 +625,23 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
   with open(tmp, "w") as f:
     json.dump(records, f, indent=1)
   os.replace(tmp, os.path.join(out, "samples.json"))
+  # Images an earlier run listed and this one did not write would sit beside a samples.json
+  # that no longer names them.
+  for name in sorted(previous - {r["file"] for r in records}):
+    if os.path.isfile(os.path.join(out, name)):
+      os.remove(os.path.join(out, name))
   return records
+
+
+def _listed_samples(out: str) -> set[str]:
+  """The NNNN.png files an existing DIR/samples.json lists (empty if none or unreadable)."""
+  try:
+    with open(os.path.join(out, "samples.json")) as f:
+      listed = json.load(f)
+    names = {r.get("file") for r in listed if isinstance(r, dict)}
+  except (OSError, ValueError, TypeError):
+    return set()
+  return {n for n in names if isinstance(n, str) and re.fullmatch(r"\d{4,}\.png", n)}
 
 
 def caption_files(bundle, paths: Sequence[str], *, batch_size: int = 8,

@@ -57,6 +57,13 @@ def test_generate_cli_writes_pngs_and_samples_json(tiny_bundle_dir, tmp_path, ca
   png = np.asarray(Image.open(out / "0003.png"))
   again = inference.Generator(tiny_bundle_dir, batch_size=3).generate([PROMPTS[1]], [13])[0]
   assert png.shape == (64, 64, 3) and np.abs(png.astype(int) - again).max() <= 1
+  # Again into the same directory with fewer images: the earlier run's extra images go, files
+  # it did not write stay.
+  (out / "notes.txt").write_text("mine")
+  code, _, err = run_cli(["generate", "--bundle", tiny_bundle_dir, "--prompt", PROMPTS[0],
+                          "--batch_size", "3", "--out", str(out)], capsys)
+  assert code == 0, err
+  assert sorted(os.listdir(out)) == ["0000.png", "notes.txt", "samples.json"]
 
 
 def test_caption_cli_prints_one_json_line_per_image(tiny_bundle_dir, tmp_path, capsys):

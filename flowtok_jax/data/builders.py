@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import textwrap
 from typing import Any
 
@@ -371,7 +372,8 @@ def build(data_cfg, data_dir: str) -> str:
   if data_cfg.name == FOLDER_NAME:
     builder.scan()  # Fail on bad input before tfds deletes the previous version.
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-  with _absl_level(logging.WARNING):
+  # TFDS prints its progress to stdout, which belongs to the commands' results (JSON, paths).
+  with _absl_level(logging.WARNING), contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode or tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
