@@ -143,6 +143,13 @@ def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str) -> Any:
   return getattr(meta, "tree", meta)
 
 
+def _error_line(e: BaseException) -> str:
+  """`Type: first line` of an exception, without TensorStore's multi-line spec dump."""
+  text = str(e).splitlines()[0] if str(e) else ""
+  text = text.split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:200]}"
+
+
 class Checkpointer:
   """The run's checkpoint manager (`W/checkpoints`); use as a context manager.
 
@@ -208,8 +215,11 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"cannot restore checkpoint {where}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+      earlier = [s for s in self._mngr.all_steps() if s < step]
+      hint = (f"; to resume from step {max(earlier)} instead, move {where} out of the way"
+              if earlier else "")
+      raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}{hint}"
+                      ) from None
     return restored["state"], dict(restored["meta"] or {})
 
   def read_meta(self, step: int | None = None) -> dict:
@@ -277,8 +287,7 @@ def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: 
       # Damaged array data (truncated or overwritten files) surfaces here, after the metadata
       # checks above passed.
       raise UserError(f"cannot read the parameters of checkpoint {where} (damaged?): "
-                      f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                      ) from None
+                      f"{_error_line(e)}") from None
     for k in (field, *select):
       restored = restored[k]
     return _fill(target, restored), missing
