@@ -1,6 +1,6 @@
 r"""Thin absl entry point for training, as launched on every host of a TPU pod.
 
-    python launch/train.py --config configs/demo.py:runlocal --workdir runs/x \
+    python launch/train.py --config configs/flowtok_b.py --workdir runs/x \
         [--config.train.total_steps=100] [--stage flowtok] [--distributed]
 
 It does what `flowtok train` does (same library call, same config overrides); `--distributed`
