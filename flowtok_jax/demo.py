@@ -25,6 +25,7 @@ from typing import Callable
 
 from flowtok_jax import config_lib
 from flowtok_jax import paths
+from flowtok_jax.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "demo.py")
@@ -132,12 +133,14 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
     The content of W/metrics.json.
   """
   from flowtok_jax import export  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
 
   workdir = paths.writable_dir(workdir, "--workdir")
   config = demo_config(workdir, config_arg, overrides)
+  candidates = _i2t_steps_candidates(config)
   os.makedirs(workdir, exist_ok=True)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
@@ -167,23 +170,27 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   flowtok_ckpt = os.path.join(workdir, "flowtok", "checkpoints")
 
   def do_export():
+    run = os.path.join(workdir, "flowtok")
+    out = {}
     if _up_to_date(bundle, flowtok_ckpt):
       logging.info("bundle %s is newer than the flowtok checkpoints: kept", bundle)
-      return SKIPPED
-    run = os.path.join(workdir, "flowtok")
-    summary = export.export_bundle(run, bundle)
-    out = {"export/bytes": summary.get("bytes", 0)}
-    candidates = (config.get("eval") or {}).get("i2t_steps_candidates")
-    if candidates and summary["i2t"]:
+    else:
+      out["export/bytes"] = export.export_bundle(run, bundle).get("bytes", 0)
+    meta = inference.read_bundle_meta(bundle)
+    default = meta["defaults"]["i2t"]["steps"]
+    chosen = _merge_metrics(workdir, {}).get("export/i2t_steps")
+    # Choose the I2T steps unless this bundle already carries the choice (a run stopped between
+    # the export and the choice re-does the choice, not the export).
+    if candidates and meta["capabilities"]["i2t"] and (out or chosen != default):
       steps, exact = run_eval.select_i2t_steps(
           bundle, data_dir, candidates, split=data_cfg.eval_split,
           num=config.eval.get("num"), batch_size=config.eval.get("batch_size") or 32)
       out.update({f"export/i2t_{data_cfg.eval_split}_exact_at_{k}_steps": v
                   for k, v in exact.items()})
       out["export/i2t_steps"] = steps
-      if steps != summary["defaults"]["i2t"]["steps"]:
+      if steps != default:
         export.export_bundle(run, bundle, i2t_steps=steps)
-    return out
+    return out or SKIPPED
   timer.run("export", do_export)
 
   eval_dir = os.path.join(workdir, "eval")
@@ -196,6 +203,25 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
   return _merge_metrics(workdir, {})
+
+
+def _i2t_steps_candidates(config) -> tuple[int, ...]:
+  """`eval.i2t_steps_candidates`, checked before any work: positive ints, chosen on a held-out
+  split (`data.eval_split`) that the evaluation does not report."""
+  from flowtok_jax.evaluation import run_eval, shapes_eval  # pylint: disable=g-import-not-at-top
+  raw = (config.get("eval") or {}).get("i2t_steps_candidates")
+  if not raw:
+    return ()
+  if isinstance(raw, int):
+    raw = (raw,)
+  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in raw):
+    raise UserError(f"eval.i2t_steps_candidates must be positive integers, got {raw}")
+  split = shapes_eval.held_out_split(config.data.eval_split, "choosing the I2T steps")
+  reported = run_eval.parse_splits(config.eval.get("splits") or "test,compositional")
+  if split in reported:
+    raise UserError(f"the I2T steps are chosen on data.eval_split={split!r}, which eval.splits "
+                    "also reports: choose them on another held-out split")
+  return tuple(raw)
 
 
 def _up_to_date(output: str, source: str) -> bool:

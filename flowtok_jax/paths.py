@@ -15,6 +15,10 @@ def _expand(path: str) -> str:
   return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def _is_url(path: str) -> bool:
+  return "://" in str(path)  # gs://bucket/...: checked by the storage layer, not here.
+
+
 def _check_ancestors(path: str, what: str, given: str) -> None:
   parent = os.path.dirname(path)
   while not os.path.exists(parent):
@@ -36,6 +40,10 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
   Raises:
     UserError: `path` is a file, lies under a file, or cannot be written for permissions.
   """
+  if not path:
+    raise UserError(f"{what} is empty")
+  if _is_url(path):
+    return str(path)
   full = _expand(path)
   if os.path.exists(full) and not os.path.isdir(full):
     raise UserError(f"{what} {path} is a file; give a directory")
@@ -49,6 +57,10 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
 
 def writable_file(path: str, what: str) -> str:
   """The absolute path of a file we will (over)write: not a directory, not under a file."""
+  if not path:
+    raise UserError(f"{what} is empty")
+  if _is_url(path):
+    return str(path)
   full = _expand(path)
   if os.path.isdir(full):
     raise UserError(f"{what} {path} is a directory; give a file path")

@@ -39,9 +39,11 @@ def test_demo_writes_every_output(demo_run):
   assert metrics["bar/t2i_test_accuracy/met"] is False
   assert metrics["bar/t2i_test_accuracy/short_by"] > 0
   assert metrics["flowtok/final_step"] == 2 and metrics["flowtok/train/frac_i2t"] >= 0
-  # The bundle's I2T steps were chosen on val among the runlocal candidates (1, 4).
+  # The bundle's I2T steps were chosen on val among the runlocal candidates (1, 4); with no
+  # caption right at either (two training steps), the default 20 stays.
   exact = {k: metrics[f"export/i2t_val_exact_at_{k}_steps"] for k in (1, 4)}
-  assert metrics["export/i2t_steps"] == max((1, 4), key=lambda k: (exact[k], -k))
+  best = max((1, 4), key=lambda k: (exact[k], -k))
+  assert metrics["export/i2t_steps"] == (best if exact[best] > 0 else 20)
   with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
     defaults = json.load(f)["defaults"]
   assert defaults["i2t"]["steps"] == metrics["export/i2t_steps"]
@@ -64,3 +66,30 @@ def test_demo_rerun_resumes_without_retraining(demo_run):
   stages = [v for k, v in metrics.items() if k.startswith("time/") and k != "time/total_sec"
             and k != "time/report_sec"]
   assert metrics["time/total_sec"] == pytest.approx(sum(stages))
+
+
+def test_a_demo_stopped_between_export_and_the_step_choice_makes_the_choice(demo_run,
+                                                                            monkeypatch):
+  """The bundle is newer than the checkpoints, but the choice was never recorded."""
+  from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
+  workdir, _ = demo_run
+  metrics = demo._merge_metrics(workdir, {})  # pylint: disable=protected-access
+  metrics.pop("export/i2t_steps")
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(metrics, f)
+  monkeypatch.setattr(run_eval, "select_i2t_steps", lambda *a, **k: (4, {1: 0.25, 4: 0.5}))
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
+  assert metrics["export/i2t_steps"] == 4 and metrics["export/i2t_val_exact_at_4_steps"] == 0.5
+  with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
+    assert json.load(f)["defaults"]["i2t"]["steps"] == 4
+
+
+@pytest.mark.parametrize("override, match", [
+    ("eval.i2t_steps_candidates=(0, 1)", "positive integers"),
+    ("data.eval_split=test", "also reports"),
+    ("data.eval_split=train", "never reads the training split"),
+])
+def test_the_i2t_step_choice_is_checked_before_any_work(tmp_path, override, match):
+  with pytest.raises(demo.UserError, match=match):
+    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal", [*TINY, override])
+  assert not os.path.exists(tmp_path / "w" / "data")

@@ -61,3 +61,11 @@ def test_an_unforeseen_path_error_is_still_one_line(monkeypatch, capsys):
   monkeypatch.setitem(cli._COMMANDS, "info", (*cli._COMMANDS["info"][:2], info))  # pylint: disable=protected-access
   code, _, err = run_cli(["info", "--config", "configs/demo.py"], capsys)
   assert_one_error(code, err, "Not a directory: /some/file/below")
+
+
+def test_urls_pass_and_empty_paths_are_refused():
+  assert paths.writable_dir("gs://bucket/runs/x", "--workdir") == "gs://bucket/runs/x"
+  assert paths.writable_file("gs://bucket/m.model", "--out") == "gs://bucket/m.model"
+  for bad in ("", None):
+    with pytest.raises(UserError, match="--out is empty"):
+      paths.writable_dir(bad, "--out")

@@ -456,7 +456,9 @@ class CheckedSource:
   def __getitem__(self, index):
     try:
       return self.source[index]
-    except (RuntimeError, OSError) as e:  # A damaged chunk of an ArrayRecord file.
+    except (RuntimeError, OSError, ValueError) as e:  # A damaged chunk of an ArrayRecord file.
+      if "should be in [0" in str(e):  # An index out of range is the caller's error, not damage.
+        raise
       raise UserError(f"cannot read record {index} of {self.where} (damaged? {_first_line(e)}); "
                       "rebuild the dataset") from None
 

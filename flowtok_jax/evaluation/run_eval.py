@@ -276,7 +276,8 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
   """The image-to-text step count with the best exact match on held-out images of `split`.
 
   A model selection step, so it reads a held-out split other than the ones reported (the demo:
-  val, reports on test / compositional) and never train. Ties go to the fewest steps.
+  val, reports on test / compositional) and never train. Ties go to the fewest steps; when no
+  count gets a single caption right there is no evidence, and the bundle's default stays.
 
   Returns:
     (chosen steps, {steps: exact match on `split`}).
@@ -287,9 +288,10 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
   if split not in EVAL_SPLITS:
     raise UserError(f"the I2T steps are chosen on a held-out split (one of "
                     f"{', '.join(EVAL_SPLITS)}), not {split!r}")
-  counts = sorted({int(c) for c in candidates})
-  if not counts or counts[0] < 1:
+  if not candidates or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                and c >= 1 for c in candidates):
     raise UserError(f"I2T step candidates must be positive integers, got {list(candidates)}")
+  counts = sorted({int(c) for c in candidates})
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   references = [_references(c, a) for c, a in zip(captions, attrs)]
   exact = {}
@@ -299,6 +301,8 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
     predicted = cap.caption_images(list(images))
     exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
   best = max(counts, key=lambda k: (exact[k], -k))
+  if exact[best] == 0.0:
+    best = int(b.meta["defaults"]["i2t"]["steps"])
   logging.info("I2T exact match on %d %s images by steps: %s -> %d steps", len(images), split,
                exact, best)
   return best, exact

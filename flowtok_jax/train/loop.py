@@ -44,7 +44,8 @@ class RunResult:
 
   Attributes:
     step: the step the run stopped at (checkpointed).
-    stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT' or 'stop_at_step'.
+    stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT', 'preemption'
+      (multi-host: a host was told to stop) or 'stop_at_step'.
     last_metrics: the last logged train metrics.
     last_eval: the last evaluation scalars.
     start_step: the step the run started (or resumed) from; equal to `step` when the
@@ -59,9 +60,11 @@ class RunResult:
   @property
   def exit_code(self) -> int:
     """0 when the run finished (or stopped where asked); 128 + the signal number when a signal
-    stopped it, so that `flowtok train ... && flowtok export ...` does not go on with a
-    half-trained model and a scheduler sees the preemption."""
-    return {"SIGINT": 130, "SIGTERM": 143}.get(self.stopped_by, 0)
+    or a preemption stopped it, so that `flowtok train ... && flowtok export ...` does not go on
+    with a half-trained model and a scheduler sees the preemption."""
+    if self.stopped_by in (None, "stop_at_step"):
+      return 0
+    return 130 if self.stopped_by == "SIGINT" else 143
 
 
 def _namespaced(name: str, prefix: str) -> str:

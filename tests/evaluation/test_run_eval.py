@@ -134,3 +134,11 @@ def test_select_i2t_steps_picks_the_best_on_val_and_ties_to_fewer(tiny_bundle_di
     run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (1,), split="train")
   with pytest.raises(UserError, match="positive"):
     run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (0, 1))
+  with pytest.raises(UserError, match="positive"):
+    run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (1.5, "2"))
+  # No caption right at any count: no evidence, the bundle's default stays.
+  right.update({1: 0, 2: 0, 4: 0, 8: 0})
+  best, exact = run_eval.select_i2t_steps(tiny_bundle_dir, data_dir, (1, 8), num=NUM,
+                                          compiler_options=FAST)
+  assert set(exact.values()) == {0.0} and best == inference.load_bundle(
+      tiny_bundle_dir).meta["defaults"]["i2t"]["steps"]

@@ -140,7 +140,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("stopped_by, code", [(None, 0), ("stop_at_step", 0), ("SIGINT", 130),
-                                              ("SIGTERM", 143)])
+                                              ("SIGTERM", 143), ("preemption", 143)])
 def test_flowtok_train_exits_non_zero_when_a_signal_stopped_it(monkeypatch, tmp_path, capsys,
                                                                stopped_by, code):
   """`flowtok train ... && flowtok export ...` must not export a run a signal interrupted."""
