@@ -484,9 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f": {e.filename}" if e.filename else ""
     print(f"flowtok: error: {e.strerror or e}{where}", file=sys.stderr)
     sys.exit(2)
-  except KeyboardInterrupt:
-    print("flowtok: interrupted", file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt as e:  # Ctrl-C, or a demo stage stopped by SIGINT / SIGTERM.
+    print(f"flowtok: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 130))
   if code:  # A command's own non-zero status (a training run stopped by a signal).
     sys.exit(code)
   return 0

@@ -108,11 +108,20 @@ class _Timer:
     return _merge_metrics(self.workdir, {key: seconds, **extra})
 
 
+class Stopped(KeyboardInterrupt):
+  """A training stage stopped by a signal (checkpointed); `exit_code` is 130 or 143."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
 def _train_stage(config, workdir: str, stage: str) -> dict:
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
   result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage)
   if result.stopped_by:
-    raise KeyboardInterrupt(f"{stage} stopped by {result.stopped_by} at step {result.step}")
+    raise Stopped(f"{stage} stopped by {result.stopped_by} at step {result.step}",
+                  result.exit_code)
   if result.step == result.start_step:
     return SKIPPED
   out = {f"{stage}/final_step": result.step}

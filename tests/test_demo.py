@@ -93,3 +93,20 @@ def test_the_i2t_step_choice_is_checked_before_any_work(tmp_path, override, matc
   with pytest.raises(demo.UserError, match=match):
     demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal", [*TINY, override])
   assert not os.path.exists(tmp_path / "w" / "data")
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_demo_stage_stopped_by_a_signal_exits_with_its_code(monkeypatch, capsys, tmp_path,
+                                                              signal_name, code):
+  from cli_run import run_cli  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.RunResult(step=3, stopped_by=signal_name, last_metrics={}, last_eval={},
+                          start_step=0)
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda *a, **k: result)
+  with pytest.raises(demo.Stopped) as e:
+    demo._train_stage(None, str(tmp_path), "clip")  # pylint: disable=protected-access
+  assert e.value.exit_code == code
+  monkeypatch.setattr(demo, "run_demo", lambda *a, **k: demo._train_stage(  # pylint: disable=protected-access
+      None, str(tmp_path), "clip"))
+  exit_code, _, err = run_cli(["demo", "--workdir", str(tmp_path)], capsys)
+  assert exit_code == code and "clip stopped by " + signal_name in err
