@@ -123,7 +123,7 @@ def _data(args, overrides):
     splits = (args.splits or config.data.train_split).split(",")
     meta = pretokenize.pretokenize(config, tokenizer, data_dir, args.out, splits,
                                    batch_size=args.batch_size)
-    print(json.dumps({"out": paths.writable_dir(args.out, "--out"), "splits": meta["splits"]}))
+    print(json.dumps({"out": paths.resolve(args.out), "splits": meta["splits"]}))
   else:
     out = paths.writable_file(args.out or os.path.join(data_dir, "preview.png"), "--out")
     builders.write_preview(config.data, data_dir, split=args.split, num=args.num, out=out)
@@ -345,7 +345,7 @@ def _generate(args, overrides):
   records = inference.generate_to_dir(args.bundle, args.prompt, args.out, num=args.num,
                                       seed=args.seed, batch_size=args.batch_size,
                                       **_knobs(args))
-  print(json.dumps({"out": paths.writable_dir(args.out, "--out"), "images": len(records)}))
+  print(json.dumps({"out": paths.resolve(args.out), "images": len(records)}))
 
 
 def _caption_flags(p):

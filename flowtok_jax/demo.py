@@ -52,13 +52,19 @@ def quality_bars(metrics: dict) -> dict:
   return out
 
 
+def _read_metrics(workdir: str) -> dict:
+  """W/metrics.json ({} before the first stage)."""
+  path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def _merge_metrics(workdir: str, new: dict) -> dict:
   """Merges `new` into W/metrics.json (written atomically) and returns the whole file."""
   path = os.path.join(workdir, "metrics.json")
-  metrics = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      metrics = json.load(f)
+  metrics = _read_metrics(workdir)
   metrics.update(new)
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=2, sort_keys=True)
@@ -101,7 +107,7 @@ class _Timer:
     extra = dict(fn() or {})
     seconds = time.time() - t0
     key = f"time/{name}_sec"
-    if extra.pop("_skipped", False) and key in _merge_metrics(self.workdir, {}):
+    if extra.pop("_skipped", False) and key in _read_metrics(self.workdir):
       logging.info("demo stage %s was already done: its recorded time is kept", name)
       return _merge_metrics(self.workdir, extra)
     logging.info("demo stage %s done in %.1f s", name, seconds)
@@ -187,7 +193,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
       out["export/bytes"] = export.export_bundle(run, bundle).get("bytes", 0)
     meta = inference.read_bundle_meta(bundle)
     default = meta["defaults"]["i2t"]["steps"]
-    chosen = _merge_metrics(workdir, {}).get("export/i2t_steps")
+    chosen = _read_metrics(workdir).get("export/i2t_steps")
     # Choose the I2T steps unless this bundle already carries the choice (a run stopped between
     # the export and the choice re-does the choice, not the export).
     if candidates and meta["capabilities"]["i2t"] and (out or chosen != default):
@@ -211,7 +217,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   _merge_metrics(workdir, {"time/total_sec": sum(stage_secs), **quality_bars(results)})
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
-  return _merge_metrics(workdir, {})
+  return _read_metrics(workdir)
 
 
 def _i2t_steps_candidates(config) -> tuple[int, ...]:
@@ -221,16 +227,14 @@ def _i2t_steps_candidates(config) -> tuple[int, ...]:
   raw = (config.get("eval") or {}).get("i2t_steps_candidates")
   if not raw:
     return ()
-  if isinstance(raw, int):
-    raw = (raw,)
-  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in raw):
-    raise UserError(f"eval.i2t_steps_candidates must be positive integers, got {raw}")
-  split = shapes_eval.held_out_split(config.data.eval_split, "choosing the I2T steps")
+  counts = run_eval.check_step_candidates(raw)
+  split = shapes_eval.held_out_split(config.data.eval_split,
+                                     "the I2T step choice (on a held-out split)")
   reported = run_eval.parse_splits(config.eval.get("splits") or "test,compositional")
   if split in reported:
     raise UserError(f"the I2T steps are chosen on data.eval_split={split!r}, which eval.splits "
                     "also reports: choose them on another held-out split")
-  return tuple(raw)
+  return tuple(counts)
 
 
 def _up_to_date(output: str, source: str) -> bool:

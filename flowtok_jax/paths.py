@@ -11,12 +11,17 @@ import os
 from flowtok_jax.errors import UserError
 
 
-def _expand(path: str) -> str:
+def resolve(path: str) -> str:
+  """The absolute, ~-expanded form of a local path; a URL (gs://...) unchanged."""
+  if "://" in str(path):  # Checked by the storage layer, not here.
+    return str(path)
   return os.path.abspath(os.path.expanduser(str(path)))
 
 
-def _is_url(path: str) -> bool:
-  return "://" in str(path)  # gs://bucket/...: checked by the storage layer, not here.
+def _resolve_given(path: str, what: str) -> str:
+  if not path:
+    raise UserError(f"{what} is empty")
+  return resolve(path)
 
 
 def _check_ancestors(path: str, what: str, given: str) -> None:
@@ -40,11 +45,9 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
   Raises:
     UserError: `path` is a file, lies under a file, or cannot be written for permissions.
   """
-  if not path:
-    raise UserError(f"{what} is empty")
-  if _is_url(path):
-    return str(path)
-  full = _expand(path)
+  full = _resolve_given(path, what)
+  if "://" in full:
+    return full
   if os.path.exists(full) and not os.path.isdir(full):
     raise UserError(f"{what} {path} is a file; give a directory")
   if os.path.isdir(full):
@@ -57,11 +60,9 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
 
 def writable_file(path: str, what: str) -> str:
   """The absolute path of a file we will (over)write: not a directory, not under a file."""
-  if not path:
-    raise UserError(f"{what} is empty")
-  if _is_url(path):
-    return str(path)
-  full = _expand(path)
+  full = _resolve_given(path, what)
+  if "://" in full:
+    return full
   if os.path.isdir(full):
     raise UserError(f"{what} {path} is a directory; give a file path")
   _check_ancestors(full, what, path)

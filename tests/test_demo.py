@@ -73,7 +73,7 @@ def test_a_demo_stopped_between_export_and_the_step_choice_makes_the_choice(demo
   """The bundle is newer than the checkpoints, but the choice was never recorded."""
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
   workdir, _ = demo_run
-  metrics = demo._merge_metrics(workdir, {})  # pylint: disable=protected-access
+  metrics = demo._read_metrics(workdir)  # pylint: disable=protected-access
   metrics.pop("export/i2t_steps")
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(metrics, f)

@@ -422,12 +422,9 @@ def data_source(data_cfg, split: str, data_dir: str, decoders=None):
                     + _tfds_build_hint(data_cfg.name, data_dir))
   try:
     source = builder.as_data_source(split=split, decoders=decoders)
-  except ValueError as e:
-    if "split" in str(e).lower():  # A spec TFDS cannot parse, e.g. 'val[:x]'.
+  except (RuntimeError, OSError, ValueError) as e:  # Truncated or overwritten record files.
+    if isinstance(e, ValueError) and "split" in str(e).lower():  # A bad spec, e.g. 'val[:x]'.
       raise UserError(f"cannot read split {split!r}: {_first_line(e)}") from None
-    raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({_first_line(e)}); "
-                    "rebuild it") from None
-  except (RuntimeError, OSError) as e:  # Truncated or overwritten record files.
     raise UserError(f"dataset {data_cfg.name} in {data_dir} is damaged ({_first_line(e)}); "
                     "rebuild it") from None
   return CheckedSource(source, f"split {split!r} of {data_cfg.name} in {data_dir}")

@@ -270,6 +270,14 @@ def load_grids(eval_dir: str) -> list[tuple[str, np.ndarray, list[str]]]:
     return [(g["title"], data[f"grid{i}"], g["texts"]) for i, g in enumerate(result["grids"])]
 
 
+def check_step_candidates(candidates: Sequence[int]) -> list[int]:
+  """The distinct step counts of `candidates`, sorted; UserError unless all are ints >= 1."""
+  if not candidates or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                and c >= 1 for c in candidates):
+    raise UserError(f"I2T step candidates must be positive integers, got {list(candidates)}")
+  return sorted({int(c) for c in candidates})
+
+
 def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split: str = "val",
                      num: Optional[int] = None, batch_size: int = 32,
                      compiler_options: Optional[dict] = None) -> tuple[int, dict[int, float]]:
@@ -285,13 +293,8 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
   b = inference.as_bundle(bundle)
   if not b.can_caption:
     raise UserError(f"bundle {b.path} cannot caption: no image-to-text steps to choose")
-  if split not in EVAL_SPLITS:
-    raise UserError(f"the I2T steps are chosen on a held-out split (one of "
-                    f"{', '.join(EVAL_SPLITS)}), not {split!r}")
-  if not candidates or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
-                                and c >= 1 for c in candidates):
-    raise UserError(f"I2T step candidates must be positive integers, got {list(candidates)}")
-  counts = sorted({int(c) for c in candidates})
+  split = shapes_eval.held_out_split(split, "the I2T step choice (on a held-out split)")
+  counts = check_step_candidates(candidates)
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   references = [_references(c, a) for c, a in zip(captions, attrs)]
   exact = {}
