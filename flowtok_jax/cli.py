@@ -77,7 +77,8 @@ def _data_flags(p):
   _config_flags(p)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
   p.add_argument("--split", default="train", help="split to preview (show)")
-  p.add_argument("--num", type=_int_at_least(1), default=16, help="images in the preview grid (show)")
+  p.add_argument("--num", type=_int_at_least(1), default=16,
+                 help="images in the preview grid (show)")
   p.add_argument("--out", default=None, help="preview PNG path (show; default "
                  "DATA_DIR/preview.png), the .model file (text_tokenizer; default "
                  "config.text_tokenizer.path) or the latents directory (pretokenize; required)")
@@ -287,7 +288,8 @@ def _no_config(overrides, name):
 
 
 def _sampler_flags(p, cfg_default: str):
-  p.add_argument("--steps", type=_int_at_least(1), default=None, help="ODE steps (default: the bundle's, 20)")
+  p.add_argument("--steps", type=_int_at_least(1), default=None,
+                 help="ODE steps (default: the bundle's, 20)")
   p.add_argument("--cfg", type=float, default=None,
                  help=f"guidance scale (default: the bundle's, {cfg_default})")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
