@@ -11,6 +11,7 @@ does not parse as the key's type is a `UserError` naming the key.
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.machinery
 import importlib.util
 import logging
@@ -170,6 +171,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     key, sep, value = item.partition("=")
     if not sep:
       raise UserError(f"config override {item!r} must look like key=value")
+    _open_stage_key(config, key)
     parent, leaf = _resolve(config, key)
     current = parent[leaf]
     if isinstance(current, ml_collections.ConfigDict):
@@ -177,6 +179,29 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     parent[leaf] = _cast_override(value, current, key)
     _check_not_shadowed(config, key)
   return config
+
+
+def _open_stage_key(config: ml_collections.ConfigDict, dotted: str):
+  """Lets `stages.<name>.<section>.<key>` name any `<section>.<key>` of the config that the stage
+  does not set yet (e.g. `stages.flowtok.optim.schedule`): the slot is created holding the shared
+  value, so the override is cast to its type and `stage_api.config_for_stage` merges it."""
+  parts = dotted.split(".")
+  stages = config.get("stages")
+  if (len(parts) < 4 or parts[0] != "stages" or not isinstance(stages, ml_collections.ConfigDict)
+      or parts[1] not in stages):
+    return
+  node, shared = stages[parts[1]], config
+  for part in parts[2:]:
+    if not isinstance(shared, ml_collections.ConfigDict) or part not in shared:
+      return  # Not a key of the config either: _resolve names it.
+    shared = shared[part]
+    if part not in node:
+      with node.unlocked():
+        node[part] = (ml_collections.ConfigDict() if isinstance(shared, ml_collections.ConfigDict)
+                      else copy.deepcopy(shared))
+    node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+      return
 
 
 def _check_not_shadowed(config: ml_collections.ConfigDict, key: str):

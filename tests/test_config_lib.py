@@ -139,3 +139,19 @@ def test_cli_counts_and_scales_are_checked_not_defaulted(argv, needle, capsys):
 def test_sizes_below_one_are_refused(override):
   with pytest.raises(UserError, match=f"config key {override.split('=')[0]} must be at least 1"):
     config_lib.load("configs/demo.py", [override])
+
+
+def test_a_stage_override_may_name_any_shared_key_the_stage_does_not_set():
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  config = config_lib.load("configs/demo.py", ["stages.flowtok.optim.schedule=cosine",
+                                               "stages.flowtok.optim.end_lr=1e-5",
+                                               "stages.clip.optim.clip_norm=0.5"])
+  flow = stage_api.config_for_stage(config, "flowtok")
+  assert (flow.optim.schedule, flow.optim.end_lr, flow.optim.lr) == ("cosine", 1e-5, 1e-3)
+  assert stage_api.config_for_stage(config, "clip").optim.clip_norm == 0.5
+  assert stage_api.config_for_stage(config, "tokenizer").optim.clip_norm == 1.0  # its own
+  assert config.optim.schedule == "constant" and config.optim.clip_norm is None  # shared: as set
+  with pytest.raises(UserError, match="unknown config key 'stages.flowtok.optim.shedule'"):
+    config_lib.load("configs/demo.py", ["stages.flowtok.optim.shedule=cosine"])
+  with pytest.raises(UserError, match="stages.flowtok.optim.warmup_steps"):
+    config_lib.load("configs/demo.py", ["stages.flowtok.optim.warmup_steps=soon"])
