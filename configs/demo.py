@@ -227,8 +227,9 @@ def get_config(arg=None):
   # Per-stage changes to `train` / `optim` (merged by stage_api.config_for_stage).
   # Step counts are set by the 15-minute budget on 2 CPU cores, on the slower of the machines
   # measured (docs/benchmarks.md, "Demo"): CLIP 0.42 s, tokenizer 0.51 s, FlowTok 0.60 s per
-  # step there (0.44 / 0.36 / 0.48 s on a faster one); plus ~1.5 min of compiles, data and
-  # checkpoints and ~1 min of evaluation. Only the final checkpoints are evaluated.
+  # step there at batch 64 (0.44 / 0.36 / 0.48 s on a faster one; FlowTok at batch 32: 0.21 s);
+  # plus ~1.5 min of compiles, data and checkpoints and ~1.5 min of export (with the I2T step
+  # choice) and evaluation. Only the final checkpoints are evaluated.
   st = config.stages = ml_collections.ConfigDict()
   st.clip = ml_collections.ConfigDict(dict(
       # Contrastive pretraining of the text tower that the tokenizer decoder, text VAE and
@@ -247,12 +248,16 @@ def get_config(arg=None):
       optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine", end_lr=1e-4, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0)))
   st.flowtok = ml_collections.ConfigDict(dict(
-      # Both directions, one model, one step. EMA 0.98: a window of ~50 steps, so the random
-      # init is gone (0.98^330 < 0.2 %) yet the last steps' noise is averaged.
+      # Both directions, one model, one step. Batch 32 x 700 steps: the image-to-text map at
+      # t ~ 0 forms with the number of updates, and at batch 32 a step costs half of one at 64
+      # (4.8 vs 2.2 steps/s). Chosen on val (I2T exact, 256 images, the demo's CLIP and
+      # tokenizer): 64 x 330 0.133, 32 x 560 0.191, 32 x 700 0.297, 16 x 1200 0.273 (EMA 0.99),
+      # at a similar stage time (docs/benchmarks.md, "fifth pass"). EMA 0.98: a window of ~50
+      # steps, so the random init is gone (0.98^700 ~ 1e-6) yet the last steps' noise is averaged.
       # No periodic evaluation (eval_every_steps 0): the demo evaluates the exported bundle
       # right after, on 256 test and compositional examples.
-      train=dict(total_steps=330, batch_size=64, ema_decay=0.98, eval_every_steps=0,
-                 ckpt_every_steps=165),
+      train=dict(total_steps=700, batch_size=32, ema_decay=0.98, eval_every_steps=0,
+                 ckpt_every_steps=350),
       optim=dict(lr=1e-3, warmup_steps=60)))
 
   if arg.runlocal:
