@@ -56,5 +56,14 @@ def main(argv):
     sys.exit(result.exit_code)
 
 
+def _parse_flags(argv):
+  """absl's parser, with a bad or missing flag as one error line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"flowtok: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main, argv=_ARGV)
+  app.run(main, argv=_ARGV, flags_parser=_parse_flags)

@@ -1,8 +1,11 @@
-"""launch/tpu_pod.sh (gcloud commands, printed with --dry_run) and launch/local_multihost.sh."""
+"""launch/tpu_pod.sh (gcloud commands, printed with --dry_run), launch/local_multihost.sh and
+launch/train.py's flag errors."""
 import os
 import shlex
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,3 +54,16 @@ def test_local_multihost_passes_process_ids_and_reports_failures(tmp_path):
   bad = _run("local_multihost.sh", "-n", "3", "-l", str(tmp_path / "bad"), "--",
              sys.executable, "-c", script, "fail", env=env)
   assert bad.returncode == 3 and "failed (exit 3)" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--config", "configs/demo.py"], "--workdir"),  # a required flag missing
+    (["--config", "configs/demo.py", "--workdir", "w", "--num_processes=two"], "num_processes"),
+    (["--config", "configs/demo.py", "--workdir", "w", "--bogus"], "bogus"),
+])
+def test_train_entry_point_flag_errors_are_one_line_exit_2(argv, needle):
+  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), *argv],
+                       capture_output=True, text=True, cwd=REPO, check=False)
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 2, out.stderr
+  assert len(lines) == 1 and lines[0].startswith("flowtok: error:") and needle in lines[0], lines
