@@ -251,9 +251,10 @@ def get_config(arg=None):
       # Both directions, one model, one step. Batch 32 x 700 steps: the image-to-text map at
       # t ~ 0 forms with the number of updates, and at batch 32 a step costs half of one at 64
       # (4.8 vs 2.2 steps/s). Chosen on val (I2T exact, 256 images, the demo's CLIP and
-      # tokenizer): 64 x 330 0.133, 32 x 560 0.191, 32 x 700 0.297, 16 x 1200 0.273 (EMA 0.99),
-      # at a similar stage time (docs/benchmarks.md, "fifth pass"). EMA 0.98: a window of ~50
-      # steps, so the random init is gone (0.98^700 ~ 1e-6) yet the last steps' noise is averaged.
+      # tokenizer): 64 x 330 0.133, 32 x 560 0.191, 32 x 700 0.297 (EMA 0.99: 0.246), 16 x 1200
+      # 0.273 (EMA 0.99), at a similar stage time (docs/benchmarks.md, "fifth pass"). EMA 0.98:
+      # a window of ~50 steps, so the random init is gone (0.98^700 ~ 1e-6) yet the last steps'
+      # noise is averaged.
       # No periodic evaluation (eval_every_steps 0): the demo evaluates the exported bundle
       # right after, on 256 test and compositional examples.
       train=dict(total_steps=700, batch_size=32, ema_decay=0.98, eval_every_steps=0,
