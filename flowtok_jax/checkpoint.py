@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -45,9 +47,11 @@ _PARAM_FIELDS = ("params", "ema_params", "aux_params")
 
 
 def quiet_orbax():
-  """Orbax logs every save phase at INFO through absl; keep run logs to warnings from it."""
+  """Orbax logs every save phase at INFO through absl; keep run logs to warnings from it. Also
+  drops the closed-event-loop reports that follow a failed read (`_quiet_closed_loop`)."""
   if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)
+  _quiet_closed_loop()
 
 
 def _handlers():
@@ -132,22 +136,39 @@ def check_shapes(saved: dict[str, tuple], target: dict[str, tuple], where: str, 
   return missing
 
 
-def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str) -> Any:
+def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str, hint: str = "") -> Any:
   try:
     meta = mngr.item_metadata(step)["state"]
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    raise UserError(f"cannot read checkpoint {where} (damaged?): {_error_line(e)}{hint}"
+                    ) from None
   if meta is None:
     raise UserError(f"checkpoint {where} has no train state")
   return getattr(meta, "tree", meta)
 
 
 def _error_line(e: BaseException) -> str:
-  """`Type: first line` of an exception, without TensorStore's multi-line spec dump."""
+  """`Type: first line` of an exception, without TensorStore's spec dump."""
   text = str(e).splitlines()[0] if str(e) else ""
-  text = text.split(" See full TensorStore details")[0]
-  return f"{type(e).__name__}: {text[:200]}"
+  text = re.split(r" See full TensorStore details| \[tensorstore_spec=", text)[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def _quiet_closed_loop():
+  """When a read fails (damaged array data), orbax's reads still in flight finish on a closed
+  asyncio loop and Python reports each as an unraisable 'Event loop is closed' traceback around
+  our one error line. This drops exactly those reports; any other unraisable exception is
+  reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_closed_loop", False):
+    return
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.quiets_closed_loop = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -194,7 +215,10 @@ class Checkpointer:
     """
     step = self._mngr.latest_step() if step is None else step
     where = os.path.join(self.directory, str(step))
-    saved = _saved_tree(self._mngr, step, where)
+    earlier = [s for s in self._mngr.all_steps() if s < step]
+    hint = (f"; to resume from step {max(earlier)} instead, move {where} out of the way"
+            if earlier else "")
+    saved = _saved_tree(self._mngr, step, where, hint)
     for field in _PARAM_FIELDS:
       target = getattr(abstract_state, field, None)
       saved_sub = saved.get(field) if isinstance(saved, dict) else None
@@ -215,9 +239,6 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      earlier = [s for s in self._mngr.all_steps() if s < step]
-      hint = (f"; to resume from step {max(earlier)} instead, move {where} out of the way"
-              if earlier else "")
       raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}{hint}"
                       ) from None
     return restored["state"], dict(restored["meta"] or {})
