@@ -136,10 +136,19 @@ def check_shapes(saved: dict[str, tuple], target: dict[str, tuple], where: str, 
   return missing
 
 
-def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str, hint: str = "") -> Any:
+def _resume_hint(mngr: ocp.CheckpointManager, step: int, where: str) -> str:
+  """Names the step a run could resume from instead of a damaged `step` ('' if none)."""
+  earlier = [s for s in mngr.all_steps() if s < step]
+  return (f"; to resume from step {max(earlier)} instead, move {where} out of the way"
+          if earlier else "")
+
+
+def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str, resume: bool = False
+                ) -> Any:
   try:
     meta = mngr.item_metadata(step)["state"]
   except Exception as e:  # pylint: disable=broad-except
+    hint = _resume_hint(mngr, step, where) if resume else ""
     raise UserError(f"cannot read checkpoint {where} (damaged?): {_error_line(e)}{hint}"
                     ) from None
   if meta is None:
@@ -157,8 +166,8 @@ def _error_line(e: BaseException) -> str:
 def _quiet_closed_loop():
   """When a read fails (damaged array data), orbax's reads still in flight finish on a closed
   asyncio loop and Python reports each as an unraisable 'Event loop is closed' traceback around
-  our one error line. This drops exactly those reports; any other unraisable exception is
-  reported as before."""
+  our one error line. This drops exactly those reports (and the asyncio records of
+  `_drop_unretrieved_read_error`); any other unraisable exception is reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_closed_loop", False):
     return
@@ -169,6 +178,16 @@ def _quiet_closed_loop():
     previous(unraisable)
   hook.quiets_closed_loop = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_error)
+
+
+def _drop_unretrieved_read_error(record: logging.LogRecord) -> bool:
+  """The same failed read can also leave orbax tasks whose TensorStore error nobody retrieves;
+  asyncio logs each ('Task exception was never retrieved'). The error reaches the user through
+  the read that failed, so these records are dropped; asyncio's other records are kept."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (str(record.msg).startswith("Task exception was never retrieved")
+              and exc is not None and "tensorstore_spec" in str(exc))
 
 
 class Checkpointer:
@@ -215,10 +234,7 @@ class Checkpointer:
     """
     step = self._mngr.latest_step() if step is None else step
     where = os.path.join(self.directory, str(step))
-    earlier = [s for s in self._mngr.all_steps() if s < step]
-    hint = (f"; to resume from step {max(earlier)} instead, move {where} out of the way"
-            if earlier else "")
-    saved = _saved_tree(self._mngr, step, where, hint)
+    saved = _saved_tree(self._mngr, step, where, resume=True)
     for field in _PARAM_FIELDS:
       target = getattr(abstract_state, field, None)
       saved_sub = saved.get(field) if isinstance(saved, dict) else None
@@ -239,8 +255,8 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}{hint}"
-                      ) from None
+      raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}"
+                      f"{_resume_hint(self._mngr, step, where)}") from None
     return restored["state"], dict(restored["meta"] or {})
 
   def read_meta(self, step: int | None = None) -> dict:

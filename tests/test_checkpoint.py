@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trip with the data position, shape checks, params-only loads."""
 import gc
+import logging
 import os
 import sys
 import time
@@ -99,6 +100,12 @@ def test_damaged_data_is_one_error_naming_the_earlier_step_without_loop_noise(tm
     sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
     sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("another")))
     assert [type(x).__name__ for x in seen] == ["ValueError"], seen
+    def record(exc):
+      return logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                               "Task exception was never retrieved", None, (type(exc), exc, None))
+    asyncio_log = logging.getLogger("asyncio")
+    assert not asyncio_log.filter(record(ValueError("OUT_OF_RANGE: ... [tensorstore_spec='{}']")))
+    assert asyncio_log.filter(record(ValueError("some other task failure")))
   finally:
     sys.unraisablehook = previous
 
