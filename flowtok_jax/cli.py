@@ -375,7 +375,7 @@ def _eval_flags(p):
   p.add_argument("--num", type=_int_at_least(1), default=None,
                  help="examples per split (default: all)")
   p.add_argument("--out", default=None, help="directory for eval.json + report.html "
-                                             "(default: BUNDLE/eval)")
+                                             "(default: BUNDLE-eval, beside the bundle)")
   p.add_argument("--seed", type=int, default=0, help="seed of each split's first image")
   p.add_argument("--caption_cfg", type=float, default=None,
                  help="guidance scale of the captions (default: the bundle's, 1.0)")

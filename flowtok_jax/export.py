@@ -241,8 +241,8 @@ def _prepare_out(out: str) -> str:
     raise UserError(f"--out {out} is a non-empty directory that is not a bundle; "
                     "refusing to overwrite it")
   if os.path.isdir(out):
-    # Replacing a bundle replaces the whole directory: anything else in it (`flowtok eval`
-    # writes BUNDLE/eval by default) would go with it.
+    # Replacing a bundle replaces the whole directory: anything else in it (an evaluation
+    # written there with `flowtok eval --out BUNDLE/...`) would go with it.
     owned = {inference.BUNDLE_JSON, inference.CONFIG_JSON, inference.PARAMS_FILE,
              inference.TOKENIZER_FILE, *inference.PROGRAM_FILES.values()}
     foreign = sorted(set(os.listdir(out)) - owned)

@@ -96,7 +96,7 @@ def test_bundle_holds_the_runs_parameters(tiny_runs, tiny_bundle_dir):
 def test_reexport_bfloat16_replaces_atomically(tiny_runs, tiny_bundle_dir, tmp_path):
   out = tmp_path / "b"
   shutil.copytree(tiny_bundle_dir, out)
-  # Files the bundle does not own (`flowtok eval` writes BUNDLE/eval) would be lost: refused.
+  # Files the bundle does not own (an eval written with --out BUNDLE/eval) would be lost: refused.
   (out / "eval").mkdir()
   (out / "eval" / "eval.json").write_text("{}")
   with pytest.raises(UserError, match="would delete \\(eval\\)"):

@@ -46,6 +46,12 @@ FEATURE_NET_TRAIN = 4096  # Train-split records read to train the shapes feature
 DEMO_NUM = 256
 
 
+def default_out(bundle_path: str) -> str:
+  """Where `flowtok eval` writes without --out: BUNDLE-eval, beside the bundle, not in it (a
+  re-export replaces the bundle directory whole, and refuses to delete files it does not own)."""
+  return bundle_path.rstrip("/") + "-eval"
+
+
 def parse_splits(text: str | Sequence[str]) -> list[str]:
   """'test,compositional' -> ['test', 'compositional']; train and unknown names are refused."""
   names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
@@ -131,7 +137,7 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
       missing (it is deterministic given the bundle's data config).
     splits: evaluation splits (comma-separated or a list); never train.
     num: examples per split (the first `num`; default all).
-    out: output directory (default BUNDLE/eval).
+    out: output directory (default: `default_out(bundle)`, beside the bundle).
     batch_size: examples per compiled call.
     steps, cfg_scale, sampler, grid: T2I sampler knobs (None: the bundle's defaults); I2T uses
       the bundle's defaults with `steps` / `sampler` / `grid` when given.
@@ -157,7 +163,7 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
                     f"{data_cfg.get('name')!r}")
   if not data_dir:
     raise UserError("--data_dir is required")
-  out = paths.writable_dir(out or os.path.join(b.path, "eval"), "--out")
+  out = paths.writable_dir(out or default_out(b.path), "--out")
   try:
     logging.info("eval data: %s", builders.build(data_cfg, data_dir))
   except OSError as e:

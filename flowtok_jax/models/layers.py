@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowtok_jax.errors import UserError
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -387,5 +389,5 @@ def dtype_of(name: str) -> Dtype:
   """'float32' | 'bfloat16' -> jnp dtype."""
   table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   if name not in table:
-    raise ValueError(f"unknown dtype {name!r} (known: {', '.join(table)})")
+    raise UserError(f"model_dtype must be one of {', '.join(table)}, got {name!r}")
   return table[name]

@@ -3,12 +3,14 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tiny_bundle
 
 from flowtok_jax import cli
+from flowtok_jax import export
 from flowtok_jax import inference
 from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import image_metrics, run_eval, shapes_eval
@@ -76,12 +78,17 @@ def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir,
                                                tmp_path, capsys):
   monkeypatch.setattr(inference, "DEFAULT_COMPILER_OPTIONS", FAST)
   data_cfg, data_dir = shapes_data_dir
-  out = tmp_path / "eval"
-  code = cli.main(["eval", "--bundle", tiny_bundle_dir, "--data_dir", data_dir, "--split",
-                   "test", "--num", str(NUM), "--batch_size", "3", "--frechet_steps", "0",
-                   "--out", str(out)])
+  bundle = tmp_path / "bundle"
+  shutil.copytree(tiny_bundle_dir, bundle)
+  code = cli.main(["eval", "--bundle", str(bundle), "--data_dir", data_dir, "--split",
+                   "test", "--num", str(NUM), "--batch_size", "3", "--frechet_steps", "0"])
   stdout = capsys.readouterr().out
   assert code == 0
+  # Without --out it writes beside the bundle, not into it: a later re-export (which replaces
+  # the bundle directory whole and refuses to delete files it does not own) is not blocked.
+  out = tmp_path / "bundle-eval"
+  assert sorted(os.listdir(tmp_path)) == ["bundle", "bundle-eval"]
+  assert export._prepare_out(str(bundle)) == str(bundle)
   summary = json.loads(stdout.strip().splitlines()[-1])
   result = json.loads((out / "eval.json").read_text())
   assert result["summary"] == summary
@@ -110,7 +117,7 @@ def test_eval_refuses_the_training_split(tiny_bundle_dir, shapes_data_dir, capsy
               "test,train"])
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1 and "never reads the training split" in err[0]
-  assert not os.path.exists(os.path.join(tiny_bundle_dir, "eval"))
+  assert not os.path.exists(run_eval.default_out(tiny_bundle_dir))
 
 
 def test_select_i2t_steps_picks_the_best_on_val_and_ties_to_fewer(tiny_bundle_dir,

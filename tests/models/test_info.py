@@ -42,6 +42,15 @@ def test_info_command_prints_one_json_object_for_the_demo():
   assert result["total"] == sum(params.values())
 
 
+def test_unknown_model_dtype_is_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["info", "--config", os.path.join(CONFIGS, "demo.py:runlocal"),
+              "--config.model_dtype=fp8"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and err == [
+      "flowtok: error: model_dtype must be one of float32, bfloat16, float16, got 'fp8'"]
+
+
 def test_sections_that_disagree_on_token_shape_are_user_errors():
   config = config_lib.load_module(os.path.join(CONFIGS, "demo.py")).get_config("runlocal")
   info.check_model_config(config)
