@@ -289,7 +289,8 @@ def _no_config(overrides, name):
 
 def _sampler_flags(p, cfg_default: str):
   p.add_argument("--steps", type=_int_at_least(1), default=None,
-                 help="ODE steps (default: the bundle's, 20)")
+                 help="ODE steps (default: the bundle's: 20, or what its export chose; "
+                      "the demo's I2T steps are chosen on val)")
   p.add_argument("--cfg", type=float, default=None,
                  help=f"guidance scale (default: the bundle's, {cfg_default})")
   p.add_argument("--sampler", choices=("euler", "heun"), default=None,
