@@ -90,7 +90,7 @@ class TokenizerConfig:
                num_tokens=section.num_tokens, token_channels=section.token_channels,
                text_aware=bool(section.text_aware), text_width=section.text_width,
                text_len=section.text_len, logvar_min=section.logvar_min,
-               logvar_max=section.logvar_max,
+               logvar_max=section.logvar_max, mlp_ratio=float(section.get("mlp_ratio", 4.0)),
                patch_pos_embed=bool(section.get("patch_pos_embed", False)), dtype=dtype)
 
 

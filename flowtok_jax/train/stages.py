@@ -60,6 +60,9 @@ def stage_defaults() -> ml_collections.ConfigDict:
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
       perceptual="",  # Name in stages.PERCEPTUAL_LOSSES, or "" for none.
       perceptual_weight=0.0,  # Weight of the perceptual term.
+      # Share of examples whose text-aware decoder sees zeroed text features, so that the image
+      # tokens must carry what a caption would supply (colour): I2T reads the tokens alone.
+      text_drop_prob=0.0,
       eval_num=256,  # Held-out images (data.eval_split) the reconstruction evaluator reads.
       disc_optim=optim.default_config(),  # Discriminator AdamW (same keys as config.optim).
   ))
@@ -260,6 +263,8 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       raise UserError(f"tokenizer_stage.perceptual {sc.perceptual!r} is not a registered "
                       f"perceptual loss (known: {', '.join(PERCEPTUAL_LOSSES) or 'none'})")
     perceptual = PERCEPTUAL_LOSSES[sc.perceptual](config)
+  if not 0.0 <= sc.text_drop_prob <= 1.0:
+    raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   use_gan = bool(sc.gan_weight)
   use_lecam = use_gan and bool(sc.lecam_weight)
   disc = None
@@ -280,6 +285,10 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   def loss_fn(params, frozen, batch, rng, step, aux_params):
     images = batch["image"]
     feats = text_features(frozen, batch["text_ids"])
+    if feats is not None and sc.text_drop_prob:
+      rng, drop_rng = jax.random.split(rng)
+      keep = jax.random.bernoulli(drop_rng, 1.0 - sc.text_drop_prob, (feats.shape[0], 1, 1))
+      feats = jnp.where(keep, feats, jnp.zeros_like(feats))
     recon, mean, logvar = model.apply({"params": params}, images, feats, rngs={"sample": rng})
     rec = losses.reconstruction_loss(recon, images, sc.recon)
     kl = losses.gaussian_kl(mean, logvar)

@@ -1,4 +1,5 @@
 """FlowTiTok: encode/decode shapes, logvar clip, text-aware decoding, pixel layout, sizes."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -168,3 +169,17 @@ def _section(**kw):
       logvar_min=-30.0, logvar_max=20.0))
   section.update(kw)
   return section
+
+
+def test_mlp_ratio_is_read_from_the_config_and_defaults_to_the_released_4():
+  """The paper configs leave `tokenizer.mlp_ratio` unset (FlowTiTok's 4); the demo sets 2."""
+  assert tokenizer.TokenizerConfig.from_config(_section(), "float32").mlp_ratio == 4.0
+  cfg = tokenizer.TokenizerConfig.from_config(_section(mlp_ratio=2.0), "float32")
+  images, _ = _data()
+  model = tokenizer.FlowTiTok(dataclasses.replace(cfg, text_aware=False))
+  shapes = nn.unbox(jax.eval_shape(lambda a: model.init(jax.random.key(0), a, sample=False),
+                                   images))["params"]
+  hidden = layers.swiglu_hidden(32, 2.0)  # int(2/3 · 64) = 42.
+  for side in ("encoder", "decoder"):
+    assert shapes[side]["blocks_0"]["mlp"]["w12"]["kernel"].shape == (32, 2, hidden), side
+    assert shapes[side]["blocks_0"]["mlp"]["w3"]["kernel"].shape == (hidden, 32), side

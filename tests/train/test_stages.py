@@ -167,6 +167,25 @@ def test_tokenizer_without_gan_has_no_discriminator_and_perceptual_is_checked():
     build("tokenizer", config)
 
 
+def test_tokenizer_text_drop_hides_the_caption_from_the_decoder():
+  """text_drop_prob 1: the loss cannot depend on the caption; 0: it does; outside [0, 1]: refused."""
+  batch = None
+  losses = {}
+  for p in (0.0, 1.0):
+    config = tiny_config("tokenizer", tokenizer_stage=dict(text_drop_prob=p))
+    stage = build("tokenizer", config)
+    batch = batch or fixed_batch(config.clip_text.vocab_size)
+    other = dict(batch, text_ids=fixed_batch(config.clip_text.vocab_size, seed=1)["text_ids"])
+    state, frozen = init_all(stage)
+    loss = jax.jit(lambda b, st=stage, s=state, f=frozen: st.loss_fn(
+        s.params, f, b, jax.random.PRNGKey(3), 0, None)[0], compiler_options=FAST_COMPILE)
+    losses[p] = (float(loss(batch)), float(loss(other)))
+  assert losses[0.0][0] != losses[0.0][1]
+  assert losses[1.0][0] == losses[1.0][1]
+  with pytest.raises(UserError, match="text_drop_prob"):
+    build("tokenizer", tiny_config("tokenizer", tokenizer_stage=dict(text_drop_prob=1.5)))
+
+
 # -- flowtok ---------------------------------------------------------------------------------------
 
 def flowtok_config(**flowtok_stage):
