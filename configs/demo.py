@@ -233,8 +233,9 @@ def get_config(arg=None):
   # Step counts are set by the 15-minute budget on 2 CPU cores, on the slower of the machines
   # measured (docs/benchmarks.md, "Demo"): CLIP 0.42 s, tokenizer 0.51 s, FlowTok 0.60 s per
   # step there at batch 64 (0.44 / 0.36 / 0.48 s on a faster one); at the demo's batch 32 in its
-  # loop: tokenizer 0.39 s (mlp_ratio 2; 0.51 s at 4), FlowTok 0.25-0.29 s; plus ~1.5 min of compiles, data and checkpoints and ~1.5 min of export (with the I2T step
-  # choice) and evaluation. Only the final checkpoints are evaluated.
+  # loop: tokenizer 0.39 s (mlp_ratio 2; 0.51 s at 4), FlowTok 0.25-0.29 s; plus ~1.5 min of
+  # compiles, data and checkpoints and ~1.5 min of export (with the I2T step choice) and
+  # evaluation. Only the final checkpoints are evaluated.
   st = config.stages = ml_collections.ConfigDict()
   st.clip = ml_collections.ConfigDict(dict(
       # Contrastive pretraining of the text tower that the tokenizer decoder, text VAE and

@@ -168,7 +168,7 @@ def test_tokenizer_without_gan_has_no_discriminator_and_perceptual_is_checked():
 
 
 def test_tokenizer_text_drop_hides_the_caption_from_the_decoder():
-  """text_drop_prob 1: the loss cannot depend on the caption; 0: it does; outside [0, 1]: refused."""
+  """text_drop_prob 1: the loss cannot depend on the caption; 0: it does; > 1: refused."""
   batch = None
   losses = {}
   for p in (0.0, 1.0):
