@@ -438,7 +438,9 @@ class _Parser(argparse.ArgumentParser):
   usage block argparse would print first is one `--help` away)."""
 
   def error(self, message):
-    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+    # main() prints "flowtok: error: ", so only a subcommand names itself again.
+    where = f"{self.prog}: " if self.prog != "flowtok" else ""
+    raise UserError(f"{where}{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,7 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     rest, overrides = _split_overrides(argv)
-    args = build_parser().parse_args(rest)
+    args, unknown = build_parser().parse_known_args(rest)
+    if unknown:  # Named with the subcommand whose --help lists what it takes.
+      raise UserError(f"flowtok {args.command}: unrecognized arguments: {' '.join(unknown)} "
+                      f"(see flowtok {args.command} --help)")
     _, _, fn = _COMMANDS[args.command]
     code = fn(args, overrides)
   except UserError as e:
