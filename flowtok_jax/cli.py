@@ -7,6 +7,7 @@ package reads flags. Config-driven commands take `--config path[:arg]` plus any 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import math
@@ -471,8 +472,31 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+# Device nodes of the accelerators JAX drives: TPU chips (v2-v4: accel, v5 on: vfio), NVIDIA
+# and AMD GPUs.
+_ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def _cpu_unless_accelerator(nodes: Sequence[str] = _ACCELERATOR_NODES) -> bool:
+  """Runs JAX on the CPU when JAX_PLATFORMS is unset and no accelerator is visible.
+
+  libtpu (installed with the `test` extra for `flowtok aot`) otherwise probes for a TPU on
+  every command and writes half a dozen initialisation errors to stderr on a machine without
+  one. A set JAX_PLATFORMS, or any accelerator device node, leaves JAX's own choice alone.
+  Returns whether it chose the CPU.
+  """
+  if "JAX_PLATFORMS" in os.environ or any(glob.glob(n) for n in nodes):
+    return False
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # Imported already (a test process): the flag, not the env var.
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", "cpu")
+  return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _cpu_unless_accelerator()
   logging.basicConfig(level=os.environ.get("FLOWTOK_LOG_LEVEL", "INFO"),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:

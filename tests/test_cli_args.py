@@ -1,7 +1,15 @@
 """The command line's argument errors: one line naming the command whose --help to read."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
+from flowtok_jax import cli
 from tests.cli_run import assert_one_error, run_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -19,3 +27,31 @@ def test_argument_errors_name_the_command(argv, needles, capsys):
   code, _, err = run_cli(argv, capsys)
   assert_one_error(code, err, *needles)
   assert not err.startswith("flowtok: error: flowtok: "), err
+
+
+def test_cpu_when_no_accelerator_is_visible(monkeypatch, tmp_path):
+  # libtpu would otherwise probe for a TPU on every command and spill its errors on stderr.
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert cli._cpu_unless_accelerator(nodes=(str(tmp_path / "accel*"),))
+  assert os.environ["JAX_PLATFORMS"] == "cpu"
+  # A user's choice stands.
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not cli._cpu_unless_accelerator(nodes=(str(tmp_path / "accel*"),))
+  assert os.environ["JAX_PLATFORMS"] == "tpu,cpu"
+  # So does JAX's own when a chip's device node is there.
+  monkeypatch.delenv("JAX_PLATFORMS")
+  (tmp_path / "accel0").touch()
+  assert not cli._cpu_unless_accelerator(nodes=(str(tmp_path / "accel*"),))
+  assert "JAX_PLATFORMS" not in os.environ
+
+
+def test_no_tpu_noise_without_a_tpu():
+  # What main() does first, then the first device query, in a clean process (libtpu is
+  # installed with the test extra): stderr stays empty and JAX runs on the CPU.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = ("from flowtok_jax import cli; cli._cpu_unless_accelerator(); import jax; "
+          "print(jax.devices()[0].platform)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "cpu" and not proc.stderr.strip(), proc.stderr
