@@ -129,16 +129,27 @@ def make_train_step(stage: stage_api.Stage):
       def aux_loss_of(aux_params):
         return aux.loss_fn(aux_params, outputs, batch, aux_rng, step)
 
-      (aux_loss, aux_metrics), aux_grads = jax.value_and_grad(aux_loss_of, has_aux=True)(
-          state.aux_params)
-      aux_updates, aux_opt = aux.optimizer.update(aux_grads, state.aux_opt_state,
-                                                  state.aux_params)
-      aux_params = optax.apply_updates(state.aux_params, aux_updates)
-      # Before start_step the module stays exactly as initialised (params and moments).
-      active = step >= aux.start_step
-      keep = lambda n, o: jnp.where(active, n, o)
-      new = new.replace(aux_params=jax.tree.map(keep, aux_params, state.aux_params),
-                        aux_opt_state=jax.tree.map(keep, aux_opt, state.aux_opt_state))
+      def aux_update(_):
+        (loss, metrics), grads = jax.value_and_grad(aux_loss_of, has_aux=True)(
+            state.aux_params)
+        updates, opt_state = aux.optimizer.update(grads, state.aux_opt_state, state.aux_params)
+        return optax.apply_updates(state.aux_params, updates), opt_state, loss, metrics
+
+      if aux.start_step > 0:
+        # Before start_step the module stays exactly as initialised (params and moments), and
+        # its passes do not run: lax.cond executes one branch, so a GAN that starts at step
+        # 200k costs nothing before then. Its metrics read 0 until it starts.
+        def idle(_):
+          _, _, loss, metrics = jax.eval_shape(aux_update, None)
+          zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+          return (state.aux_params, state.aux_opt_state, zeros(loss),
+                  jax.tree.map(zeros, metrics))
+
+        aux_params, aux_opt, aux_loss, aux_metrics = jax.lax.cond(
+            step >= aux.start_step, aux_update, idle, None)
+      else:
+        aux_params, aux_opt, aux_loss, aux_metrics = aux_update(None)
+      new = new.replace(aux_params=aux_params, aux_opt_state=aux_opt)
       metrics[f"train/{aux.name}_loss"] = aux_loss
       metrics.update({_namespaced(k, "train"): v for k, v in aux_metrics.items()})
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -301,8 +301,16 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       total = total + sc.perceptual_weight * p
       metrics["perceptual_loss"] = p
     if use_gan:
-      g = losses.hinge_g_loss(disc.apply({"params": aux_params["disc"]}, recon))
-      total = total + jnp.where(step >= start, sc.gan_weight, 0.0) * g
+      gan_g = lambda r: losses.hinge_g_loss(disc.apply({"params": aux_params["disc"]}, r))
+      if start > 0:
+        # Before start_step the discriminator's pass (and its backward) does not run, as its
+        # own update does not (train/loop.py): lax.cond executes one branch. 0 until then.
+        shape = jax.eval_shape(gan_g, recon)
+        g = jax.lax.cond(step >= start, gan_g,
+                         lambda r: jnp.zeros(shape.shape, shape.dtype), recon)
+      else:
+        g = gan_g(recon)
+      total = total + sc.gan_weight * g
       metrics["gan_g_loss"] = g
     return total, stage_api.LossAux(metrics=metrics, outputs={"recon": recon})
 

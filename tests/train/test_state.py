@@ -20,8 +20,11 @@ def test_ema_matches_formula():
   np.testing.assert_allclose(ema_update(ema, p, 0.0)["a"], p["a"])  # decay 0 copies
 
 
-def _linear_stage(start_step):
-  """Generator w (scalar regression) + aux critic c trained on the generator's outputs."""
+def _linear_stage(start_step, on_aux_pass=None):
+  """Generator w (scalar regression) + aux critic c trained on the generator's outputs.
+
+  `on_aux_pass(step)` is called (on the host) each time the critic's loss actually runs.
+  """
   def init(rng, b):
     del rng, b
     return {"w": jnp.array([[0.5]])}
@@ -34,7 +37,9 @@ def _linear_stage(start_step):
     return loss, stage_api.LossAux(metrics={"mse": loss}, outputs={"pred": pred})
 
   def aux_loss(aux_params, outputs, batch, rng, step):
-    del batch, rng, step
+    del batch, rng
+    if on_aux_pass is not None:
+      jax.debug.callback(lambda s: on_aux_pass(int(s)), step)
     loss = jnp.mean((aux_params["c"] - outputs["pred"]) ** 2)
     return loss, {"critic_gap": loss}
 
@@ -64,6 +69,33 @@ def test_two_player_step_gates_aux_until_start_step():
   assert int(state.step) == 4
   assert seen_c[0] == seen_c[1] == 0.0  # steps 0 and 1: before start_step, unchanged
   assert seen_c[2] != 0.0 and seen_c[3] != seen_c[2]  # from step 2 on the critic learns
+
+
+def test_aux_passes_do_not_run_before_start_step():
+  """Before start_step the critic's forward and backward are skipped, not computed and thrown
+  away (a paper-scale GAN starting at step 200k would otherwise pay for its discriminator from
+  step 0); its metrics read 0 until it starts."""
+  ran = []
+  stage = _linear_stage(start_step=2, on_aux_pass=ran.append)
+  state = jax.jit(loop.make_init_fn(stage, {}))(jax.random.PRNGKey(0))
+  step = jax.jit(loop.make_train_step(stage))
+  batch = {"x": jnp.ones((4, 1)), "y": jnp.zeros((4, 1))}
+  gaps = []
+  for _ in range(4):
+    state, m = step(state, {}, batch)
+    gaps.append(float(m["train/critic_gap"]))
+  jax.effects_barrier()
+  assert ran == [2, 3]
+  assert gaps[:2] == [0.0, 0.0] and gaps[2] > 0 and gaps[3] > 0
+  # start_step 0: every step runs it, with no cond in the program.
+  ran.clear()
+  stage = _linear_stage(start_step=0, on_aux_pass=ran.append)
+  state = jax.jit(loop.make_init_fn(stage, {}))(jax.random.PRNGKey(0))
+  step = jax.jit(loop.make_train_step(stage))
+  for _ in range(2):
+    state, _ = step(state, {}, batch)
+  jax.effects_barrier()
+  assert ran == [0, 1]
 
 
 def test_step_rng_is_folded_with_step():
