@@ -122,15 +122,23 @@ class Stopped(KeyboardInterrupt):
     self.exit_code = exit_code
 
 
-def _train_stage(config, workdir: str, stage: str) -> dict:
+def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = None) -> dict:
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
-  result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage)
-  if result.stopped_by:
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage,
+                                   stop_at_time=stop_at_time)
+  budget = result.stopped_by == "stop_at_time"
+  if result.stopped_by and not budget:
     raise Stopped(f"{stage} stopped by {result.stopped_by} at step {result.step}",
                   result.exit_code)
+  if budget:
+    logging.warning("%s stopped at step %d of %d by the demo's time budget (budget.total_sec): "
+                    "the export and evaluation use that checkpoint; re-run to train on",
+                    stage, result.step, config_lib.steps(
+                        "total", stage_api.config_for_stage(config, stage).train))
   if result.step == result.start_step:
     return SKIPPED
-  out = {f"{stage}/final_step": result.step}
+  out = {f"{stage}/final_step": result.step, f"{stage}/stopped_by_budget": float(budget)}
   for key, value in {**result.last_metrics, **result.last_eval}.items():
     if isinstance(value, (int, float)):
       out[f"{stage}/{key}"] = value
@@ -153,6 +161,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
 
+  started = time.time()
   workdir = paths.writable_dir(workdir, "--workdir")
   config = demo_config(workdir, config_arg, overrides)
   candidates = _i2t_steps_candidates(config)
@@ -178,8 +187,13 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
             **(SKIPPED if done else {})}
   timer.run("text_tokenizer", text)
 
+  # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
+  # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
+  deadline = budget_deadline(config, started)
   for stage in TRAIN_STAGES:
-    timer.run(stage, lambda stage=stage: _train_stage(config, workdir, stage))
+    last = stage == TRAIN_STAGES[-1]
+    timer.run(stage, lambda stage=stage, last=last: _train_stage(
+        config, workdir, stage, stop_at_time=deadline if last else None))
 
   bundle = os.path.join(workdir, "bundle")
   flowtok_ckpt = os.path.join(workdir, "flowtok", "checkpoints")
@@ -218,6 +232,23 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
   return _read_metrics(workdir)
+
+
+def budget_deadline(config, started: float) -> float | None:
+  """The `time.time()` by which training must stop for the demo to end within its budget.
+
+  `config.budget.total_sec` (None: no budget) less `budget.after_training_sec`, the export,
+  evaluation and report that follow training, counted from `started` (the demo's start).
+  """
+  section = config.get("budget") or {}
+  total = section.get("total_sec")
+  if total is None:
+    return None
+  after = section.get("after_training_sec") or 0.0
+  if total <= 0 or after < 0 or after >= total:
+    raise UserError(f"budget.total_sec must be > 0 and above budget.after_training_sec >= 0, "
+                    f"got {total} and {after}")
+  return started + float(total) - float(after)
 
 
 def _i2t_steps_candidates(config) -> tuple[int, ...]:

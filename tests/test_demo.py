@@ -1,6 +1,7 @@
 """`flowtok demo` end to end at a tiny size: every stage runs and every output file appears."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -82,6 +83,33 @@ def test_a_demo_stopped_between_export_and_the_step_choice_makes_the_choice(demo
   assert metrics["export/i2t_steps"] == 4 and metrics["export/i2t_val_exact_at_4_steps"] == 0.5
   with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
     assert json.load(f)["defaults"]["i2t"]["steps"] == 4
+
+
+def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, tmp_path):
+  """On a machine too slow for the budget, FlowTok stops early (checkpointed), the bundle and
+  evaluation use that checkpoint, and metrics.json says so; earlier stages are untouched."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  # Two more FlowTok steps asked for, and a budget already spent when FlowTok starts.
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
+                          [*TINY, "stages.flowtok.train.total_steps=4", "budget.total_sec=1",
+                           "budget.after_training_sec=0.5"])
+  assert metrics["flowtok/final_step"] == 3 and metrics["flowtok/stopped_by_budget"] == 1.0
+  for stage in ("clip", "tokenizer"):
+    assert metrics[f"{stage}/final_step"] == 2
+  with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
+    assert json.load(f)["source"]["step"] == 3
+  assert "eval/i2t/test/exact" in metrics
+
+
+def test_budget_deadline():
+  config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", [])
+  assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 130.0
+  config.budget.total_sec = None
+  assert demo.budget_deadline(config, 100.0) is None
+  config.budget.total_sec, config.budget.after_training_sec = 60.0, 60.0
+  with pytest.raises(demo.UserError, match="budget.total_sec"):
+    demo.budget_deadline(config, 0.0)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -45,7 +45,7 @@ class RunResult:
   Attributes:
     step: the step the run stopped at (checkpointed).
     stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT', 'preemption'
-      (multi-host: a host was told to stop) or 'stop_at_step'.
+      (multi-host: a host was told to stop), 'stop_at_step' or 'stop_at_time'.
     last_metrics: the last logged train metrics.
     last_eval: the last evaluation scalars.
     start_step: the step the run started (or resumed) from; equal to `step` when the
@@ -62,7 +62,7 @@ class RunResult:
     """0 when the run finished (or stopped where asked); 128 + the signal number when a signal
     or a preemption stopped it, so that `flowtok train ... && flowtok export ...` does not go on
     with a half-trained model and a scheduler sees the preemption."""
-    if self.stopped_by in (None, "stop_at_step"):
+    if self.stopped_by in (None, "stop_at_step", "stop_at_time"):
       return 0
     return 130 if self.stopped_by == "SIGINT" else 143
 
@@ -230,8 +230,8 @@ def _meta(config, stage_name: str, step: int, mesh) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stage_name: str | None = None, *, stop_at_step: int | None = None
-                       ) -> RunResult:
+                       stage_name: str | None = None, *, stop_at_step: int | None = None,
+                       stop_at_time: float | None = None) -> RunResult:
   """Trains `stage_name` (default `config.train.stage`) in `workdir`, resuming if possible.
 
   Args:
@@ -239,10 +239,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: run directory: `checkpoints/`, `metrics.jsonl`, `tb/`, `images/`.
     stage_name: a registered stage.
     stop_at_step: stop (with a checkpoint) once this step is done, as a preemption would.
+    stop_at_time: stop (with a checkpoint) after the first step dispatched at or after this
+      `time.time()` (a wall-clock budget; one process only: hosts' clocks would stop them at
+      different steps).
   Returns:
     RunResult.
   """
   stage_name = stage_name or config.train.stage
+  if stop_at_time is not None and jax.process_count() > 1:
+    raise UserError("a wall-clock stop (stop_at_time) needs a single process: each host's "
+                    "clock would stop it at a different step")
   config = stage_api.config_for_stage(config, stage_name)
   tcfg = config.train
   total_steps = config_lib.steps("total", tcfg)
@@ -346,6 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             stop = "preemption"
           if stop is None and stop_at_step is not None and step >= stop_at_step:
             stop = "stop_at_step"
+          if stop is None and stop_at_time is not None and time.time() >= stop_at_time:
+            stop = "stop_at_time"
 
           row = {}
           if metrics_lib.itstime(step, tcfg.log_every_steps, total_steps):

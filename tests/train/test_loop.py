@@ -70,6 +70,20 @@ def test_resume_is_exact_through_the_cli(straight_run, tmp_path, capsys):
   assert got == ref  # bit-identical losses
 
 
+def test_stop_at_time_checkpoints_and_resumes_exactly(straight_run, tmp_path):
+  """A wall-clock stop (the demo's budget) ends the run after the step in progress, with a
+  checkpoint and exit code 0; a re-run without one continues the same trajectory."""
+  ref = _losses(straight_run[0])
+  workdir = str(tmp_path / "deadline")
+  first = loop.train_and_evaluate(_config(), workdir, "toy", stop_at_time=time.time())
+  assert (first.step, first.stopped_by, first.exit_code) == (1, "stop_at_time", 0)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+  # A deadline far ahead changes nothing.
+  second = loop.train_and_evaluate(_config(), workdir, "toy", stop_at_time=time.time() + 3600)
+  assert (second.start_step, second.step, second.stopped_by) == (1, STEPS, None)
+  assert _losses(workdir) == ref
+
+
 def test_checkpoint_of_other_shapes_is_refused(straight_run):
   config = _config()
   config.toy.hidden = 48
