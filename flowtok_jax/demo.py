@@ -124,7 +124,6 @@ class Stopped(KeyboardInterrupt):
 
 def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = None) -> dict:
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
   result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage,
                                    stop_at_time=stop_at_time)
   budget = result.stopped_by == "stop_at_time"
@@ -132,13 +131,14 @@ def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = 
     raise Stopped(f"{stage} stopped by {result.stopped_by} at step {result.step}",
                   result.exit_code)
   if budget:
-    logging.warning("%s stopped at step %d of %d by the demo's time budget (budget.total_sec): "
-                    "the export and evaluation use that checkpoint; re-run to train on",
-                    stage, result.step, config_lib.steps(
-                        "total", stage_api.config_for_stage(config, stage).train))
+    logging.warning("%s stopped at step %d by the demo's time budget (budget.total_sec): the "
+                    "export and evaluation use that checkpoint; re-run to train on",
+                    stage, result.step)
   if result.step == result.start_step:
     return SKIPPED
-  out = {f"{stage}/final_step": result.step, f"{stage}/stopped_by_budget": float(budget)}
+  out = {f"{stage}/final_step": result.step}
+  if stop_at_time is not None:
+    out[f"{stage}/stopped_by_budget"] = float(budget)
   for key, value in {**result.last_metrics, **result.last_eval}.items():
     if isinstance(value, (int, float)):
       out[f"{stage}/{key}"] = value
@@ -165,6 +165,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   workdir = paths.writable_dir(workdir, "--workdir")
   config = demo_config(workdir, config_arg, overrides)
   candidates = _i2t_steps_candidates(config)
+  # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
+  # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
+  deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
   os.makedirs(workdir, exist_ok=True)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
@@ -187,9 +190,6 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
             **(SKIPPED if done else {})}
   timer.run("text_tokenizer", text)
 
-  # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
-  # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
-  deadline = budget_deadline(config, started)
   for stage in TRAIN_STAGES:
     last = stage == TRAIN_STAGES[-1]
     timer.run(stage, lambda stage=stage, last=last: _train_stage(

@@ -112,6 +112,13 @@ def test_budget_deadline():
     demo.budget_deadline(config, 0.0)
 
 
+def test_a_bad_budget_is_refused_before_any_work(tmp_path):
+  with pytest.raises(demo.UserError, match="budget.total_sec"):
+    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
+                  [*TINY, "budget.total_sec=-5"])
+  assert not os.path.exists(tmp_path / "w" / "data")
+
+
 @pytest.mark.parametrize("override, match", [
     ("eval.i2t_steps_candidates=(0, 1)", "positive integers"),
     ("data.eval_split=test", "also reports"),
