@@ -333,8 +333,11 @@ def _export(args, overrides):
 
 def _generate_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
-  p.add_argument("--prompt", action="append", required=True,
+  p.add_argument("--prompt", action="append", default=[],
                  help="text to draw; repeat the flag for several prompts")
+  p.add_argument("--prompts_file", default=None,
+                 help="UTF-8 text file with one prompt per line (blank lines skipped; '-': "
+                      "stdin), drawn after any --prompt")
   p.add_argument("--num", type=_int_at_least(1), default=1, help="images per prompt")
   p.add_argument("--seed", type=int, default=0, help="seed of the first image (image j: seed+j)")
   p.add_argument("--out", required=True, help="directory for NNNN.png and samples.json")
@@ -346,10 +349,33 @@ def _generate_flags(p):
 def _generate(args, overrides):
   _no_config(overrides, "generate")
   from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
-  records = inference.generate_to_dir(args.bundle, args.prompt, args.out, num=args.num,
+  prompts = list(args.prompt)
+  if args.prompts_file is not None:
+    prompts += _read_prompts(args.prompts_file)
+  if not prompts:
+    raise UserError("generate needs --prompt TEXT or --prompts_file FILE "
+                    "(see flowtok generate --help)")
+  records = inference.generate_to_dir(args.bundle, prompts, args.out, num=args.num,
                                       seed=args.seed, batch_size=args.batch_size,
                                       **_knobs(args))
   print(json.dumps({"out": paths.resolve(args.out), "images": len(records)}))
+
+
+def _read_prompts(path: str) -> list[str]:
+  """The non-blank lines of a prompts file ('-': stdin), stripped of surrounding whitespace."""
+  what = "stdin" if path == "-" else f"--prompts_file {path}"
+  try:
+    if path == "-":
+      text = sys.stdin.read()
+    else:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read {what}: {getattr(e, 'strerror', None) or e}") from None
+  prompts = [line.strip() for line in text.splitlines() if line.strip()]
+  if not prompts:
+    raise UserError(f"{what} holds no prompts (one per line)")
+  return prompts
 
 
 def _caption_flags(p):

@@ -20,8 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     (["caption", "--bundle", "b", "--image", "x.png"],
      ("flowtok caption: unrecognized arguments: --image", "(see flowtok caption --help)")),
     (["generate", "--bundle", "b", "--out", "o"],
-     ("flowtok generate: the following arguments are required: --prompt",
-      "(see flowtok generate --help)")),
+     ("generate needs --prompt TEXT or --prompts_file FILE", "(see flowtok generate --help)")),
 ])
 def test_argument_errors_name_the_command(argv, needles, capsys):
   code, _, err = run_cli(argv, capsys)

@@ -1,4 +1,5 @@
 """Serving from a bundle: reproducible seeds, `flowtok generate` / `caption`, bad inputs."""
+import io
 import json
 import os
 import shutil
@@ -64,6 +65,33 @@ def test_generate_cli_writes_pngs_and_samples_json(tiny_bundle_dir, tmp_path, ca
                           "--batch_size", "3", "--out", str(out)], capsys)
   assert code == 0, err
   assert sorted(os.listdir(out)) == ["0000.png", "notes.txt", "samples.json"]
+
+
+def test_generate_reads_prompts_from_a_file(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+  listed = tmp_path / "prompts.txt"
+  listed.write_text(f"{PROMPTS[1]}\n\n  {PROMPTS[2]}  \n", encoding="utf-8")
+  out = tmp_path / "gen"
+  code, _, err = run_cli(["generate", "--bundle", tiny_bundle_dir, "--prompt", PROMPTS[0],
+                          "--prompts_file", str(listed), "--batch_size", "3", "--out", str(out)],
+                         capsys)
+  assert code == 0, err
+  samples = json.loads((out / "samples.json").read_text())
+  assert [(s["prompt"], s["seed"]) for s in samples] == [(p, j) for j, p in enumerate(PROMPTS)]
+  # '-' reads stdin.
+  monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[2] + "\n"))
+  code, _, err = run_cli(["generate", "--bundle", tiny_bundle_dir, "--prompts_file", "-",
+                          "--batch_size", "3", "--out", str(tmp_path / "stdin")], capsys)
+  assert code == 0, err
+  assert [s["prompt"] for s in json.loads((tmp_path / "stdin" / "samples.json").read_text())] \
+      == [PROMPTS[2]]
+  gen = ["generate", "--bundle", tiny_bundle_dir, "--out", str(tmp_path / "o"), "--prompts_file"]
+  assert_one_error(*run_cli(gen + [str(tmp_path / "missing.txt")], capsys)[::2], "cannot read",
+                   "missing.txt")
+  (tmp_path / "blank.txt").write_text("\n  \n")
+  assert_one_error(*run_cli(gen + [str(tmp_path / "blank.txt")], capsys)[::2], "no prompts")
+  (tmp_path / "latin1.txt").write_bytes("a red circle caf\xe9\n".encode("latin-1"))
+  assert_one_error(*run_cli(gen + [str(tmp_path / "latin1.txt")], capsys)[::2], "cannot read")
+  assert not (tmp_path / "o").exists()
 
 
 def test_caption_cli_prints_one_json_line_per_image(tiny_bundle_dir, tmp_path, capsys):
