@@ -169,7 +169,7 @@ def get_config(arg=None):
   tr.ckpt_every_steps = 500  # Checkpoints (plus one at the end and on SIGTERM/SIGINT).
   tr.ema_decay = 0.999  # EMA of trainable params (None: no EMA, evaluators use raw params).
   tr.peak_flops_per_device = None  # FLOP/s for perf/mfu; None: measured matmul peak at start.
-  tr.progress_bar = True  # tqdm bar with ETA on process 0.
+  tr.progress_bar = True  # Process 0: tqdm bar with ETA (a line every 30 s when not a terminal).
   tr.compilation_cache_dir = None  # Persistent XLA cache: resumes skip compiling (None: off).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).

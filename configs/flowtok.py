@@ -176,7 +176,7 @@ def _training_sections(config, arg):
   tr.ckpt_every_steps = 2_000  # Checkpoints (plus the final one and on preemption).
   tr.ema_decay = 0.9999  # EMA of the trainable params, every step.
   tr.peak_flops_per_device = None  # MFU denominator; None: measured matmul peak at start.
-  tr.progress_bar = True  # tqdm bar on process 0.
+  tr.progress_bar = True  # Process 0: tqdm bar (a line every 30 s when not a terminal).
   tr.compilation_cache_dir = None  # Persistent XLA cache (e.g. gs://BUCKET/jax_cache).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import os
+import sys
 import time
 from typing import Mapping
 
@@ -326,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     throughput = metrics_lib.Throughput(
         tcfg.batch_size, stage.flops_per_step, peak * jax.device_count() if peak else None)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
-    progress = _progress(start_step, total_steps, tcfg)
+    progress = _progress(start_step, total_steps, tcfg, stage_name)
     result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={},
                        start_step=start_step)
     last_good = ckpt.latest_step()
@@ -414,9 +415,56 @@ def _run_evaluator(ev: stage_api.Evaluator, state: TrainState, frozen, step: int
   return scalars
 
 
-def _progress(start: int, total: int, tcfg):
+def _progress(start: int, total: int, tcfg, desc: str):
+  """Process 0's progress: a tqdm bar on a terminal, else a line every PROGRESS_LOG_SEC."""
   if jax.process_index() != 0 or not tcfg.get("progress_bar", True):
     return None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              smoothing=0.1)
+  if sys.stderr.isatty():
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                smoothing=0.1)
+  return LineProgress(total, start, desc, sys.stderr, PROGRESS_LOG_SEC)
+
+
+PROGRESS_LOG_SEC = 30.0
+
+
+class LineProgress:
+  """tqdm's progress text as whole lines, for logs and pipes (a bar's carriage returns would
+  make one endless line there): after the first step, every `interval` seconds, and at the end.
+
+  The subset of tqdm's interface the loop uses: update, set_postfix, close.
+  """
+  FORMAT = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
+            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+  def __init__(self, total: int, initial: int, desc: str, file, interval: float):
+    self.total, self.initial, self.n, self.desc = total, initial, initial, desc
+    self.file, self.interval = file, interval
+    self.postfix = None
+    self.start = time.monotonic()
+    self.last_time, self.last_n = None, initial  # The last line written.
+
+  def update(self, n: int = 1):
+    self.n += n
+    now = time.monotonic()
+    if self.last_time is None or now - self.last_time >= self.interval:
+      self._write(now)
+
+  def set_postfix(self, refresh: bool = False, **kwargs):
+    del refresh
+    self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+  def close(self):
+    if self.n != self.last_n:
+      self._write(time.monotonic())
+
+  def _write(self, now: float):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.file.write(tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc,
+                                      unit="step", postfix=self.postfix, initial=self.initial,
+                                      bar_format=self.FORMAT) + "\n")
+    self.file.flush()
+    self.last_time, self.last_n = now, self.n
+
+

@@ -84,6 +84,20 @@ def test_stop_at_time_checkpoints_and_resumes_exactly(straight_run, tmp_path):
   assert _losses(workdir) == ref
 
 
+def test_progress_off_a_terminal_is_whole_lines_naming_the_stage(tmp_path, capsys, monkeypatch):
+  """Logs and pipes get newline-terminated progress (first step, every interval, the end) with
+  the stage's name, the step count and the ETA; never a bar's carriage returns."""
+  monkeypatch.setattr(loop, "PROGRESS_LOG_SEC", 3600.0)
+  result = loop.train_and_evaluate(_config(progress_bar=True), str(tmp_path / "w"), "toy")
+  assert result.step == STEPS
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = [line for line in err.splitlines() if line.startswith("toy: ")]
+  assert len(lines) == 2, err  # After step 1 and at the end (the interval never passes).
+  assert f" 1/{STEPS} [" in lines[0] and f"100% {STEPS}/{STEPS} [" in lines[1], lines
+  assert "step/s" in lines[1] and "loss=" in lines[1], lines
+
+
 def test_checkpoint_of_other_shapes_is_refused(straight_run):
   config = _config()
   config.toy.hidden = 48
