@@ -131,6 +131,18 @@ def shapes_config_from_data(data_cfg) -> ShapesBuilderConfig:
       paraphrase_prob=s.get("paraphrase_prob", 0.3), heldout=tuple(s.heldout))
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a dataset this project builds locally: no metadata on the TFDS bucket.
+
+  TFDS looks there when a builder is made for a directory not prepared yet, and makes an empty
+  temporary directory for the download before finding nothing (or GCS disabled): one leaked
+  /tmp/tmp*tfds directory per such builder.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Captioned shapes (DESIGN.md §6): images, captions, JSON ground truth per example."""
 
@@ -141,7 +153,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description="Rendered shapes with captions; see flowtok_jax/data/shapes.py.",
         features=tfds.features.FeaturesDict({
@@ -212,7 +224,7 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release."}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description="Images with captions from a local folder (captions.jsonl).",
         features=tfds.features.FeaturesDict({

@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -70,10 +71,16 @@ def test_config_name_follows_the_knobs_and_variants_coexist(shapes_data_dir):
     builders.data_source(small, "test", data_dir)
 
 
-def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path):
+def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path, monkeypatch):
   data_cfg, data_dir = shapes_data_dir
+  # A builder for an unprepared directory does not look for (or make a temporary directory
+  # for) metadata on the TFDS bucket: ours are built locally.
+  made = []
+  monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(a) or str(tmp_path))
   with pytest.raises(UserError, match="flowtok data build"):
     builders.data_source(data_cfg, "train", str(tmp_path))
+  assert not made
+  monkeypatch.undo()
   other = _data_cfg(data_cfg, name="no_such_dataset_xyz")
   for fn in (lambda: builders.data_source(other, "train", str(tmp_path)),
              lambda: builders.build(other, str(tmp_path))):
