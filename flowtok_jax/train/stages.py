@@ -85,9 +85,13 @@ def stage_defaults() -> ml_collections.ConfigDict:
       eval_num=256,  # Held-out examples (data.eval_split) of the periodic evaluation.
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
       # Per-shard semantics of the reference (null roll, 'local' negatives, KL 'sum' per shard)
-      # split the batch into this many blocks; None: the data-parallel device count (parity).
-      # Fix it to make losses independent of the device count.
+      # split the batch into this many blocks; None: the data-parallel device count. Fix it
+      # (or shard_size) to make losses independent of the device count.
       num_shards=None,
+      # Examples per block instead (num_shards = global batch / shard_size; None: num_shards).
+      # The released run summed its KL over 128 examples per GPU (32 GPUs x 128 = 4096): parity
+      # on any mesh is shard_size 128, whatever the number of devices.
+      shard_size=None,
   ))
   return c
 
@@ -110,7 +114,16 @@ def _dtype(config) -> str:
 
 
 def _num_shards(ctx: stage_api.StageContext, sc) -> int:
-  """Blocks of the batch for per-shard semantics: `sc.num_shards`, or the data-parallel size."""
+  """Blocks of the batch for per-shard semantics: `sc.num_shards`, the global batch over
+  `sc.shard_size`, or the data-parallel size."""
+  size = sc.get("shard_size")
+  if size is not None:
+    if sc.get("num_shards"):
+      raise UserError("set one of num_shards and shard_size, not both")
+    if size < 1 or ctx.global_batch_size % size:
+      raise UserError(f"batch size {ctx.global_batch_size} does not split into shards of "
+                      f"{size} examples (flowtok_stage.shard_size; None: one per device)")
+    return ctx.global_batch_size // size
   n = sc.get("num_shards") or math.prod(ctx.mesh.shape.get(a, 1) for a in ("data", "fsdp"))
   if ctx.global_batch_size % n:
     raise UserError(f"batch size {ctx.global_batch_size} does not split into {n} shards "

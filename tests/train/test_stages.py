@@ -311,6 +311,10 @@ def test_flowtok_section_and_model_checks():
     build("flowtok", flowtok_config(p_t2i=0.5))
   with pytest.raises(UserError, match="shards"):
     build("flowtok", flowtok_config(num_shards=3))  # B = 8
+  with pytest.raises(UserError, match="shards of 3 examples"):
+    build("flowtok", flowtok_config(shard_size=3))
+  with pytest.raises(UserError, match="not both"):
+    build("flowtok", flowtok_config(shard_size=4, num_shards=2))
   with pytest.raises(UserError, match="t_scale"):
     build("flowtok", flowtok_config(t_scale=0.0))
   config = flowtok_config()
@@ -323,6 +327,18 @@ def test_flowtok_section_and_model_checks():
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
                               stages._section(config, "flowtok_stage")) == 1.0
+
+
+def test_shard_size_fixes_the_blocks_whatever_the_mesh():
+  """Per-shard semantics by examples per block (the released run: 128 per GPU): the block count
+  follows the global batch, not the device count, so the KL sum keeps its weight on any mesh."""
+  config = flowtok_config(shard_size=4)  # B = 8 -> 2 blocks.
+  sc = stages._section(config, "flowtok_stage")
+  assert stages._num_shards(context(config), sc) == 2
+  sc.shard_size = None
+  assert stages._num_shards(context(config), sc) == 1  # One device: one block.
+  paper = config_lib.load(os.path.join(os.path.dirname(DEMO), "flowtok.py"))
+  assert paper.flowtok_stage.shard_size == 128 and paper.train.batch_size % 128 == 0
 
 
 def test_estimate_latent_scale():
