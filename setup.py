@@ -34,7 +34,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # jax[tpu] brings libtpu so that the TPU-topology compile test (tests/tools/test_aot.py) runs
     # on CPU CI; tests force JAX_PLATFORMS=cpu.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92", f"jax[tpu]=={JAX_VERSION}"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92", f"jax[tpu]=={JAX_VERSION}",
+             "tokenizers==0.23.3"],
+    # OpenAI CLIP's BPE (a tokenizer.json) for the imported CLIP text tower of the paper configs.
+    "clip": ["tokenizers==0.23.3"],
     # libtpu: lets `flowtok aot` compile for TPU topologies on a CPU-only machine.
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     # Reading the released PyTorch checkpoints (flowtok convert) and parity checks.

@@ -159,9 +159,12 @@ def _training_sections(config, arg):
   # stage then reads them instead of encoding images. None: encode on the fly.
   data.latents_dir = None
 
-  # --- Text tokenizer: a sentencepiece model file; ids must match the CLIP tower's vocabulary. ---
+  # --- Text tokenizer: its ids must be the CLIP tower's. With the imported OpenAI tower that is
+  # CLIP's BPE: set path to the tokenizer.json published with the ViT-L/14 weights (needs the
+  # `clip` extra); a sentencepiece model trained here only suits a tower trained here. ---
   text = config.text_tokenizer = ml_collections.ConfigDict()
-  text.path = None  # Path of the .model file (None: W/text_tokenizer.model or W/../).
+  # tokenizer.json (CLIP BPE) or a sentencepiece .model (None: W/text_tokenizer.model or W/../).
+  text.path = None
   text.vocab_size = config.clip_text.get_ref("vocab_size")  # Vocabulary when trained here.
   text.model_type = "bpe"  # sentencepiece model type when trained here.
   text.lowercase = True  # Case-fold all text.

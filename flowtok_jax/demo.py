@@ -186,7 +186,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
     done = os.path.exists(path)
     if not done:
       text_tokenizer.train_on_split(config, data_dir, path)
-    return {"text/vocab_size": text_tokenizer.TextTokenizer.load(path).vocab_size,
+    return {"text/vocab_size": text_tokenizer.load(path).vocab_size,
             **(SKIPPED if done else {})}
   timer.run("text_tokenizer", text)
 

@@ -228,7 +228,8 @@ def export_programs(models: inference.Models, params, *, t2i: Optional[dict],
     exp = _lower(fn, (specs, jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32), cfg), "i2t")
     out["i2t"] = (exp.serialize(), dict(knobs, platforms=list(exp.platforms), call=(
         "call(params, images float32 [b, S, S, 3] in [0, 1], cfg_scale float32 []) -> "
-        "int32 ids [b, L] (cut at EOS = 3, detokenize with text_tokenizer.model)")))
+        "int32 ids [b, L] (cut at bundle.json's text_tokenizer.eos_id; detokenize with "
+        "the bundle's text tokenizer)")))
   return out
 
 
@@ -285,7 +286,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     programs.
   """
   import flax.serialization  # pylint: disable=g-import-not-at-top
-  from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if programs:
@@ -312,7 +313,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     logging.warning("tokenizer.latent_scale is None and init.tokenizer_from unset: using 1.0, "
                     "as the run did")
     scale = config.tokenizer.latent_scale = 1.0
-  tokenizer = TextTokenizer.load(_text_tokenizer_path(config, workdir))
+  tokenizer = text_tokenizer.load(_text_tokenizer_path(config, workdir))
   params, random_parts = _load_run_params(workdir, config)
   params = _cast(params, dtype)
   models = inference.build_models(config, scale)
@@ -329,6 +330,8 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
                  "jax_version": jax.__version__},
       "param_dtype": dtype, "latent_scale": float(scale), "text_len": models.text_len,
       "image_size": models.image_size, "vocab_size": tokenizer.vocab_size,
+      "text_tokenizer": {"kind": tokenizer.kind, "pad_id": tokenizer.pad_id,
+                         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
       "capabilities": {"t2i": True, "i2t": i2t_missing is None, "i2t_missing": i2t_missing},
       "defaults": {"t2i": t2i_knobs, "i2t": i2t_knobs},
       "random_parts": random_parts,

@@ -288,7 +288,7 @@ def check_file(path: str, meta: dict, name: str):
 def load_bundle(path: str) -> Bundle:
   """Reads and checks a bundle; anything missing, corrupt or mismatched is one UserError line."""
   import flax.serialization  # pylint: disable=g-import-not-at-top
-  from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(str(path)))
   meta = read_bundle_meta(path)
   for name in (CONFIG_JSON, PARAMS_FILE, TOKENIZER_FILE):
@@ -302,7 +302,7 @@ def load_bundle(path: str) -> Bundle:
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"bundle {path} is corrupt: {PARAMS_FILE} does not parse "
                     f"({type(e).__name__})") from None
-  tok = TextTokenizer.load(os.path.join(path, TOKENIZER_FILE))
+  tok = text_tokenizer.load(os.path.join(path, TOKENIZER_FILE))
   try:
     models = build_models(config, meta["latent_scale"])
   except (KeyError, AttributeError, TypeError, ValueError) as e:
@@ -359,7 +359,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int,
                    truncate: bool = False) -> np.ndarray:
   """Prompts -> ids [N, L]; empty prompts are UserErrors, and so are over-long ones unless
   `truncate` (then they keep their first L - 1 tokens and EOS, as in training)."""
-  from flowtok_jax.data import text_tokenizer as tt  # pylint: disable=g-import-not-at-top
   if not prompts:
     raise UserError("no prompt given")
   for p in prompts:
@@ -369,16 +368,19 @@ def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int,
   for p, cut in zip(prompts, truncated):
     if cut and not truncate:
       full, _ = tokenizer.encode([p], max_len=max(4 * text_len, len(p) + 2))
-      n = int(np.argmax(full[0] == tt.EOS_ID))
-      raise UserError(f"prompt is too long: {p!r} is {n} tokens, this model reads at most "
-                      f"{text_len - 1} (text length L = {text_len} including EOS)")
+      n = int(np.argmax(full[0] == tokenizer.eos_id))
+      specials = int(tokenizer.bos_id == full[0, 0]) + 1  # Start token (CLIP), end token.
+      raise UserError(f"prompt is too long: {p!r} is {n + 1 - specials} tokens, this model "
+                      f"reads at most {text_len - specials} (text length L = {text_len} "
+                      "including its special tokens)")
   # What is left of each prompt once its unknown pieces are dropped (empty: nothing known).
-  known = tokenizer.decode(np.where(ids == tt.UNK_ID, tt.PAD_ID, ids))
+  unk = tokenizer.unk_id  # None: byte-level BPE, nothing is unknown.
+  known = tokenizer.decode(ids if unk is None else np.where(ids == unk, tokenizer.pad_id, ids))
   for p, rest in zip(prompts, known):
     if not rest.strip():
       raise UserError(f"prompt {p!r} has nothing the text tokenizer knows (every token is "
                       "unknown): nothing to condition on")
-  unknown = [p for p, row in zip(prompts, ids) if tt.UNK_ID in row]
+  unknown = [p for p, row in zip(prompts, ids) if unk is not None and unk in row]
   if unknown:
     logging.warning("parts of %r are unknown to the text tokenizer (read as <unk>)", unknown[0])
   return ids

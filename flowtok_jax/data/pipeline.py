@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from flowtok_jax.data.examples import feature, pick_caption, to_rgb_uint8
-from flowtok_jax.data.text_tokenizer import TextTokenizer
+from flowtok_jax.data.text_tokenizer import Tokenizer
 from flowtok_jax.errors import UserError
 
 # Batches produced ahead by the in-process reader (threads) or by each worker process. Kept small:
@@ -107,7 +107,7 @@ class _Preprocess(grain.transforms.RandomMap):
   """
 
   def __init__(self, image_key: str, caption_key: str, image_size: int,
-               tokenizer: TextTokenizer, max_text_len: int, i2t_caption_key: str | None = None):
+               tokenizer: Tokenizer, max_text_len: int, i2t_caption_key: str | None = None):
     self._image_key = image_key
     self._caption_key = caption_key
     self._i2t_caption_key = i2t_caption_key
@@ -174,7 +174,7 @@ def _process_defaults(process_index, process_count):
   return process_index, process_count
 
 
-def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_size: int,
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                  data_dir: str | None = None, source: Sequence | None = None,
@@ -232,7 +232,7 @@ def make_dataset(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch
   return out
 
 
-def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_size: int,
                   seed: int, process_index: int | None = None, process_count: int | None = None,
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, data_dir: str | None = None,
@@ -273,7 +273,7 @@ def make_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batc
   return iter(ds)
 
 
-def make_eval_iterator(data_cfg, tokenizer: TextTokenizer, *, split: str, global_batch_size: int,
+def make_eval_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        data_dir: str | None = None,
                        source: Sequence | None = None) -> grain.DatasetIterator:

@@ -1,12 +1,23 @@
-"""Text tokenizer: a sentencepiece model trained in-process on the captions, with fixed special ids.
+"""Text tokenizers: fixed-length ids for the CLIP text tower, and captions back from ids.
 
-Ids: pad = 0, unk = 1, bos = 2, eos = 3, then the learned pieces. A caption becomes its pieces plus
-EOS, padded with pad to the fixed length L; a caption too long for L is cut so that the last slot is
-still EOS (the text decoder learns to stop there) and is flagged as truncated.
+Two kinds, one interface (`encode`, `decode`, `vocab_size`, the special ids as attributes,
+`to_bytes` / `save` and pickling); `load(path)` and `from_bytes(data)` tell them apart:
+
+* `TextTokenizer`: a sentencepiece model trained in-process on the captions (the demo, and any
+  run whose CLIP tower is trained here). Ids: pad = 0, unk = 1, bos = 2, eos = 3, then the
+  learned pieces. A caption becomes its pieces plus EOS, padded with pad to the fixed length L.
+* `ClipBpeTokenizer`: OpenAI CLIP's byte-level BPE, read from a Hugging Face `tokenizer.json`
+  (the one published with the CLIP ViT-L/14 weights), for the imported text tower of the paper
+  configs: ids are what the released FlowTok saw, <|startoftext|> + pieces + <|endoftext|>,
+  padded with 0 (open_clip's `tokenize`). Needs the `clip` extra (the `tokenizers` library).
+
+A caption too long for L is cut so that the last slot is still the end token (the text decoder
+learns to stop there) and is flagged as truncated.
 
     tok = TextTokenizer.train(captions, vocab_size=64)
     ids, truncated = tok.encode(["a red circle in the center"], max_len=16)   # [1, 16], [1]
     tok.decode(ids)                                                          # ['a red circle ...']
+    load("W/text_tokenizer.model") or load("clip/tokenizer.json")           # either kind
 """
 from __future__ import annotations
 
@@ -36,6 +47,8 @@ class TextTokenizer:
 
   Picklable (the model travels as its serialized proto), so grain worker processes can hold it.
   """
+  kind = "sentencepiece"
+  pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
   def __init__(self, model_proto: bytes):
     """Wraps a serialized sentencepiece model; raises UserError if it does not parse."""
@@ -96,22 +109,11 @@ class TextTokenizer:
   @classmethod
   def load(cls, path: str) -> "TextTokenizer":
     """Reads a model written by `save`; missing or unreadable files raise UserError."""
-    if not os.path.isfile(path):
-      raise UserError(f"text tokenizer model not found: {path}")
-    with open(path, "rb") as f:
-      data = f.read()
-    try:
-      return cls(data)
-    except UserError as e:
-      raise UserError(f"corrupt text tokenizer model {path}: {e}") from e
+    return _load(path, cls)
 
   def save(self, path: str) -> None:
     """Writes the serialized model (the standard sentencepiece `.model` format)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      f.write(self._proto)
-    os.replace(tmp, path)  # Never leave a half-written model behind.
+    _write_atomic(path, self._proto)
 
   def to_bytes(self) -> bytes:
     """The serialized model, e.g. to embed in an export bundle."""
@@ -180,6 +182,139 @@ class TextTokenizer:
         row = row[:row.index(EOS_ID)]
       out.append(self._sp.decode([t for t in row if t not in (PAD_ID, BOS_ID) and 0 <= t < size]))
     return out[0] if arr.ndim == 1 else out
+
+
+class ClipBpeTokenizer:
+  """OpenAI CLIP's BPE from a Hugging Face `tokenizer.json`, encoded as open_clip does.
+
+  Ids: <|startoftext|>, the BPE pieces, <|endoftext|>, then 0 (open_clip pads with 0, which is
+  also the id of "!"). Byte-level: no text is unknown. Picklable (travels as its JSON).
+  """
+  kind = "clip_bpe"
+  pad_id, unk_id = 0, None
+
+  def __init__(self, tokenizer_json: bytes):
+    """Wraps a tokenizer.json; raises UserError if it does not parse or lacks CLIP's tokens."""
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError("the CLIP BPE tokenizer needs the `tokenizers` library: "
+                      "pip install 'flowtok_jax[clip]'") from None
+    self._json = bytes(tokenizer_json)
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"not a valid tokenizer.json ({len(self._json)} bytes: "
+                      f"{type(e).__name__})") from None
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.bos_id, self.eos_id = vocab.get(CLIP_SOT), vocab.get(CLIP_EOT)
+    if self.bos_id is None or self.eos_id is None:
+      raise UserError(f"tokenizer.json is not CLIP's: it lacks {CLIP_SOT} or {CLIP_EOT}")
+
+  @classmethod
+  def load(cls, path: str) -> "ClipBpeTokenizer":
+    return _load(path, cls)
+
+  def save(self, path: str) -> None:
+    _write_atomic(path, self._json)
+
+  def to_bytes(self) -> bytes:
+    return self._json
+
+  @classmethod
+  def from_bytes(cls, data: bytes) -> "ClipBpeTokenizer":
+    return cls(data)
+
+  def __getstate__(self):
+    return {"json": self._json}
+
+  def __setstate__(self, state):
+    self.__init__(state["json"])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, texts: Sequence[str | bytes] | str | bytes,
+             max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> ids [N, L] (start, pieces, end, 0...) and truncated [N]; a text with more than
+    L - 2 pieces keeps its first L - 2 and the end token (open_clip's truncation)."""
+    if max_len < 2:
+      raise UserError(f"max_text_len must be >= 2 for CLIP's start and end tokens, got {max_len}")
+    if isinstance(texts, (str, bytes)):
+      texts = [texts]
+    pieces = [e.ids for e in self._tok.encode_batch([_as_str(t) for t in texts],
+                                                     add_special_tokens=False)]
+    ids = np.full((len(pieces), max_len), self.pad_id, np.int32)
+    truncated = np.zeros((len(pieces),), bool)
+    for i, p in enumerate(pieces):
+      if len(p) > max_len - 2:
+        p = p[:max_len - 2]
+        truncated[i] = True
+      ids[i, 0] = self.bos_id
+      ids[i, 1:len(p) + 1] = p
+      ids[i, len(p) + 1] = self.eos_id
+    return ids, truncated
+
+  def decode(self, ids) -> str | list[str]:
+    """Ids [L] -> a string, [N, L] -> N strings: up to the first end token, without the start
+    token, trailing padding or ids outside the vocabulary."""
+    arr = np.asarray(ids)
+    if arr.ndim not in (1, 2):
+      raise ValueError(f"decode expects ids of shape [L] or [N, L], got {arr.shape}")
+    rows = arr[None] if arr.ndim == 1 else arr
+    size, out = self.vocab_size, []
+    for row in rows.tolist():
+      if self.eos_id in row:
+        row = row[:row.index(self.eos_id)]
+      while row and row[-1] == self.pad_id:
+        row = row[:-1]
+      row = [t for t in row if t != self.bos_id and 0 <= t < size]
+      text = self._tok.decode(row, skip_special_tokens=True)
+      # CLIP's BPE marks word ends with "</w>"; its published decoder leaves them in.
+      out.append(" ".join(text.replace("</w>", " ").split()))
+    return out[0] if arr.ndim == 1 else out
+
+
+CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
+Tokenizer = TextTokenizer | ClipBpeTokenizer
+
+
+def from_bytes(data: bytes):
+  """A tokenizer of either kind from its serialized model (JSON: CLIP BPE; else sentencepiece)."""
+  data = bytes(data)
+  if data.lstrip()[:1] == b"{":
+    return ClipBpeTokenizer(data)
+  return TextTokenizer(data)
+
+
+def load(path: str):
+  """Reads a tokenizer model file of either kind (`.model` sentencepiece or `tokenizer.json`)."""
+  return _load(path, from_bytes)
+
+
+def _load(path: str, make):
+  """`make(bytes of path)`; a missing file or a model that does not parse is a UserError."""
+  if not os.path.isfile(path):
+    raise UserError(f"text tokenizer model not found: {path}")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return make(data)
+  except UserError as e:
+    if "pip install" in str(e):  # A missing library, not a bad file.
+      raise
+    raise UserError(f"corrupt text tokenizer model {path}: {e}") from e
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)  # Never leave a half-written model behind.
 
 
 def _as_str(text: str | bytes) -> str:

@@ -160,14 +160,15 @@ def _example_batch(config, i2t_ids: bool = False,
 
 
 def _text_tokenizer(config, ctx: stage_api.StageContext):
-  """The sentencepiece model: `text_tokenizer.path`, else W/ or W/../text_tokenizer.model."""
-  from flowtok_jax.data.text_tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  """`text_tokenizer.path` (a sentencepiece .model or CLIP's tokenizer.json), else the
+  sentencepiece model W/ or W/../text_tokenizer.model."""
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   path = config.text_tokenizer.get("path") if config.get("text_tokenizer") else None
   candidates = [path] if path else [os.path.join(d, "text_tokenizer.model") for d in
                                     (ctx.workdir, os.path.dirname(ctx.workdir))]
   for c in candidates:
     if c and os.path.exists(c):
-      return TextTokenizer.load(c)
+      return text_tokenizer.load(c)
   raise UserError(f"no text tokenizer model found (looked for {', '.join(candidates)}); "
                   "train one with `flowtok data text_tokenizer --config ... --out "
                   "W/text_tokenizer.model` or set text_tokenizer.path")

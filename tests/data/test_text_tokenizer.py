@@ -133,3 +133,82 @@ def test_train_from_config_and_bad_settings(captions):
     tt.TextTokenizer.train(captions, 64, model_type="wordpiece")
   with pytest.raises(UserError, match="no non-empty"):
     tt.TextTokenizer.train(["", "  "], 64)
+
+
+# -- CLIP's BPE (tokenizer.json) --------------------------------------------------------------
+
+
+def clip_like_json(captions) -> bytes:
+  """A small tokenizer.json built like CLIP's published one: byte-level BPE whose word ends are
+  marked "</w>", lower-casing, <|startoftext|> and <|endoftext|> as the last two ids."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+  tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(captions, trainers.BpeTrainer(
+      vocab_size=400, end_of_word_suffix="</w>", show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens([tt.CLIP_SOT, tt.CLIP_EOT])
+  return tok.to_str().encode()
+
+
+@pytest.fixture(scope="module")
+def clip_tok(captions):
+  return tt.ClipBpeTokenizer(clip_like_json(captions))
+
+
+def test_clip_bpe_ids_are_open_clips_layout(clip_tok, captions):
+  """<|startoftext|>, pieces, <|endoftext|>, then 0; truncation keeps the end token last."""
+  v = clip_tok.vocab_size
+  assert (clip_tok.bos_id, clip_tok.eos_id, clip_tok.pad_id) == (v - 2, v - 1, 0)
+  ids, truncated = clip_tok.encode(captions[:50], max_len=16)
+  assert ids.shape == (50, 16) and not truncated.any()
+  assert (ids[:, 0] == clip_tok.bos_id).all()
+  for row in ids:
+    end = list(row).index(clip_tok.eos_id)
+    assert 2 <= end and (row[end + 1:] == 0).all() and clip_tok.bos_id not in row[1:end]
+  assert clip_tok.decode(ids) == [" ".join(c.split()) for c in captions[:50]]
+  assert clip_tok.decode(clip_tok.encode("A Big RED Circle", 16)[0][0]) == "a big red circle"
+  long = " ".join(captions[:3])
+  ids, truncated = clip_tok.encode([long], max_len=8)
+  assert truncated[0] and ids[0, 0] == clip_tok.bos_id and ids[0, -1] == clip_tok.eos_id
+  assert long.startswith(clip_tok.decode(ids[0]))
+  assert clip_tok.unk_id is None  # Byte-level BPE has no unknown token.
+  with pytest.raises(UserError, match=">= 2"):
+    clip_tok.encode(["a"], max_len=1)
+
+
+def test_either_kind_loads_by_content(clip_tok, tok, tmp_path):
+  clip_tok.save(str(tmp_path / "tokenizer.json"))
+  tok.save(str(tmp_path / "text_tokenizer.model"))
+  for path, kind in ((tmp_path / "tokenizer.json", "clip_bpe"),
+                     (tmp_path / "text_tokenizer.model", "sentencepiece")):
+    loaded = tt.load(str(path))
+    assert loaded.kind == kind and loaded.to_bytes() == path.read_bytes()
+  # A bundle stores either kind under one file name.
+  (tmp_path / "named.model").write_bytes(clip_tok.to_bytes())
+  again = tt.load(str(tmp_path / "named.model"))
+  ids = clip_tok.encode(["a red circle in the center"], 16)[0]
+  np.testing.assert_array_equal(again.encode(["a red circle in the center"], 16)[0], ids)
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(clip_tok)).encode(
+      ["a red circle in the center"], 16)[0], ids)
+  (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+  with pytest.raises(UserError, match="corrupt text tokenizer model .*bad.json"):
+    tt.load(str(tmp_path / "bad.json"))
+  without = clip_like_json(["a red circle"]).decode().replace(tt.CLIP_SOT, "<|start|>")
+  (tmp_path / "other.json").write_text(without)
+  with pytest.raises(UserError, match="lacks <|startoftext|>"):
+    tt.load(str(tmp_path / "other.json"))
+
+
+def test_prompts_through_clip_bpe(clip_tok):
+  """Serving's prompt checks with CLIP's ids: the count of a too-long prompt excludes both
+  special tokens; with no unknown token nothing is refused as unknown."""
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  ids = inference.encode_prompts(clip_tok, ["a red circle in the center"], 16)
+  assert ids[0, 0] == clip_tok.bos_id
+  n = len(clip_tok.encode(["a red circle in the center " * 3], 64)[0][0].nonzero()[0]) - 2
+  with pytest.raises(UserError, match=f"is {n} tokens, this model reads at most 14"):
+    inference.encode_prompts(clip_tok, ["a red circle in the center " * 3], 16)
