@@ -192,8 +192,9 @@ def _training_sections(config, arg):
   op.b2 = 0.95  # Adam beta2.
   op.eps = 1e-8  # Adam epsilon.
   op.weight_decay = 0.03  # Decoupled weight decay.
-  # The reference decays every parameter; here ndim < 2 (biases, norms) never are (optim.py).
-  op.decay_exclude = ()  # Extra path regexes not decayed.
+  # The reference decays every parameter; here ndim < 2 leaves (biases, norms) never are
+  # (optim.py), and biases by name neither, so the fused 2-D ones (qkv) are treated alike.
+  op.decay_exclude = (r"(^|/)bias$",)  # Path regexes not decayed.
   op.clip_norm = None  # No gradient clipping.
 
   config.mesh = ml_collections.ConfigDict()

@@ -77,3 +77,16 @@ def test_clipping_rescales_to_global_norm():
     return np.asarray(tx.update(g, tx.init(params), params)[0]["w"])
   np.testing.assert_allclose(first_update(None), -100.0 / 1e6, rtol=1e-3)
   np.testing.assert_allclose(first_update(1.0), -0.5 / 1e6, rtol=1e-3)
+
+
+def test_paper_config_decays_no_bias_fused_or_not():
+  import os  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                        "flowtok.py"))
+  params = {"flow": {"blocks_0": {"attn": {"qkv": {"kernel": jnp.zeros((4, 3, 2, 2)),
+                                                  "bias": jnp.zeros((3, 2, 2))},
+                                           "proj": {"bias": jnp.zeros((4,))}}}}}
+  mask = optim.decay_mask(params, config.optim.decay_exclude)
+  attn = mask["flow"]["blocks_0"]["attn"]
+  assert attn["qkv"]["kernel"] and not attn["qkv"]["bias"] and not attn["proj"]["bias"]
