@@ -39,6 +39,15 @@ xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 # PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Bias init marker for `Dense`: PyTorch's default Linear bias, U(±1/√fan_in), which needs the
+# kernel's fan-in (an initializer of the bias alone only sees the output shape).
+TORCH_DEFAULT_BIAS = "torch_default_bias"
+
+
+def _torch_bias(fan_in: int) -> Initializer:
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
 
 
 def normal(std: float) -> Initializer:
@@ -80,7 +89,7 @@ class Dense(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = xavier_uniform
-  bias_init: Initializer = zeros
+  bias_init: Initializer | str = zeros  # Or TORCH_DEFAULT_BIAS.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,7 +105,9 @@ class Dense(nn.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((contract, tuple(range(self.in_dims))), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", with_axes(self.bias_init, self.axes[self.in_dims:]),
+      bias_init = (_torch_bias(fan_in) if self.bias_init == TORCH_DEFAULT_BIAS
+                   else self.bias_init)
+      bias = self.param("bias", with_axes(bias_init, self.axes[self.in_dims:]),
                         self.features, jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
@@ -123,7 +134,7 @@ class Embed(nn.Module):
 
 
 def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = xavier_uniform, bias_init: Initializer = zeros,
+          kernel_init: Initializer = xavier_uniform, bias_init: Initializer | str = zeros,
           use_bias: bool = True, in_dims: int = 1) -> Dense:
   """A `Dense` with logical names on the kernel (and on the bias: the output dims).
 
@@ -133,7 +144,7 @@ def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = 
     name: parameter scope name.
     dtype: compute dtype (parameters stay float32).
     kernel_init: unboxed initializer; applied to the flattened [fan_in, fan_out] kernel.
-    bias_init: unboxed initializer for the bias.
+    bias_init: unboxed initializer for the bias, or TORCH_DEFAULT_BIAS.
     use_bias: add a bias.
     in_dims: number of trailing input axes contracted.
   """
@@ -280,6 +291,7 @@ class Attention(nn.Module):
   dropout: float = 0.0  # On the attention probabilities.
   kernel_init: Initializer = xavier_uniform
   proj_init: Optional[Initializer] = None  # Defaults to kernel_init.
+  bias_init: Initializer | str = zeros  # Both projections' biases (or TORCH_DEFAULT_BIAS).
 
   @nn.compact
   def __call__(self, x: jax.Array, rope: Optional[tuple[jax.Array, jax.Array]] = None,
@@ -290,7 +302,7 @@ class Attention(nn.Module):
       raise ValueError(f"width {w} is not divisible by {self.num_heads} heads")
     hd = w // self.num_heads
     qkv = dense((3, self.num_heads, hd), ("embed", None, "heads", "kv"), name="qkv",
-                dtype=self.dtype, kernel_init=self.kernel_init)(x)
+                dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init)(x)
     qkv = constrain(qkv, ("batch", "length", None, "heads", "kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
     if rope is not None:
@@ -307,7 +319,7 @@ class Attention(nn.Module):
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return dense(w, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, in_dims=2,
-                 kernel_init=self.proj_init or self.kernel_init)(out)
+                 kernel_init=self.proj_init or self.kernel_init, bias_init=self.bias_init)(out)
 
 
 class Mlp(nn.Module):
@@ -317,17 +329,18 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = xavier_uniform
   dropout: float = 0.0  # After the activation (the text VAE's FFN).
+  bias_init: Initializer | str = zeros  # Or TORCH_DEFAULT_BIAS.
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     w = x.shape[-1]
     h = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype,
-              kernel_init=self.kernel_init)(x)
+              kernel_init=self.kernel_init, bias_init=self.bias_init)(x)
     h = constrain(activation(self.act)(h), ("batch", "length", "mlp"))
     if self.dropout > 0 and not deterministic:
       h = nn.Dropout(self.dropout)(h, deterministic=False)
     return dense(w, ("mlp", "embed"), name="fc2", dtype=self.dtype,
-                 kernel_init=self.kernel_init)(h)
+                 kernel_init=self.kernel_init, bias_init=self.bias_init)(h)
 
 
 class SwiGLU(nn.Module):

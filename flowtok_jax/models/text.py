@@ -139,13 +139,14 @@ class PostLNBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     dt = layers.dtype_of(self.dtype)
-    init = layers.torch_default  # These modules keep PyTorch's default Linear init.
+    # These modules keep PyTorch's default Linear init (weights and biases).
+    init, bias = layers.torch_default, layers.TORCH_DEFAULT_BIAS
     a = layers.Attention(self.heads, dtype=dt, dropout=self.dropout, kernel_init=init,
-                         name="attn")(x, deterministic=deterministic)
+                         bias_init=bias, name="attn")(x, deterministic=deterministic)
     a = nn.Dropout(self.dropout)(a, deterministic=deterministic)
     t = layers.ParityLayerNorm(dtype=dt, name="norm1")(x + a)
-    z = layers.Mlp(self.ffn_dim, act="relu", dtype=dt, kernel_init=init, dropout=self.dropout,
-                   name="ffn")(t, deterministic=deterministic)
+    z = layers.Mlp(self.ffn_dim, act="relu", dtype=dt, kernel_init=init, bias_init=bias,
+                   dropout=self.dropout, name="ffn")(t, deterministic=deterministic)
     z = nn.Dropout(self.dropout)(z, deterministic=deterministic)
     y = layers.ParityLayerNorm(dtype=dt, name="norm2")(t + z)
     return layers.constrain(y, ("batch", "length", "embed"))
@@ -165,7 +166,8 @@ class TextVAE(nn.Module):
       x = PostLNBlock(cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=cfg.dtype,
                       name=f"layers_{i}")(x, deterministic)
     out = layers.dense(2 * cfg.token_channels, ("embed", None), name="out", dtype=dt,
-                       kernel_init=layers.torch_default)(x).astype(jnp.float32)
+                       kernel_init=layers.torch_default,
+                       bias_init=layers.TORCH_DEFAULT_BIAS)(x).astype(jnp.float32)
     return out[..., : cfg.token_channels], out[..., cfg.token_channels:]
 
 
@@ -180,11 +182,10 @@ class AlignMLP(nn.Module):
   def setup(self):
     cfg = self.cfg
     dt = layers.dtype_of(cfg.dtype)
-    init = layers.torch_default
-    self.fc1 = layers.dense(cfg.hidden, ("embed", "mlp"), name="fc1", dtype=dt, kernel_init=init)
-    self.fc2 = layers.dense(cfg.hidden, (None, "mlp"), name="fc2", dtype=dt, kernel_init=init)
-    self.fc3 = layers.dense(cfg.token_channels, ("mlp", None), name="fc3", dtype=dt,
-                            kernel_init=init)
+    init = dict(kernel_init=layers.torch_default, bias_init=layers.TORCH_DEFAULT_BIAS)
+    self.fc1 = layers.dense(cfg.hidden, ("embed", "mlp"), name="fc1", dtype=dt, **init)
+    self.fc2 = layers.dense(cfg.hidden, (None, "mlp"), name="fc2", dtype=dt, **init)
+    self.fc3 = layers.dense(cfg.token_channels, ("mlp", None), name="fc3", dtype=dt, **init)
     self.scale = self.param("logit_scale", layers.with_axes(
         nn.initializers.constant(cfg.init_logit_scale), ()), ())
 
@@ -214,7 +215,8 @@ class TextDecoder(nn.Module):
     if z.shape[1] > cfg.max_len:
       raise ValueError(f"TextDecoder: {z.shape[1]} tokens > max_len {cfg.max_len}")
     x = layers.dense(cfg.width, (None, "embed"), name="in_proj", dtype=dt,
-                     kernel_init=layers.torch_default)(z.astype(dt))
+                     kernel_init=layers.torch_default,
+                     bias_init=layers.TORCH_DEFAULT_BIAS)(z.astype(dt))
     pos = self.param("positional_embedding", layers.with_axes(layers.normal(0.02),
                                                               (None, "embed")),
                      (cfg.max_len, cfg.width))
@@ -223,5 +225,6 @@ class TextDecoder(nn.Module):
       x = PostLNBlock(cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=cfg.dtype,
                       name=f"layers_{i}")(x, deterministic)
     logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), name="out", dtype=dt,
-                          kernel_init=layers.torch_default)(x)
+                          kernel_init=layers.torch_default,
+                          bias_init=layers.TORCH_DEFAULT_BIAS)(x)
     return layers.constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)

@@ -121,3 +121,20 @@ def test_text_decoder_gives_per_position_logits(make_test_model, random_params):
   assert np.abs(out[:, 0] - out[:, 1]).max() > 1e-4
   with pytest.raises(ValueError, match="max_len"):
     model.apply(params, jnp.zeros((B, L + 1, C)))
+
+
+def test_text_vae_keeps_pytorchs_default_linear_init():
+  """Weights and biases U(±1/√fan_in), as the reference's modules built after its own init:
+  fused qkv biases too (three Linear(W, W) there), norms 1 / 0."""
+  model = text.TextVAE(text.TextVAEConfig(width=64, depth=1, heads=4, ffn_dim=256,
+                                          token_channels=C))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.ones((B, L, 64))))["params"]
+  block = params["layers_0"]
+  for leaf, fan_in in ((block["attn"]["qkv"]["bias"], 64), (block["attn"]["proj"]["bias"], 64),
+                       (block["attn"]["qkv"]["kernel"], 64), (block["ffn"]["fc1"]["bias"], 64),
+                       (block["ffn"]["fc2"]["bias"], 256), (params["out"]["bias"], 64)):
+    bound = 1 / np.sqrt(fan_in)
+    leaf = np.asarray(leaf)
+    assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.8 * bound
+    assert abs(leaf.std() - bound / np.sqrt(3)) < 0.25 * bound / np.sqrt(3), leaf.std()
+  np.testing.assert_array_equal(block["norm1"]["bias"], 0.0)
