@@ -35,11 +35,15 @@ def itstime(step: int, every: int | None, total: int, *, last: bool = True) -> b
 
 
 def check_finite(metrics: Mapping[str, float], step: int, last_good: int | None):
-  """Raises a UserError naming the step when the loss is NaN or infinite."""
-  loss = metrics.get("train/loss")
-  if loss is not None and not math.isfinite(loss):
+  """Raises a UserError naming the step when the loss, or any `*_norm` / `*_loss` metric
+  (gradient and parameter norms: the state about to be saved), is NaN or infinite."""
+  bad = [(k, v) for k, v in metrics.items()
+         if (k == "train/loss" or k.endswith(("_norm", "_loss"))) and not math.isfinite(v)]
+  if bad:
     kept = f"checkpoint at step {last_good} kept" if last_good is not None else "no checkpoint"
-    raise UserError(f"non-finite loss ({loss}) at step {step}; stopping ({kept})")
+    key, value = min(bad, key=lambda kv: kv[0] != "train/loss")  # The loss first, if it is bad.
+    what = "loss" if key == "train/loss" else key
+    raise UserError(f"non-finite {what} ({value}) at step {step}; stopping ({kept})")
 
 
 class Throughput:

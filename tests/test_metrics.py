@@ -48,6 +48,12 @@ def test_check_finite_names_step_and_checkpoint():
     metrics.check_finite({"train/loss": float("nan")}, 7, 5)
   with pytest.raises(UserError, match="at step 1"):
     metrics.check_finite({"train/loss": float("inf")}, 1, None)
+  # The state about to be saved: parameter and gradient norms (the loss first when both fail).
+  with pytest.raises(UserError, match=r"non-finite train/param_norm \(inf\) at step 3"):
+    metrics.check_finite({"train/loss": 0.3, "train/param_norm": float("inf")}, 3, 2)
+  with pytest.raises(UserError, match=r"non-finite loss \(nan\)"):
+    metrics.check_finite({"train/grad_norm": float("nan"), "train/loss": float("nan")}, 3, 2)
+  metrics.check_finite({"train/loss": 0.3, "train/lr": float("nan")}, 3, 2)  # Not the state.
 
 
 def test_throughput_and_mfu():

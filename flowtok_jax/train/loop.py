@@ -152,6 +152,7 @@ def make_train_step(stage: stage_api.Stage):
         aux_params, aux_opt, aux_loss, aux_metrics = aux_update(None)
       new = new.replace(aux_params=aux_params, aux_opt_state=aux_opt)
       metrics[f"train/{aux.name}_loss"] = aux_loss
+      metrics[f"train/{aux.name}_param_norm"] = optax.tree.norm(aux_params)
       metrics.update({_namespaced(k, "train"): v for k, v in aux_metrics.items()})
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return new, metrics
@@ -380,9 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               writer.write_scalars(step, row)
 
             if stop or metrics_lib.itstime(step, tcfg.ckpt_every_steps, total_steps):
-              # Never replace the last good checkpoint by a diverged state.
-              metrics_lib.check_finite({"train/loss": float(step_metrics["train/loss"])},
-                                       step, last_good)
+              # Never replace the last good checkpoint by a diverged state: the loss is of the
+              # parameters before this step's update, so the norms of what is saved count too.
+              metrics_lib.check_finite(
+                  {k: float(step_metrics[k]) for k in step_metrics
+                   if k == "train/loss" or k.endswith(("_norm", "_loss"))}, step, last_good)
               ckpt.save(step, state, train_iter, _meta(config, stage_name, step, mesh))
               last_good = step
           if stop:

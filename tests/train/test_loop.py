@@ -114,6 +114,17 @@ def test_init_from_copies_params(straight_run, tmp_path):
   assert _losses(str(tmp_path))[1] < 0.5 * _losses(straight_run[0])[1]
 
 
+def test_a_nan_update_under_a_finite_loss_is_never_saved(tmp_path):
+  """The loss is of the parameters before the update; a NaN update at a checkpoint step must not
+  become the 'last good' checkpoint."""
+  config = _config(ckpt_every_steps=2, log_every_steps=100)
+  config.toy.nan_grad_at_step = 3  # The 4th step: a checkpoint step, not a logging step.
+  workdir = str(tmp_path / "w")
+  with pytest.raises(UserError, match=r"non-finite train/grad_norm \(nan\) at step 4.*step 2 kept"):
+    loop.train_and_evaluate(config, workdir, "toy")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2"]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = _config(ckpt_every_steps=2)
   config.toy.nan_at_step = 4  # the 5th step

@@ -40,7 +40,8 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules=RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
   c.init = ml_collections.ConfigDict(dict(params_from=None))
-  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1))  # NaN data after it
+  # nan_grad_at_step: that step's loss stays finite but its gradient (so the update) is NaN.
+  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1, nan_grad_at_step=-1))  # NaN data after it
   return c
 
 
@@ -76,11 +77,17 @@ def build_toy(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   sleep = config.train.get("sleep_per_step", 0.0)
   nan_at = config.toy.nan_at_step
 
+  nan_grad_at = config.toy.get("nan_grad_at_step", -1)
+
   def loss_fn(params, frozen, batch, rng, step, aux_params):
-    del frozen, step, aux_params
+    del frozen, aux_params
     x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
     pred = model.apply({"params": params}, x)
-    return jnp.mean((pred - batch["y"]) ** 2), {"pred_mean": jnp.mean(pred)}
+    loss = jnp.mean((pred - batch["y"]) ** 2)
+    if nan_grad_at >= 0:  # Value + 0, gradient 0 * inf = NaN at that step only.
+      m = (step == nan_grad_at).astype(jnp.float32)
+      loss = loss + jnp.sqrt(m * jnp.sum(0.0 * params["Dense_0"]["kernel"]) + 1.0 - m) - (1.0 - m)
+    return loss, {"pred_mean": jnp.mean(pred)}
 
   def eval_fn(params, frozen, step):
     del frozen, step
