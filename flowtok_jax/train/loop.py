@@ -289,10 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with ckpt_lib.Checkpointer(workdir, config.checkpoint) as ckpt:
     # Resume order (checkpoint.py): this workdir -> init.params_from -> scratch.
     if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(abstract, train_iter)
-      if meta.get("stage", stage_name) != stage_name:
-        raise UserError(f"{workdir} holds a checkpoint of stage {meta.get('stage')!r}, "
+      try:  # The stage first: another stage's checkpoint would fail the restore's shape check.
+        other = ckpt.read_meta().get("stage", stage_name)
+      except Exception:  # pylint: disable=broad-except
+        other = stage_name  # Unreadable metadata: the restore below says what is wrong.
+      if other != stage_name:
+        raise UserError(f"{workdir} holds a checkpoint of stage {other!r}, "
                         f"not {stage_name!r}: use another workdir")
+      state, _ = ckpt.restore(abstract, train_iter)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
       state, _ = sharding.born_sharded(init_fn, mesh, rules, rng)

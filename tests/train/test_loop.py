@@ -106,6 +106,15 @@ def test_checkpoint_of_other_shapes_is_refused(straight_run):
     loop.train_and_evaluate(config, straight_run[0], "toy")
 
 
+def test_another_stages_checkpoint_is_named_as_such(straight_run):
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  stage_api.register("toy_renamed")(toy_stage.build_toy)
+  config = _config()
+  config.toy.hidden = 8  # Its shapes differ too: the stage must be named before any restore.
+  with pytest.raises(UserError, match="holds a checkpoint of stage 'toy', not 'toy_renamed'"):
+    loop.train_and_evaluate(config, straight_run[0], "toy_renamed")
+
+
 def test_init_from_copies_params(straight_run, tmp_path):
   config = _config(total_steps=1)
   config.init.params_from = straight_run[0]
