@@ -18,7 +18,9 @@ Frozen parts of a stage (`FrozenPart.checkpoint`, e.g. `config.init.clip_from`) 
 params-only with `load_params`, whatever the branch.
 
 Restores always go through an abstract target carrying the current shardings: a checkpoint saved
-on one topology restores onto any other.
+on one device mesh restores onto any other. The data position is saved per process, so a full
+resume needs the same number of processes (hosts); `init.params_from` takes the parameters
+anywhere. A changed optimizer layout (e.g. clip_norm turned on) is a config mismatch, not damage.
 
 Preemption: `PreemptionGuard` turns SIGTERM / SIGINT into a flag the loop checks after every step;
 the loop then saves at the current step, waits for the write and returns. On multi-host runs the
@@ -26,6 +28,7 @@ decision also goes through orbax's `reached_preemption` so that all hosts stop a
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -34,6 +37,7 @@ import sys
 import threading
 from typing import Any, Sequence
 
+import flax.serialization
 import grain
 import jax
 import ml_collections
@@ -156,6 +160,41 @@ def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str, resume: bool
   return getattr(meta, "tree", meta)
 
 
+_MISMATCH_ADVICE = ("the train state's layout differs (optimizer settings such as optim.clip_norm "
+                    "changed?): resume with the run's own config, or start a new workdir")
+
+
+def _count_arrays(tree: Any) -> int:
+  return sum(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _check_state_layout(saved: Any, abstract_state: Any, where: str):
+  """A UserError when a part of the train state other than the parameters (the optimizer's
+  moments, counters) holds another number of arrays than this config makes: the config
+  changed (e.g. optim.clip_norm, the schedule), the checkpoint is not damaged."""
+  if not isinstance(saved, dict):
+    return
+  target = flax.serialization.to_state_dict(abstract_state)
+  for field in sorted(set(saved) & set(target)):
+    if field in _PARAM_FIELDS:
+      continue  # Checked name by name above.
+    have, want = _count_arrays(saved[field]), _count_arrays(target[field])
+    if have != want:
+      raise UserError(f"checkpoint {where} does not match the config: its {field} holds {have} "
+                      f"arrays, this config's {want}; {_MISMATCH_ADVICE}")
+
+
+def _check_process_count(where: str):
+  """A UserError when the data position was saved by another number of processes: each process
+  resumes its own shard of the input pipeline, so the job must keep its process count."""
+  names = glob.glob(os.path.join(where, "data_iter", "process_*-of-*.json"))
+  counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.json$", n) for n in names) if m}
+  if len(counts) == 1 and counts != {jax.process_count()}:
+    raise UserError(f"checkpoint {where} was written by {counts.pop()} processes, this job has "
+                    f"{jax.process_count()}: the data position resumes per process, so resume "
+                    "with the same number of hosts (the parameters alone: init.params_from)")
+
+
 def _error_line(e: BaseException) -> str:
   """`Type: first line` of an exception, without TensorStore's spec dump."""
   text = str(e).splitlines()[0] if str(e) else ""
@@ -245,6 +284,8 @@ class Checkpointer:
                         f"{'absent' if not saved_sub else 'present'} in the checkpoint but "
                         f"{'absent' if target is None else 'present'} in the config")
       check_shapes(_flat_shapes(saved_sub, field), _flat_shapes(target, field), where)
+    _check_state_layout(saved, abstract_state, where)
+    _check_process_count(where)
     try:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
@@ -255,6 +296,9 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
+      if "tree structures do not match" in str(e):  # Readable, but not this config's state.
+        raise UserError(f"checkpoint {where} does not match the config: {_MISMATCH_ADVICE} "
+                        f"({_error_line(e)})") from None
       raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}"
                       f"{_resume_hint(self._mngr, step, where)}") from None
     return restored["state"], dict(restored["meta"] or {})

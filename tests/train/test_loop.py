@@ -115,6 +115,21 @@ def test_another_stages_checkpoint_is_named_as_such(straight_run):
     loop.train_and_evaluate(config, straight_run[0], "toy_renamed")
 
 
+def test_a_changed_optimizer_or_process_count_is_a_mismatch_not_damage(straight_run, monkeypatch):
+  """Neither is a damaged checkpoint: no advice to move good checkpoints out of the way."""
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.optim.clip_norm = 1.0  # Another optimizer chain: another state layout.
+  with pytest.raises(UserError, match="does not match the config: the train state's layout") as e:
+    loop.train_and_evaluate(config, straight_run[0], "toy")
+  assert "damaged" not in str(e.value) and "out of the way" not in str(e.value)
+  where = os.path.join(straight_run[0], "checkpoints", str(STEPS))
+  ckpt_lib._check_process_count(where)  # pylint: disable=protected-access
+  monkeypatch.setattr(ckpt_lib.jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="written by 1 processes, this job has 2"):
+    ckpt_lib._check_process_count(where)  # pylint: disable=protected-access
+
+
 def test_init_from_copies_params(straight_run, tmp_path):
   config = _config(total_steps=1)
   config.init.params_from = straight_run[0]
