@@ -1,7 +1,7 @@
 r"""FlowTiTok tokenizer training at paper scale (SPEC §1.1, §5; TA-TiTok recipe, reference §2.3).
 
-    flowtok train --config configs/flowtitok_256.py --workdir gs://BUCKET/runs/flowtitok_256 \
-        --config.data.data_dir=gs://BUCKET/tfds --config.init.clip_from=gs://BUCKET/clip_l14
+    flowtok train --config configs/flowtitok_256.py --workdir /gcs/BUCKET/runs/flowtitok_256 \
+        --config.data.data_dir=/gcs/BUCKET/tfds --config.init.clip_from=/gcs/BUCKET/clip_l14
 
 The models are those of configs/flowtok.py (ViT-B encoder, text-aware ViT-L decoder, 77 × 16
 tokens); this file sets the `tokenizer` stage's recipe: AdamW 1e-4, betas (0.9, 0.999), wd 1e-4

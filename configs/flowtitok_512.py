@@ -1,9 +1,9 @@
 r"""FlowTiTok at 512 px: configs/flowtitok_256.py with res=512 (32 × 32 patches, 77 × 16 tokens).
 
-    flowtok train --config configs/flowtitok_512.py --workdir gs://BUCKET/runs/flowtitok_512
+    flowtok train --config configs/flowtitok_512.py --workdir /gcs/BUCKET/runs/flowtitok_512
 
 The reference trains its 512 px tokenizer for the third FlowTok stage; start it from the 256 px
-run with `--config.init.params_from=gs://BUCKET/runs/flowtitok_256` (shapes match: RoPE tables
+run with `--config.init.params_from=/gcs/BUCKET/runs/flowtitok_256` (shapes match: RoPE tables
 are computed, not learned, so the grid size has no parameters).
 """
 import os

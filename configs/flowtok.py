@@ -1,7 +1,7 @@
 r"""Paper-scale text-to-image FlowTok (SPEC §1): 77 × 16 tokens, ViT-L/14 text tower, FlowTiTok B/L.
 
     flowtok info --config configs/flowtok.py:variant=XL
-    flowtok train --config configs/flowtok_xl.py --workdir gs://BUCKET/runs/flowtok_xl
+    flowtok train --config configs/flowtok_xl.py --workdir /gcs/BUCKET/runs/flowtok_xl
 
 Arguments (after a colon): `variant=S|B|XL|H` picks the DiT size (depth/width/heads per SPEC §1);
 `runlocal` shrinks every model to a few hundred thousand parameters (CPU smoke runs, tests).
@@ -10,7 +10,7 @@ sharding, see `_MESHES`), `remat=none|full|dots` (DiT block rematerialisation). 
 picks the sweep `get_sweep` expands (launch/sweep.py).
 The thin files `flowtok_{s,b,xl,h}.py` load this one with their variant.
 
-    python launch/sweep.py --config configs/flowtok_xl.py --workdir_root gs://B/sweeps --dry_run
+    python launch/sweep.py --config configs/flowtok_xl.py --workdir_root /gcs/B/sweeps --dry_run
     flowtok aot --config configs/flowtok.py:variant=H,remat=full --topology v5p:4x4x2
 """
 import ml_collections
@@ -137,7 +137,7 @@ def _training_sections(config, arg):
   # --- Data: a TFDS ArrayRecord dataset of (image, caption) pairs (builders.py). ---
   data = config.data = ml_collections.ConfigDict()
   data.name = "image_caption_folder"  # TFDS dataset name; any ArrayRecord image/caption set.
-  data.data_dir = None  # TFDS data dir (e.g. gs://BUCKET/tfds); required.
+  data.data_dir = None  # TFDS data dir (e.g. /gcs/BUCKET/tfds); required.
   data.folder = None  # image_caption_folder: images + captions.jsonl to build from.
   data.folder_val_fraction = 0.001  # image_caption_folder: share of the images put in 'val'.
   data.image_key = "image"  # Feature holding the uint8 image.
@@ -181,7 +181,7 @@ def _training_sections(config, arg):
   tr.ema_decay = 0.9999  # EMA of the trainable params, every step.
   tr.peak_flops_per_device = None  # MFU denominator; None: measured matmul peak at start.
   tr.progress_bar = True  # Process 0: tqdm bar (a line every 30 s when not a terminal).
-  tr.compilation_cache_dir = None  # Persistent XLA cache (e.g. gs://BUCKET/jax_cache).
+  tr.compilation_cache_dir = None  # Persistent XLA cache (e.g. /gcs/BUCKET/jax_cache).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
   op.lr = 4e-4  # Peak learning rate.

@@ -1,7 +1,7 @@
 r"""FlowTok-B: configs/flowtok.py with variant=B (see there for every key).
 
     flowtok info --config configs/flowtok_b.py
-    flowtok train --config configs/flowtok_b.py --workdir gs://BUCKET/runs/flowtok_b
+    flowtok train --config configs/flowtok_b.py --workdir /gcs/BUCKET/runs/flowtok_b
 
 Arguments (after a colon) are passed on to flowtok.py, e.g. `runlocal`.
 """

@@ -1,7 +1,7 @@
 r"""FlowTok-H: configs/flowtok.py with variant=H (see there for every key).
 
     flowtok info --config configs/flowtok_h.py
-    flowtok train --config configs/flowtok_h.py --workdir gs://BUCKET/runs/flowtok_h
+    flowtok train --config configs/flowtok_h.py --workdir /gcs/BUCKET/runs/flowtok_h
 
 Arguments (after a colon) are passed on to flowtok.py, e.g. `runlocal`.
 """

@@ -1,7 +1,7 @@
 r"""FlowTok-S: configs/flowtok.py with variant=S (see there for every key).
 
     flowtok info --config configs/flowtok_s.py
-    flowtok train --config configs/flowtok_s.py --workdir gs://BUCKET/runs/flowtok_s
+    flowtok train --config configs/flowtok_s.py --workdir /gcs/BUCKET/runs/flowtok_s
 
 Arguments (after a colon) are passed on to flowtok.py, e.g. `runlocal`.
 """

@@ -1,7 +1,7 @@
 r"""FlowTok-XL: configs/flowtok.py with variant=XL (see there for every key).
 
     flowtok info --config configs/flowtok_xl.py
-    flowtok train --config configs/flowtok_xl.py --workdir gs://BUCKET/runs/flowtok_xl
+    flowtok train --config configs/flowtok_xl.py --workdir /gcs/BUCKET/runs/flowtok_xl
 
 Arguments (after a colon) are passed on to flowtok.py, e.g. `runlocal`.
 """

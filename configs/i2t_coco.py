@@ -1,9 +1,9 @@
 r"""Two-direction FlowTok (T2I + I2T in one model) on COCO captions (paper §5.1, Tab. 3).
 
-    flowtok data build --config configs/i2t_coco.py --data_dir gs://BUCKET/tfds
-    flowtok train --config configs/i2t_coco.py --workdir gs://BUCKET/runs/i2t_coco \
-        --config.data.data_dir=gs://BUCKET/tfds --config.init.clip_from=... \
-        --config.init.tokenizer_from=... --config.init.params_from=gs://BUCKET/runs/flowtok_xl
+    flowtok data build --config configs/i2t_coco.py --data_dir /gcs/BUCKET/tfds
+    flowtok train --config configs/i2t_coco.py --workdir /gcs/BUCKET/runs/i2t_coco \
+        --config.data.data_dir=/gcs/BUCKET/tfds --config.init.clip_from=... \
+        --config.init.tokenizer_from=... --config.init.params_from=/gcs/BUCKET/runs/flowtok_xl
 
 Data: the TFDS `coco_captions` dataset (COCO 2014 with the Karpathy splits: train 82,783 +
 restval 30,504 images for training, val and test 5,000 each) prepared as ArrayRecord; each image

@@ -43,6 +43,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from flowtok_jax import paths
 from flowtok_jax.errors import UserError
 
 ITEMS = ("state", "data_iter", "meta")
@@ -71,7 +72,7 @@ def resolve_dir(path: str) -> tuple[str, int | None]:
   Returns:
     (manager directory, step or None for the latest).
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.local(path, "checkpoint")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return os.path.join(path, "checkpoints"), None
   base = os.path.basename(path)

@@ -18,10 +18,20 @@ def resolve(path: str) -> str:
   return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def local(path: str, what: str) -> str:
+  """`resolve(path)` for a path this project reads or writes with file-system calls (work
+  directories, checkpoints to load, outputs): a URL is a UserError saying to mount the bucket."""
+  if "://" in str(path):
+    raise UserError(f"{what} {path}: object-store URLs are not read or written directly; mount "
+                    "the bucket (e.g. Cloud Storage FUSE: gcsfuse BUCKET /gcs/BUCKET) and give "
+                    "the mounted path")
+  return resolve(path)
+
+
 def _resolve_given(path: str, what: str) -> str:
   if not path:
     raise UserError(f"{what} is empty")
-  return resolve(path)
+  return local(path, what)
 
 
 def _check_ancestors(path: str, what: str, given: str) -> None:
@@ -46,8 +56,6 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
     UserError: `path` is a file, lies under a file, or cannot be written for permissions.
   """
   full = _resolve_given(path, what)
-  if "://" in full:
-    return full
   if os.path.exists(full) and not os.path.isdir(full):
     raise UserError(f"{what} {path} is a file; give a directory")
   if os.path.isdir(full):
@@ -61,8 +69,6 @@ def writable_dir(path: str, what: str, *, existing_may_be_read_only: bool = Fals
 def writable_file(path: str, what: str) -> str:
   """The absolute path of a file we will (over)write: not a directory, not under a file."""
   full = _resolve_given(path, what)
-  if "://" in full:
-    return full
   if os.path.isdir(full):
     raise UserError(f"{what} {path} is a directory; give a file path")
   _check_ancestors(full, what, path)

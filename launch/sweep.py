@@ -1,7 +1,7 @@
 r"""Expands a config's `get_sweep(add, arg)` into one launch command per run.
 
     python launch/sweep.py --config configs/flowtok_xl.py:sweep=batch \
-        --workdir_root gs://BUCKET/sweeps/xl_batch --dry_run
+        --workdir_root /gcs/BUCKET/sweeps/xl_batch --dry_run
     python launch/sweep.py --config configs/i2t_coco.py:sweep=cfg --workdir_root runs/cfg \
         --command 'flowtok bench sample --config {config} {overrides}' --dry_run
 

@@ -18,10 +18,14 @@
 #   delete    delete the TPU VM (and its queued resource)
 #   all       create, install, run --wait, delete (also on failure unless --keep)
 #
+# Work directories, data and checkpoints are read and written as files: mount the bucket on every
+# worker first (Cloud Storage FUSE), e.g.
+#   launch/tpu_pod.sh ssh --name ft-xl --zone us-east5-a -- \
+#     'sudo mkdir -p /gcs/BUCKET && sudo chown $USER /gcs/BUCKET && gcsfuse --implicit-dirs BUCKET /gcs/BUCKET'
 # Example (FlowTok-XL on a v5p-64, 32 chips in 8 hosts, every host runs the same command):
 #   launch/tpu_pod.sh all --name ft-xl --zone us-east5-a --type v5p-64 --queued -- \
 #     python launch/train.py --distributed --config configs/flowtok_xl.py \
-#       --workdir gs://BUCKET/runs/xl --config.data.data_dir=gs://BUCKET/tfds
+#       --workdir /gcs/BUCKET/runs/xl --config.data.data_dir=/gcs/BUCKET/tfds
 # Runtime versions: v2-alpha-tpuv5 (v5p), v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv6e (v6e),
 # tpu-ubuntu2204-base (v4). --dry_run prints the gcloud commands instead of running them.
 set -euo pipefail

@@ -63,9 +63,12 @@ def test_an_unforeseen_path_error_is_still_one_line(monkeypatch, capsys):
   assert_one_error(code, err, "Not a directory: /some/file/below")
 
 
-def test_urls_pass_and_empty_paths_are_refused():
-  assert paths.writable_dir("gs://bucket/runs/x", "--workdir") == "gs://bucket/runs/x"
-  assert paths.writable_file("gs://bucket/m.model", "--out") == "gs://bucket/m.model"
+def test_urls_and_empty_paths_are_refused():
+  # Files are read and written with file-system calls: a bucket is used through its mount.
+  for fn, what in ((paths.writable_dir, "--workdir"), (paths.writable_file, "--out"),
+                   (paths.local, "checkpoint")):
+    with pytest.raises(UserError, match=f"{what} gs://bucket/x: object-store URLs .* mount"):
+      fn("gs://bucket/x", what)
   for bad in ("", None):
     with pytest.raises(UserError, match="--out is empty"):
       paths.writable_dir(bad, "--out")

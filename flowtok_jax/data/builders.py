@@ -336,6 +336,7 @@ def _prepared_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   if not data_dir:
     raise UserError("no data dir: set config.data.data_dir (--config.data.data_dir=D) or pass "
                     "--data_dir where the command has it")
+  paths.local(data_dir, "data dir")  # Read through a mount, like everything else.
   builder = _own_builder(data_cfg, data_dir)
   name = data_cfg.name
   if builder is not None:
