@@ -325,6 +325,42 @@ class Checkpointer:
     self._mngr.close()
 
 
+def pin(path: str, step: int | None = None) -> str:
+  """The step directory of `path` (a workdir, checkpoints dir or step dir): `step`, else the
+  step `path` names, else its latest. Runs record the step of each frozen part they load, so a
+  resume and an export read the same weights even after that part's run trains on."""
+  directory, named = resolve_dir(path)
+  step = named if step is None else step
+  if step is None:
+    mngr = _manager(directory, read_only=True)
+    try:
+      step = mngr.latest_step()
+    finally:
+      mngr.close()
+    if step is None:
+      raise UserError(f"no checkpoint at {path}")
+  return os.path.join(directory, str(step))
+
+
+def latest_meta(workdir: str) -> dict:
+  """The metadata of `workdir`'s latest checkpoint ({} when it has none or it is unreadable)."""
+  directory = os.path.join(paths.local(workdir, "--workdir"), "checkpoints")
+  if not os.path.isdir(directory):
+    return {}
+  quiet_orbax()
+  mngr = _manager(directory, read_only=True)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return {}
+    restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+  except Exception:  # pylint: disable=broad-except
+    return {}  # The restore proper reports what is wrong.
+  finally:
+    mngr.close()
+
+
 def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: bool = True,
                 allow_missing: bool = False) -> tuple[Any, list[str]]:
   """Loads (a subtree of) a checkpoint's parameters only, onto `target`'s shardings.

@@ -111,9 +111,12 @@ def _i2t_missing(config, params) -> Optional[str]:
   return None
 
 
-def _load_run_params(workdir: str, config: ml_collections.ConfigDict
-                     ) -> tuple[dict, list[str]]:
+def _load_run_params(workdir: str, config: ml_collections.ConfigDict,
+                     pinned: Optional[dict] = None) -> tuple[dict, list[str]]:
   """EMA params + frozen parts + tokenizer decoder of a flowtok run, as one tree of arrays.
+
+  `pinned`: the checkpoint steps the run recorded for its frozen parts (its metadata's "frozen";
+  None for runs that predate it: the latest steps), so the bundle holds what training saw.
 
   Returns:
     (params {clip_text, text_vae, align_mlp, flow[, text_decoder], tokenizer/{encoder, decoder}},
@@ -140,7 +143,8 @@ def _load_run_params(workdir: str, config: ml_collections.ConfigDict
   target, _ = sharding.abstract_with_shardings(init, mesh, rules, jax.random.PRNGKey(0))
   params, _ = ckpt_lib.load_params(workdir, target, use_ema=True)
   # The frozen parts exactly as training saw them (same loader, same seeds when random).
-  frozen, _ = loop.load_frozen(stage, batch1, mesh, rules, int(config.seed))
+  frozen, _, sources = loop.load_frozen(stage, batch1, mesh, rules, int(config.seed),
+                                        pinned=pinned)
   random_parts = [p.name for p in stage.frozen if not p.checkpoint]
 
   tc = tok_lib.TokenizerConfig.from_config(config.tokenizer,
@@ -154,7 +158,9 @@ def _load_run_params(workdir: str, config: ml_collections.ConfigDict
     select = tuple(_init_get(config, "tokenizer_select", ()) or ()) + ("decoder",)
     dec_target, _ = sharding.abstract_with_shardings(dec_init, mesh, rules,
                                                      jax.random.PRNGKey(0))
-    dec_params, _ = ckpt_lib.load_params(tokenizer_from, dec_target, select=select)
+    # The decoder of the very tokenizer step whose encoder the run trained with.
+    dec_params, _ = ckpt_lib.load_params(
+        ckpt_lib.pin(tokenizer_from, sources.get("image_encoder")), dec_target, select=select)
   else:
     logging.warning("config.init.tokenizer_from is unset: the bundle's tokenizer decoder is a "
                     "random initialisation (images will be noise)")
@@ -314,7 +320,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
                     "as the run did")
     scale = config.tokenizer.latent_scale = 1.0
   tokenizer = text_tokenizer.load(_text_tokenizer_path(config, workdir))
-  params, random_parts = _load_run_params(workdir, config)
+  params, random_parts = _load_run_params(workdir, config, meta.get("frozen"))
   params = _cast(params, dtype)
   models = inference.build_models(config, scale)
   i2t_missing = _i2t_missing(config, params)

@@ -95,6 +95,10 @@ def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, t
                           [*TINY, "stages.flowtok.train.total_steps=4", "budget.total_sec=1",
                            "budget.after_training_sec=0.5"])
   assert metrics["flowtok/final_step"] == 3 and metrics["flowtok/stopped_by_budget"] == 1.0
+  # The resumed run recorded (and reloaded) the frozen steps it trained with.
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  assert ckpt_lib.latest_meta(os.path.join(workdir, "flowtok"))["frozen"] == {
+      "clip_text": 2, "image_encoder": 2}
   for stage in ("clip", "tokenizer"):
     assert metrics[f"{stage}/final_step"] == 2
   with open(os.path.join(workdir, "bundle", "bundle.json")) as f:

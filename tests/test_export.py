@@ -8,11 +8,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tiny_bundle
 from cli_run import assert_one_error, run_cli
 
+from flowtok_jax import checkpoint as ckpt_lib
 from flowtok_jax import export
 from flowtok_jax import flow_matching as fm
 from flowtok_jax import inference
@@ -164,6 +166,30 @@ def test_bundle_and_programs_match_the_training_sampler(tiny_runs, tiny_bundle_d
   assert t2i.shape == (2, 64, 64, 3) and t2i.dtype == np.uint8
   assert np.abs(t2i.astype(int) - ref_t2i[:2]).max() <= 1
   np.testing.assert_array_equal(np.load(tmp_path / "i2t.npy"), ref_i2t[:2])
+
+
+def test_export_reads_the_frozen_steps_the_run_trained_with(tiny_runs, tmp_path):
+  """The tokenizer run trained on after the flowtok run used its step 3: the bundle still holds
+  step 3's encoder and decoder (recorded in the run's metadata), and says so when it is gone."""
+  tok_dir, run = str(tmp_path / "tokenizer"), str(tmp_path / "flowtok")
+  shutil.copytree(tiny_runs.tokenizer, tok_dir)
+  shutil.copy(os.path.join(tiny_runs.root, "text_tokenizer.model"), tmp_path)
+  config = ml_collections.ConfigDict(tiny_runs.config.to_dict())
+  config.init.tokenizer_from = tok_dir
+  used = ckpt_lib.pin(tok_dir)
+  assert used.endswith(f"checkpoints/{tiny_bundle.STEP}")
+  frozen = {"clip_text": tiny_bundle.STEP, "image_encoder": tiny_bundle.STEP}
+  tiny_bundle.write_checkpoint(run, "flowtok", tiny_runs.params, config, frozen=frozen)
+  newer = jax.tree.map(lambda x: np.asarray(x) + 1.0, tiny_runs.tokenizer_params)
+  tiny_bundle.write_checkpoint(tok_dir, "tokenizer", newer, config, step=7, keep=2)
+  export.export_bundle(run, str(tmp_path / "b"), steps=STEPS)
+  got = inference.load_bundle(str(tmp_path / "b")).params["tokenizer"]
+  for part in ("encoder", "decoder"):
+    for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(tiny_runs.tokenizer_params[part])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  shutil.rmtree(used)
+  with pytest.raises(UserError, match="frozen image_encoder: this run trained with .*, which is gone"):
+    export.export_bundle(run, str(tmp_path / "b2"), steps=STEPS)
 
 
 def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):

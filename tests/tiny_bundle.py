@@ -69,12 +69,14 @@ def random_like(abstract, seed: int, scale: float = 0.2):
   return jax.tree_util.tree_map_with_path(one, sharding.strip_boxes(abstract))
 
 
-def write_checkpoint(workdir: str, stage: str, params, config, step: int = STEP):
+def write_checkpoint(workdir: str, stage: str, params, config, step: int = STEP,
+                     keep: int = 1, **meta_extra):
   """A checkpoint as the train loop writes it: state with params + EMA, data position, meta."""
   state = {"step": np.int32(step), "params": params, "ema_params": params}
-  meta = {"stage": stage, "step": step, "config": json.loads(config.to_json_best_effort())}
+  meta = {"stage": stage, "step": step, "config": json.loads(config.to_json_best_effort()),
+          **meta_extra}
   data_iter = iter(grain.MapDataset.range(1).to_iter_dataset())
-  cfg = ml_collections.ConfigDict({"max_to_keep": 1, "async_save": False})
+  cfg = ml_collections.ConfigDict({"max_to_keep": keep, "async_save": False})
   with ckpt_lib.Checkpointer(workdir, cfg) as ckpt:
     ckpt.save(step, state, data_iter, meta)
 

@@ -160,26 +160,36 @@ def make_train_step(stage: stage_api.Stage):
   return train_step
 
 
-def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int):
+def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
+                pinned: dict | None = None):
   """Frozen parts: loaded params-only (or randomly initialised), sharded by their logical axes.
 
+  Args:
+    pinned: name -> the checkpoint step a run recorded for that part (its checkpoint metadata's
+      "frozen"); parts not named load the latest step of `part.checkpoint`.
   Returns:
-    (name -> params, name -> shardings).
+    (name -> params, name -> shardings, name -> the step loaded).
   """
-  frozen, shardings = {}, {}
+  frozen, shardings, sources = {}, {}, {}
   for i, part in enumerate(stage.frozen):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + i)
     init = lambda r, part=part: part.init(r, {k: jnp.asarray(v) for k, v in batch1.items()})
     if part.checkpoint:
+      step = (pinned or {}).get(part.name)
+      source = ckpt_lib.pin(part.checkpoint, step)
+      if step is not None and not os.path.isdir(source):
+        raise UserError(f"frozen {part.name}: this run trained with {source}, which is gone "
+                        f"(its run trained on and pruned it?)")
+      sources[part.name] = int(os.path.basename(source))
       target, sh = sharding.abstract_with_shardings(init, mesh, rules, rng)
-      params, _ = ckpt_lib.load_params(part.checkpoint, target, select=part.select,
+      params, _ = ckpt_lib.load_params(source, target, select=part.select,
                                        use_ema=part.use_ema)
-      logging.info("frozen %s: loaded from %s", part.name, part.checkpoint)
+      logging.info("frozen %s: loaded from %s", part.name, source)
     else:
       logging.warning("frozen %s: no checkpoint given, randomly initialised", part.name)
       params, sh = sharding.born_sharded(init, mesh, rules, rng)
     frozen[part.name], shardings[part.name] = params, sh
-  return frozen, shardings
+  return frozen, shardings, sources
 
 
 def _init_from(state: TrainState, path: str, abstract: TrainState) -> TrainState:
@@ -223,8 +233,8 @@ def _log_compiled(compiled, stage: stage_api.Stage):
     logging.info(msg)
 
 
-def _meta(config, stage_name: str, step: int, mesh) -> dict:
-  return {"stage": stage_name, "step": int(step),
+def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict) -> dict:
+  return {"stage": stage_name, "step": int(step), "frozen": dict(frozen_sources),
           "config": json.loads(config.to_json_best_effort()),
           "mesh": dict(mesh.shape), "process_count": jax.process_count(),
           "jax_version": jax.__version__,
@@ -281,7 +291,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_fn = make_init_fn(stage, batch1)
   rng = jax.random.PRNGKey(config.seed)
   abstract, state_sh = sharding.abstract_with_shardings(init_fn, mesh, rules, rng)
-  frozen, frozen_sh = load_frozen(stage, batch1, mesh, rules, config.seed)
+  # A resumed run reloads the frozen parts it trained with, even if their runs went on.
+  pinned = (ckpt_lib.latest_meta(workdir).get("frozen")
+            if any(part.checkpoint for part in stage.frozen) else None)
+  frozen, frozen_sh, frozen_sources = load_frozen(stage, batch1, mesh, rules, config.seed,
+                                                  pinned=pinned)
   data_sh = sharding.data_sharding(mesh)
   batch_abstract = {k: jax.ShapeDtypeStruct((tcfg.batch_size,) + v.shape[1:], v.dtype,
                                             sharding=data_sh) for k, v in batch1.items()}
@@ -391,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               metrics_lib.check_finite(
                   {k: float(step_metrics[k]) for k in step_metrics
                    if k == "train/loss" or k.endswith(("_norm", "_loss"))}, step, last_good)
-              ckpt.save(step, state, train_iter, _meta(config, stage_name, step, mesh))
+              ckpt.save(step, state, train_iter, _meta(config, stage_name, step, mesh, frozen_sources))
               last_good = step
           if stop:
             result.stopped_by = stop
