@@ -245,8 +245,9 @@ class ClipBpeTokenizer:
       raise UserError(f"max_text_len must be >= 2 for CLIP's start and end tokens, got {max_len}")
     if isinstance(texts, (str, bytes)):
       texts = [texts]
-    pieces = [e.ids for e in self._tok.encode_batch([_as_str(t) for t in texts],
-                                                     add_special_tokens=False)]
+    # One call per string, as for sentencepiece: the batch form runs a thread pool, which the
+    # input pipeline's one-caption calls (and forked grain workers) do not want.
+    pieces = [self._tok.encode(_as_str(t), add_special_tokens=False).ids for t in texts]
     ids = np.full((len(pieces), max_len), self.pad_id, np.int32)
     truncated = np.zeros((len(pieces),), bool)
     for i, p in enumerate(pieces):
