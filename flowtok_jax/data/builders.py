@@ -385,7 +385,9 @@ def build(data_cfg, data_dir: str) -> str:
   if data_cfg.name == FOLDER_NAME:
     builder.scan()  # Fail on bad input before tfds deletes the previous version.
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-  # TFDS prints its progress to stdout, which belongs to the commands' results (JSON, paths).
+  # TFDS prints its progress to stdout, which belongs to the commands' results (JSON, paths);
+  # its bars only on a terminal (in a log or a pipe their carriage returns make one long line).
+  tfds.display_progress_bar(sys.stderr.isatty())
   with _absl_level(logging.WARNING), contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode or tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,

@@ -177,6 +177,7 @@ def test_cli_data_build_then_show(tmp_path, runlocal_config):
   res = _run_cli("data", "build", "--config", DEMO + ":runlocal", "--data_dir", data_dir)
   assert res.returncode == 0, res.stderr
   assert "train=256 val=64 test=64 compositional=64" in res.stdout.splitlines()[-1]
+  assert "\r" not in res.stderr  # No progress bars in a pipe.
   out = str(tmp_path / "preview.png")
   assert cli.main(["data", "show", "--config", DEMO + ":runlocal", "--data_dir", data_dir,
                    "--split", "val", "--num", "4", "--out", out]) == 0
