@@ -42,22 +42,53 @@ _RULE_CASEFOLD = "nmt_nfkc_cf"
 _RULE_KEEP_CASE = "nmt_nfkc"
 
 
-class TextTokenizer:
+class _ModelFile:
+  """A tokenizer made from one serialized model (`self._data`): file, bytes and pickle forms.
+
+  Picklable (the model travels as its bytes), so grain worker processes can hold it.
+  """
+  _data: bytes  # Set by the subclass's __init__(data), which parses it.
+
+  @classmethod
+  def load(cls, path: str):
+    """Reads a model written by `save`; missing or unreadable files raise UserError."""
+    return _load(path, cls)
+
+  def save(self, path: str) -> None:
+    """Writes the serialized model (written atomically)."""
+    _write_atomic(path, self._data)
+
+  def to_bytes(self) -> bytes:
+    """The serialized model, e.g. to embed in an export bundle."""
+    return self._data
+
+  @classmethod
+  def from_bytes(cls, data: bytes):
+    return cls(data)
+
+  def __getstate__(self):
+    return {"data": self._data}
+
+  def __setstate__(self, state):
+    self.__init__(state["data"])
+
+
+class TextTokenizer(_ModelFile):
   """A sentencepiece model with fixed special ids, fixed-length encoding and batch decoding.
 
-  Picklable (the model travels as its serialized proto), so grain worker processes can hold it.
+  Its file is the standard sentencepiece `.model` format.
   """
   kind = "sentencepiece"
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
   def __init__(self, model_proto: bytes):
     """Wraps a serialized sentencepiece model; raises UserError if it does not parse."""
-    self._proto = bytes(model_proto)
+    self._data = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor()
     try:
-      self._sp.LoadFromSerializedProto(self._proto)
+      self._sp.LoadFromSerializedProto(self._data)
     except (RuntimeError, OSError, TypeError) as e:
-      raise UserError(f"not a valid sentencepiece model ({len(self._proto)} bytes)") from e
+      raise UserError(f"not a valid sentencepiece model ({len(self._data)} bytes)") from e
     specials = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
     if specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
       raise UserError(f"sentencepiece model has special ids (pad, unk, bos, eos) = {specials}, "
@@ -105,29 +136,6 @@ class TextTokenizer:
     logging.info("trained %s text tokenizer on %d captions: vocab %d (requested %d)", model_type,
                  len(sentences), tok.vocab_size, vocab_size)
     return tok
-
-  @classmethod
-  def load(cls, path: str) -> "TextTokenizer":
-    """Reads a model written by `save`; missing or unreadable files raise UserError."""
-    return _load(path, cls)
-
-  def save(self, path: str) -> None:
-    """Writes the serialized model (the standard sentencepiece `.model` format)."""
-    _write_atomic(path, self._proto)
-
-  def to_bytes(self) -> bytes:
-    """The serialized model, e.g. to embed in an export bundle."""
-    return self._proto
-
-  @classmethod
-  def from_bytes(cls, data: bytes) -> "TextTokenizer":
-    return cls(data)
-
-  def __getstate__(self):
-    return {"proto": self._proto}
-
-  def __setstate__(self, state):
-    self.__init__(state["proto"])
 
   # -- use -----------------------------------------------------------------------------------
 
@@ -184,11 +192,11 @@ class TextTokenizer:
     return out[0] if arr.ndim == 1 else out
 
 
-class ClipBpeTokenizer:
+class ClipBpeTokenizer(_ModelFile):
   """OpenAI CLIP's BPE from a Hugging Face `tokenizer.json`, encoded as open_clip does.
 
   Ids: <|startoftext|>, the BPE pieces, <|endoftext|>, then 0 (open_clip pads with 0, which is
-  also the id of "!"). Byte-level: no text is unknown. Picklable (travels as its JSON).
+  also the id of "!"). Byte-level: no text is unknown. Its file is the tokenizer.json.
   """
   kind = "clip_bpe"
   pad_id, unk_id = 0, None
@@ -200,11 +208,11 @@ class ClipBpeTokenizer:
     except ImportError:
       raise UserError("the CLIP BPE tokenizer needs the `tokenizers` library: "
                       "pip install 'flowtok_jax[clip]'") from None
-    self._json = bytes(tokenizer_json)
+    self._data = bytes(tokenizer_json)
     try:
-      self._tok = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+      self._tok = tokenizers.Tokenizer.from_str(self._data.decode("utf-8"))
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"not a valid tokenizer.json ({len(self._json)} bytes: "
+      raise UserError(f"not a valid tokenizer.json ({len(self._data)} bytes: "
                       f"{type(e).__name__})") from None
     self._tok.no_padding()
     self._tok.no_truncation()
@@ -212,26 +220,6 @@ class ClipBpeTokenizer:
     self.bos_id, self.eos_id = vocab.get(CLIP_SOT), vocab.get(CLIP_EOT)
     if self.bos_id is None or self.eos_id is None:
       raise UserError(f"tokenizer.json is not CLIP's: it lacks {CLIP_SOT} or {CLIP_EOT}")
-
-  @classmethod
-  def load(cls, path: str) -> "ClipBpeTokenizer":
-    return _load(path, cls)
-
-  def save(self, path: str) -> None:
-    _write_atomic(path, self._json)
-
-  def to_bytes(self) -> bytes:
-    return self._json
-
-  @classmethod
-  def from_bytes(cls, data: bytes) -> "ClipBpeTokenizer":
-    return cls(data)
-
-  def __getstate__(self):
-    return {"json": self._json}
-
-  def __setstate__(self, state):
-    self.__init__(state["json"])
 
   @property
   def vocab_size(self) -> int:
