@@ -188,7 +188,8 @@ def test_export_reads_the_frozen_steps_the_run_trained_with(tiny_runs, tmp_path)
     for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(tiny_runs.tokenizer_params[part])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   shutil.rmtree(used)
-  with pytest.raises(UserError, match="frozen image_encoder: this run trained with .*, which is gone"):
+  with pytest.raises(UserError, match="frozen image_encoder: this run trained with .*, which is "
+                                      "gone"):
     export.export_bundle(run, str(tmp_path / "b2"), steps=STEPS)
 
 

@@ -323,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step >= total_steps:
       logging.info("checkpoint at step %d: nothing left to train (total_steps %d)", start_step,
                    total_steps)
+      if hasattr(train_iter, "close"):  # Its restore may have started prefetch workers.
+        train_iter.close()
       return RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={},
                        start_step=start_step)
 
@@ -375,6 +377,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             stop = "stop_at_step"
           if stop is None and stop_at_time is not None and time.time() >= stop_at_time:
             stop = "stop_at_time"
+          if stop and step >= total_steps:
+            logging.info("%s arrived with the last step done: the run is complete", stop)
+            stop = None  # The final checkpoint is saved below as usual; exit code 0.
+          # A signal or preemption has a grace period: save before anything slow (evaluators).
+          interrupted = stop not in (None, "stop_at_step", "stop_at_time")
 
           row = {}
           if metrics_lib.itstime(step, tcfg.log_every_steps, total_steps):
@@ -391,8 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
           with throughput.pause():
             for ev in stage.evaluators:
-              if metrics_lib.itstime(step, ev.every_steps, total_steps,
-                                     last=bool(ev.every_steps)):
+              if not interrupted and metrics_lib.itstime(step, ev.every_steps, total_steps,
+                                                         last=bool(ev.every_steps)):
                 scalars = _run_evaluator(ev, state, frozen, step, writer)
                 result.last_eval.update(scalars)
                 row.update(scalars)
@@ -405,7 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               metrics_lib.check_finite(
                   {k: float(step_metrics[k]) for k in step_metrics
                    if k == "train/loss" or k.endswith(("_norm", "_loss"))}, step, last_good)
-              ckpt.save(step, state, train_iter, _meta(config, stage_name, step, mesh, frozen_sources))
+              ckpt.save(step, state, train_iter,
+                        _meta(config, stage_name, step, mesh, frozen_sources))
               last_good = step
           if stop:
             result.stopped_by = stop

@@ -202,6 +202,47 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert sorted(_losses(workdir)) == list(range(1, saved + 3))
 
 
+class _SignalAt:
+  """Stands in for PreemptionGuard: reports SIGTERM from the `at`-th step on (one read a step)."""
+
+  def __init__(self, at):
+    self.at, self.reads = at, 0
+
+  def __call__(self, enabled=True):
+    del enabled
+    return self
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  @property
+  def signal_name(self):
+    self.reads += 1
+    return "SIGTERM" if self.reads >= self.at else None
+
+
+def test_a_signal_saves_before_evaluating_and_the_last_step_completes(monkeypatch, tmp_path):
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  # At an evaluation step: the checkpoint is written, the (slow) evaluation is not run.
+  monkeypatch.setattr(ckpt_lib, "PreemptionGuard", _SignalAt(6))
+  workdir = str(tmp_path / "eval_step")
+  result = loop.train_and_evaluate(_config(), workdir, "toy")
+  assert (result.step, result.stopped_by, result.exit_code) == (6, "SIGTERM", 143)
+  rows = {r["step"]: r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+  assert "eval/mse" not in rows[6]
+  assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
+  # During the last step: the run is complete, not stopped (exit 0, final evaluation made).
+  monkeypatch.setattr(ckpt_lib, "PreemptionGuard", _SignalAt(STEPS))
+  workdir = str(tmp_path / "last_step")
+  result = loop.train_and_evaluate(_config(), workdir, "toy")
+  assert (result.step, result.stopped_by, result.exit_code) == (STEPS, None, 0)
+  rows = {r["step"]: r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+  assert "eval/mse" in rows[STEPS]
+
+
 @pytest.mark.parametrize("stopped_by, code", [(None, 0), ("stop_at_step", 0), ("SIGINT", 130),
                                               ("SIGTERM", 143), ("preemption", 143)])
 def test_flowtok_train_exits_non_zero_when_a_signal_stopped_it(monkeypatch, tmp_path, capsys,

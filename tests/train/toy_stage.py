@@ -40,8 +40,9 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules=RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, async_save=True))
   c.init = ml_collections.ConfigDict(dict(params_from=None))
-  # nan_grad_at_step: that step's loss stays finite but its gradient (so the update) is NaN.
-  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1, nan_grad_at_step=-1))  # NaN data after it
+  # nan_at_step: NaN data after it; nan_grad_at_step: that step's loss stays finite but its
+  # gradient (so the update) is NaN.
+  c.toy = ml_collections.ConfigDict(dict(hidden=HIDDEN, nan_at_step=-1, nan_grad_at_step=-1))
   return c
 
 
