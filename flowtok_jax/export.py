@@ -112,8 +112,12 @@ def _i2t_missing(config, params) -> Optional[str]:
 
 
 def _load_run_params(workdir: str, config: ml_collections.ConfigDict,
-                     pinned: Optional[dict] = None) -> tuple[dict, list[str]]:
+                     step: Optional[int] = None, pinned: Optional[dict] = None
+                     ) -> tuple[dict, list[str]]:
   """EMA params + frozen parts + tokenizer decoder of a flowtok run, as one tree of arrays.
+
+  `step`: the run's checkpoint step to read (None: the latest), the one whose metadata the
+  caller read, so a run that saves meanwhile cannot pair one step's config with another's params.
 
   `pinned`: the checkpoint steps the run recorded for its frozen parts (its metadata's "frozen";
   None for runs that predate it: the latest steps), so the bundle holds what training saw.
@@ -141,7 +145,8 @@ def _load_run_params(workdir: str, config: ml_collections.ConfigDict,
   batch1 = loop.example_batch_1(stage)
   init = lambda r: stage.init(r, {k: jnp.asarray(v) for k, v in batch1.items()})
   target, _ = sharding.abstract_with_shardings(init, mesh, rules, jax.random.PRNGKey(0))
-  params, _ = ckpt_lib.load_params(workdir, target, use_ema=True)
+  # The step whose metadata was read, even if the run has saved a newer one since.
+  params, _ = ckpt_lib.load_params(ckpt_lib.pin(workdir, step), target, use_ema=True)
   # The frozen parts exactly as training saw them (same loader, same seeds when random).
   frozen, _, sources = loop.load_frozen(stage, batch1, mesh, rules, int(config.seed),
                                         pinned=pinned)
@@ -320,7 +325,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
                     "as the run did")
     scale = config.tokenizer.latent_scale = 1.0
   tokenizer = text_tokenizer.load(_text_tokenizer_path(config, workdir))
-  params, random_parts = _load_run_params(workdir, config, meta.get("frozen"))
+  params, random_parts = _load_run_params(workdir, config, step, meta.get("frozen"))
   params = _cast(params, dtype)
   models = inference.build_models(config, scale)
   i2t_missing = _i2t_missing(config, params)

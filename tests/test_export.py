@@ -187,6 +187,13 @@ def test_export_reads_the_frozen_steps_the_run_trained_with(tiny_runs, tmp_path)
   for part in ("encoder", "decoder"):
     for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(tiny_runs.tokenizer_params[part])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A run that saves a newer step meanwhile: the step whose metadata was read is the one loaded.
+  moved = jax.tree.map(lambda x: np.asarray(x) + 1.0, tiny_runs.params)
+  tiny_bundle.write_checkpoint(run, "flowtok", moved, config, step=9, keep=2, frozen=frozen)
+  load = export._load_run_params  # pylint: disable=protected-access
+  loaded, _ = load(run, config, tiny_bundle.STEP, frozen)
+  for a, b in zip(jax.tree.leaves(loaded["flow"]), jax.tree.leaves(tiny_runs.params["flow"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   shutil.rmtree(used)
   with pytest.raises(UserError, match="frozen image_encoder: this run trained with .*, which is "
                                       "gone"):
