@@ -94,6 +94,23 @@ def _init_get(config, key: str, default=None):
   return init.get(key, default) if init else default
 
 
+def _follow_moved_runs(config, workdir: str) -> None:
+  """Points `init.clip_from` / `init.tokenizer_from` at the workdir's siblings when the recorded
+  paths are gone but a sibling of the same name is there: the runs' parent directory was moved
+  or copied (the demo keeps W/clip, W/tokenizer and W/flowtok side by side). The recorded steps
+  and the parameter shapes are still checked when they load."""
+  init = config.get("init")
+  for key in ("clip_from", "tokenizer_from"):
+    recorded = init.get(key) if init else None
+    if not recorded or os.path.exists(recorded):
+      continue
+    sibling = os.path.join(os.path.dirname(workdir), os.path.basename(os.path.normpath(recorded)))
+    if os.path.isdir(sibling):
+      logging.warning("init.%s %s is gone; using %s beside the run (moved?)", key, recorded,
+                      sibling)
+      init[key] = sibling
+
+
 def _p_i2t(config) -> float:
   from flowtok_jax.train import stages  # pylint: disable=g-import-not-at-top
   section = config.get("flowtok_stage") or {}
@@ -317,6 +334,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     raise UserError(f"{workdir} holds a {meta.get('stage')!r}-stage checkpoint; export needs a "
                     "trained flowtok-stage workdir")
   config = ml_collections.ConfigDict(meta["config"])
+  _follow_moved_runs(config, workdir)
   scale = config.tokenizer.get("latent_scale")
   if scale is None:
     if _init_get(config, "tokenizer_from"):

@@ -200,6 +200,24 @@ def test_export_reads_the_frozen_steps_the_run_trained_with(tiny_runs, tmp_path)
     export.export_bundle(run, str(tmp_path / "b2"), steps=STEPS)
 
 
+def test_export_follows_a_moved_demo_directory(tiny_runs, tmp_path):
+  """W/clip, W/tokenizer and W/flowtok moved together: the recorded init paths are gone, the
+  siblings of the same names are used."""
+  old = tmp_path / "old"
+  old.mkdir()
+  for name in ("clip", "tokenizer"):
+    shutil.copytree(getattr(tiny_runs, name), old / name)
+  shutil.copy(os.path.join(tiny_runs.root, "text_tokenizer.model"), old)
+  config = ml_collections.ConfigDict(tiny_runs.config.to_dict())
+  config.init.clip_from, config.init.tokenizer_from = str(old / "clip"), str(old / "tokenizer")
+  tiny_bundle.write_checkpoint(str(old / "flowtok"), "flowtok", tiny_runs.params, config)
+  os.rename(old, tmp_path / "new")
+  export.export_bundle(str(tmp_path / "new" / "flowtok"), str(tmp_path / "b"), steps=STEPS)
+  got = inference.load_bundle(str(tmp_path / "b")).params["tokenizer"]["decoder"]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tiny_runs.tokenizer_params["decoder"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):
   out = str(tmp_path / "bundle")
   code, _, err = run_cli(["export", "--workdir", str(tmp_path / "nope"), "--out", out], capsys)
