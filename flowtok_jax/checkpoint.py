@@ -52,11 +52,24 @@ _PARAM_FIELDS = ("params", "ema_params", "aux_params")
 
 
 def quiet_orbax():
-  """Orbax logs every save phase at INFO through absl; keep run logs to warnings from it. Also
-  drops the closed-event-loop reports that follow a failed read (`_quiet_closed_loop`)."""
+  """Orbax logs every save phase at INFO through absl; keep run logs to warnings from it, minus
+  the one every read-only open makes (we open finished runs read-only on purpose). Also drops
+  the closed-event-loop reports that follow a failed read (`_quiet_closed_loop`)."""
+  absl_logger = logging.getLogger("absl")
   if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    absl_logger.setLevel(logging.WARNING)
+  if _READ_ONLY_NOTICE not in absl_logger.filters:
+    absl_logger.addFilter(_READ_ONLY_NOTICE)
   _quiet_closed_loop()
+
+
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+  msg = str(record.msg)
+  return not (msg.startswith("Given directory is read only")
+              or msg.startswith("CheckpointManagerOptions.read_only=True"))
+
+
+_READ_ONLY_NOTICE = _not_read_only_notice
 
 
 def _handlers():

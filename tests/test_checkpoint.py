@@ -144,3 +144,15 @@ def test_load_params_subtree_and_missing(tmp_path):
 def test_missing_checkpoint_dir_is_user_error(tmp_path):
   with pytest.raises(UserError, match="no checkpoint at"):
     checkpoint.load_params(str(tmp_path / "nope"), {})
+
+
+def test_pin_latest_meta_and_quiet_read_only_opens(tmp_path, caplog):
+  """A finished run's checkpoints are opened read-only on purpose: no orbax notice for it."""
+  _save(tmp_path, _state(step=3), _iter())
+  _save(tmp_path, _state(step=5), _iter())
+  with caplog.at_level(logging.WARNING):
+    assert checkpoint.pin(str(tmp_path)) == os.path.join(str(tmp_path), "checkpoints", "5")
+    assert checkpoint.pin(str(tmp_path), 3).endswith(os.path.join("checkpoints", "3"))
+    assert checkpoint.latest_meta(str(tmp_path)) == {"stage": "toy"}
+  assert not [r for r in caplog.records if "read only" in r.getMessage()], caplog.text
+  assert checkpoint.latest_meta(str(tmp_path / "none")) == {}
