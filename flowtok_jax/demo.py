@@ -36,17 +36,27 @@ QUALITY_BARS = {
     "t2i_test_accuracy": ("eval/t2i/test/accuracy", 0.85),
     "i2t_test_exact": ("eval/i2t/test/exact", 0.85),
 }
+# A parser-read bar counts only when the parser read the ground truth of that split (DESIGN §7:
+# >= 99 %, else the number is void).
+BAR_VALIDITY = {
+    "tokenizer_parser_recon": ("eval/tokenizer/val/parser_gt", 0.99),
+    "t2i_test_accuracy": ("eval/t2i/test/valid", 1.0),
+}
 
 
 def quality_bars(metrics: dict) -> dict:
-  """`bar/<name>/{value,target,met,short_by}` for each quality bar (missing metric: not met)."""
+  """`bar/<name>/{value,target,met,short_by}` for each quality bar. A missing metric, or one
+  whose parser check failed (BAR_VALIDITY), is not met and has no short_by (None)."""
   out = {}
   for name, (key, target) in QUALITY_BARS.items():
     value = metrics.get(key)
-    met = value is not None and value >= target
+    check = BAR_VALIDITY.get(name)
+    valid = check is None or (metrics.get(check[0]) or 0.0) >= check[1]
+    met = value is not None and valid and value >= target
+    short = None if value is None or not valid else max(0.0, target - value)
     out.update({f"bar/{name}/value": value, f"bar/{name}/target": target,
-                f"bar/{name}/met": met,
-                f"bar/{name}/short_by": 0.0 if met or value is None else target - value})
+                f"bar/{name}/met": met, f"bar/{name}/valid": valid,
+                f"bar/{name}/short_by": short})
     logging.info("quality bar %s: %s = %s (bar %.2f) -> %s", name, key, value, target,
                  "met" if met else "MISSED")
   return out
@@ -70,6 +80,17 @@ def _merge_metrics(workdir: str, new: dict) -> dict:
     json.dump(metrics, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
   return metrics
+
+
+def _drop_metrics(workdir: str, prefixes: tuple[str, ...]) -> None:
+  """Removes the keys starting with any of `prefixes` from W/metrics.json (atomically)."""
+  metrics = _read_metrics(workdir)
+  kept = {k: v for k, v in metrics.items() if not k.startswith(prefixes)}
+  if len(kept) != len(metrics):
+    path = os.path.join(workdir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(kept, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def tokenizer_path(workdir: str) -> str:
@@ -223,6 +244,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   timer.run("export", do_export)
 
   eval_dir = os.path.join(workdir, "eval")
+  # The evaluation is redone every run: none of an earlier run's numbers may outlive it (a key
+  # this run does not write would otherwise still count towards the bars).
+  _drop_metrics(workdir, ("eval/", "bar/"))
   results = timer.run("eval", lambda: run_eval.demo_eval(config, bundle, eval_dir))
   # The stages' recorded times (up to the evaluation; the report comes after), so that a re-run
   # that skips finished stages reports what the whole pipeline cost, not its own few seconds.

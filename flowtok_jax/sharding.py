@@ -103,6 +103,12 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, process_count: int | No
   if global_batch_size % process_count:
     raise UserError(f"batch size {global_batch_size} is not divisible by the number of "
                     f"processes {process_count}")
+  if dp % process_count:
+    # Each process feeds its own rows; with fewer data shards than processes (e.g. tensor
+    # parallelism across hosts) several processes would own the same rows.
+    raise UserError(f"the mesh's data-parallel size {dp} (data x fsdp) is not a multiple of the "
+                    f"{process_count} processes: give the data or fsdp axis at least one device "
+                    "per host (tensor parallelism stays within a host)")
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -124,7 +130,11 @@ def host_to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.A
     name -> jax.Array [B, ...] with the leading axis over ('data', 'fsdp').
   """
   sh = data_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+  n = jax.process_count()
+  # The global shape stated, not inferred: a mesh whose processes share rows then fails loudly
+  # instead of assembling a batch of the wrong size.
+  return {k: jax.make_array_from_process_local_data(
+              sh, np.asarray(v), global_shape=(n * np.shape(v)[0],) + np.shape(v)[1:])
           for k, v in host_batch.items()}
 
 

@@ -106,6 +106,41 @@ def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, t
   assert "eval/i2t/test/exact" in metrics
 
 
+def test_quality_bars_need_a_valid_parser_and_a_value():
+  good = {"eval/tokenizer/val/parser_recon": 0.97, "eval/tokenizer/val/parser_gt": 1.0,
+          "eval/t2i/test/accuracy": 0.9, "eval/t2i/test/valid": 1.0, "eval/i2t/test/exact": 0.5}
+  bars = demo.quality_bars(good)
+  assert bars["bar/t2i_test_accuracy/met"] and bars["bar/tokenizer_parser_recon/met"]
+  assert not bars["bar/i2t_test_exact/met"]
+  assert bars["bar/i2t_test_exact/short_by"] == pytest.approx(0.35)
+  # A parser that failed its ground-truth check voids the number (DESIGN §7).
+  bars = demo.quality_bars({**good, "eval/t2i/test/valid": 0.0,
+                            "eval/tokenizer/val/parser_gt": 0.9})
+  for name in ("t2i_test_accuracy", "tokenizer_parser_recon"):
+    assert not bars[f"bar/{name}/met"] and not bars[f"bar/{name}/valid"]
+    assert bars[f"bar/{name}/short_by"] is None
+  # A missing metric is not met, and not "short by 0".
+  bars = demo.quality_bars({})
+  assert not bars["bar/i2t_test_exact/met"] and bars["bar/i2t_test_exact/short_by"] is None
+
+
+def test_a_rerun_keeps_no_stale_evaluation_numbers(demo_run, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    stale = json.load(f)
+  stale["eval/i2t/test/exact"] = 0.99  # As if an earlier evaluation had written it...
+  stale["eval/i2t/nosuch/exact"] = 0.5
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(stale, f)
+  # ...and this one reports only the compositional split.
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
+                          [*TINY, "eval.splits=compositional"])
+  assert "eval/i2t/test/exact" not in metrics and "eval/i2t/nosuch/exact" not in metrics
+  assert metrics["bar/i2t_test_exact/met"] is False
+  assert "eval/i2t/compositional/exact" in metrics
+
+
 def test_budget_deadline():
   config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", [])
   assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 130.0

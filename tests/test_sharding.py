@@ -47,6 +47,10 @@ def test_batch_must_divide_data_parallel_size_and_processes():
     sharding.check_batch_size(6, mesh, process_count=1)
   with pytest.raises(UserError, match="number of processes 3"):
     sharding.check_batch_size(8, mesh, process_count=3)
+  # Tensor parallelism across hosts: both processes would own the same rows.
+  tp = jax.sharding.AbstractMesh((1, 1, 8), sharding.MESH_AXES)
+  with pytest.raises(UserError, match="data-parallel size 1 .* not a multiple of the 2 processes"):
+    sharding.check_batch_size(8, tp, process_count=2)
 
 
 def test_rules_from_config_are_validated_and_default_to_the_models_table():

@@ -92,7 +92,8 @@ class ShapesBuilderConfig(tfds.core.BuilderConfig):
   def render_config(self) -> shapes.ShapesConfig:
     return shapes.ShapesConfig(image_size=self.image_size,
                                two_object_fraction=self.two_object_fraction,
-                               paraphrase_prob=self.paraphrase_prob, heldout=self.heldout)
+                               paraphrase_prob=self.paraphrase_prob, heldout=self.heldout,
+                               num_train=self.num_train)
 
   @property
   def split_sizes(self) -> dict[str, int]:
@@ -146,9 +147,10 @@ class _LocalInfo(tfds.core.DatasetInfo):
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Captioned shapes (DESIGN.md §6): images, captions, JSON ground truth per example."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "reference_caption: the one caption the pixels determine."}
+                   "1.1.0": "reference_caption: the one caption the pixels determine.",
+                   "1.2.0": "val / test hold no image identical to a train image."}
   BUILDER_CONFIGS = [shapes_builder_config()]  # The default knobs; any other set is custom.
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -214,7 +216,8 @@ def _read_image(path: str) -> PIL.Image.Image:
   """Opens and fully decodes an image as RGB (raises OSError/ValueError when unreadable)."""
   with PIL.Image.open(path) as im:
     im.load()
-    return im.convert("RGB")
+    # Not im.convert("RGB"): that clips 16-bit greyscale at 255 (a white image).
+    return PIL.Image.fromarray(example_lib.pil_to_rgb_uint8(im))
 
 
 class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):

@@ -113,7 +113,11 @@ def reconstruct(bundle: inference.Bundle, images: np.ndarray, captions: Sequence
 # -- the evaluation -------------------------------------------------------------------------------
 
 def _references(caption: str, attrs: dict) -> list[str]:
-  return list(dict.fromkeys([caption, shapes.canonical_caption(attrs)]))
+  """The dataset caption, its canonical wording, and the reference caption (left / upper
+  object first: what the demo's I2T learns to write), without repeats."""
+  return list(dict.fromkeys([caption, shapes.canonical_caption(attrs),
+                             shapes.reference_caption(attrs["objects"],
+                                                      attrs.get("relation", ""))]))
 
 
 def _timed(fn):
@@ -157,6 +161,8 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
                     f"(choose from {', '.join(EVAL_SPLITS)})")
   if num is not None and int(num) < 1:
     raise UserError(f"--num must be at least 1, got {num}")
+  if num is not None and int(num) < 2 and frechet_steps:
+    raise UserError("the Fréchet distance needs --num 2 or more (or --frechet_steps 0)")
   data_cfg = b.config.data
   if data_cfg.get("name") != builders.SHAPES_NAME:
     raise UserError(f"flowtok eval measures captioned-shapes bundles; this bundle was trained on "

@@ -279,3 +279,12 @@ def test_split_specs_tfds_cannot_read_are_not_called_damage(shapes_data_dir):
   assert len(builders.data_source(data_cfg, "test+val", data_dir)) == 128
   with pytest.raises(UserError, match="no data dir"):
     builders.data_source(data_cfg, "val", None)
+
+
+def test_folder_images_in_16_bit_greyscale_keep_their_tones(tmp_path):
+  ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+  path = tmp_path / "deep.png"
+  PIL.Image.fromarray(ramp).save(path)  # uint16: a 16-bit greyscale PNG.
+  assert PIL.Image.open(path).mode.startswith("I")
+  rgb = np.asarray(builders._read_image(str(path)))  # pylint: disable=protected-access
+  assert rgb.shape == (64, 64, 3) and 100 < rgb.mean() < 155  # Not clipped to white (255).

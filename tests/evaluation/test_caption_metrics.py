@@ -163,3 +163,15 @@ def test_i2t_metrics_bundle():
   m = cm.i2t_metrics(caps, caps, caps)
   assert m["exact"] == 1.0 and m["bleu4"] == pytest.approx(1.0)
   assert m["cider_d"] > 0
+
+
+def test_i2t_references_include_the_caption_i2t_learns_to_write():
+  """For 'right of' / 'below' scenes the reference caption (left / upper object first) is a
+  correct caption, and must not be scored against the other order only."""
+  from flowtok_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
+  caption = "a red circle is to the right of a blue square"
+  attrs = shapes.parse_caption(caption)
+  refs = run_eval._references(caption, attrs)  # pylint: disable=protected-access
+  assert refs[0] == caption and "a blue square to the left of a red circle" in refs
+  assert len(refs) == len(set(refs)) == 3
