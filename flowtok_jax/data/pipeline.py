@@ -131,15 +131,17 @@ class _Preprocess(grain.transforms.RandomMap):
 
 class _BlockShard(grain.MapDataset):
   """Process p's view of a global stream: element k is global row (k // b)·B + p·b + k % b,
-  with b rows per process and B = b·P per global batch (a trailing partial batch is split in
-  the same way, so a process may get fewer of its rows, or none)."""
+  with b rows per process and B = b·P per global batch. A trailing partial global batch is
+  dropped for every process when `whole` (so all hold the same number of batches, as one
+  process would), else split in the same way (a process may get fewer of its rows, or none)."""
 
-  def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int):
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int,
+               whole: bool = False):
     super().__init__(parent)
     self._index, self._count, self._rows = index, count, rows
     n, per_global = len(parent), rows * count
     full, rem = divmod(n, per_global)
-    self._length = full * rows + max(0, min(rows, rem - index * rows))
+    self._length = full * rows + (0 if whole else max(0, min(rows, rem - index * rows)))
 
   def __len__(self) -> int:
     return self._length
@@ -215,11 +217,11 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
   if process_count > 1:
     # Sharding the one global stream (after shuffle, repeat and the seeded map) in contiguous
     # blocks gives global batch i the same rows, in the same order, for any process count.
-    ds = _BlockShard(ds, process_index, process_count, batch_size)
+    ds = _BlockShard(ds, process_index, process_count, batch_size, whole=drop_remainder)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise UserError(f"split {split!r}: {len(source)} examples make no full batch of {batch_size} "
-                    f"per process; lower the batch size or pass drop_remainder=False")
+    raise UserError(f"split {split!r}: {len(source)} examples make no full global batch of "
+                    f"{batch_size * process_count}; lower the batch size")
   prefetch = data_cfg.get("prefetch_batches") or _DEFAULT_PREFETCH
   out = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=data_cfg.get("read_threads") or _DEFAULT_READ_THREADS,
@@ -276,14 +278,16 @@ def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_si
 def make_eval_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        data_dir: str | None = None,
-                       source: Sequence | None = None) -> grain.DatasetIterator:
+                       source: Sequence | None = None,
+                       whole_batches: bool = False) -> grain.DatasetIterator:
   """One ordered pass over this process's shard; the last batch may be smaller.
 
   Each process holds its block of every global batch; when the split is not a multiple of
   global_batch_size the last global batch is split unevenly, so processes can end with different
-  batch counts: multi-host evaluation must allow for it.
+  batch counts: multi-host evaluation must allow for it, or pass `whole_batches` (the trailing
+  partial global batch is dropped on every process, and all hold the same batches).
   """
   return make_iterator(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                        seed=0, process_index=process_index, process_count=process_count,
-                       shuffle=False, num_epochs=1, drop_remainder=False, data_dir=data_dir,
-                       source=source)
+                       shuffle=False, num_epochs=1, drop_remainder=whole_batches,
+                       data_dir=data_dir, source=source)

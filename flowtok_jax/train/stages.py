@@ -387,7 +387,7 @@ def _held_out_reader(config, ctx: stage_api.StageContext, num: int, text_tokeniz
     make = lambda: pipeline.make_eval_iterator(
         config.data, text_tokenizer(), split=config.data.eval_split,
         global_batch_size=ctx.global_batch_size, process_index=ctx.process_index,
-        process_count=ctx.process_count)
+        process_count=ctx.process_count, whole_batches=True)  # Same count on every process.
     return evaluators.held_out_batches(make, num, ctx.global_batch_size, ctx.process_count)
   return read
 
