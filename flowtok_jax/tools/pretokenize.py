@@ -16,6 +16,7 @@ decoded and resized exactly as the training pipeline does (`pipeline.load_image`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -53,10 +54,17 @@ def read_meta(latents_dir: str) -> dict:
 
 def dataset_id(data_cfg, data_dir: str) -> str:
   """The prepared dataset's identity: TFDS name/config/version (captioned_shapes' config name
-  fixes its content) and where it lives."""
+  fixes its content), where it lives, and a fingerprint of its files (name, size, mtime): a
+  rebuilt dataset (e.g. an image folder with an edited captions.jsonl, same record count) gets
+  a new identity, so latents stored for the old records are refused."""
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   builder = builders._prepared_builder(data_cfg, data_dir)  # pylint: disable=protected-access
-  return f"{builder.info.full_name} @ {os.path.abspath(data_dir)}"
+  digest = hashlib.sha256()
+  root = os.fspath(builder.data_path)
+  for name in sorted(os.listdir(root)):
+    st = os.stat(os.path.join(root, name))
+    digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+  return f"{builder.info.full_name} @ {os.path.abspath(data_dir)} #{digest.hexdigest()[:16]}"
 
 
 def tokenizer_checkpoint(path: str) -> dict:

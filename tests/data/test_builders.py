@@ -288,3 +288,18 @@ def test_folder_images_in_16_bit_greyscale_keep_their_tones(tmp_path):
   assert PIL.Image.open(path).mode.startswith("I")
   rgb = np.asarray(builders._read_image(str(path)))  # pylint: disable=protected-access
   assert rgb.shape == (64, 64, 3) and 100 < rgb.mean() < 155  # Not clipped to white (255).
+
+
+def test_a_rebuilt_folder_dataset_has_a_new_identity(runlocal_config, image_folder, tmp_path):
+  """Stored latents are tied to a dataset identity: reordered captions.jsonl, same record
+  count, is another dataset (its latents would pair with the wrong records)."""
+  from flowtok_jax.tools import pretokenize  # pylint: disable=g-import-not-at-top
+  cfg = _folder_cfg(runlocal_config, image_folder)
+  data_dir = str(tmp_path / "tfds")
+  builders.build(cfg, data_dir)
+  first = pretokenize.dataset_id(cfg, data_dir)
+  assert pretokenize.dataset_id(cfg, data_dir) == first  # Stable while nothing changes.
+  lines = (image_folder / "captions.jsonl").read_text().splitlines()
+  (image_folder / "captions.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+  builders.build(cfg, data_dir)
+  assert pretokenize.dataset_id(cfg, data_dir) != first
