@@ -37,7 +37,6 @@ import sys
 import threading
 from typing import Any, Sequence
 
-import flax.serialization
 import grain
 import jax
 import ml_collections
@@ -178,26 +177,6 @@ _MISMATCH_ADVICE = ("the train state's layout differs (optimizer settings such a
                     "changed?): resume with the run's own config, or start a new workdir")
 
 
-def _count_arrays(tree: Any) -> int:
-  return sum(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def _check_state_layout(saved: Any, abstract_state: Any, where: str):
-  """A UserError when a part of the train state other than the parameters (the optimizer's
-  moments, counters) holds another number of arrays than this config makes: the config
-  changed (e.g. optim.clip_norm, the schedule), the checkpoint is not damaged."""
-  if not isinstance(saved, dict):
-    return
-  target = flax.serialization.to_state_dict(abstract_state)
-  for field in sorted(set(saved) & set(target)):
-    if field in _PARAM_FIELDS:
-      continue  # Checked name by name above.
-    have, want = _count_arrays(saved[field]), _count_arrays(target[field])
-    if have != want:
-      raise UserError(f"checkpoint {where} does not match the config: its {field} holds {have} "
-                      f"arrays, this config's {want}; {_MISMATCH_ADVICE}")
-
-
 def _check_process_count(where: str):
   """A UserError when the data position was saved by another number of processes: each process
   resumes its own shard of the input pipeline, so the job must keep its process count."""
@@ -298,7 +277,6 @@ class Checkpointer:
                         f"{'absent' if not saved_sub else 'present'} in the checkpoint but "
                         f"{'absent' if target is None else 'present'} in the config")
       check_shapes(_flat_shapes(saved_sub, field), _flat_shapes(target, field), where)
-    _check_state_layout(saved, abstract_state, where)
     _check_process_count(where)
     try:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
@@ -316,11 +294,6 @@ class Checkpointer:
       raise UserError(f"cannot restore checkpoint {where} (damaged?): {_error_line(e)}"
                       f"{_resume_hint(self._mngr, step, where)}") from None
     return restored["state"], dict(restored["meta"] or {})
-
-  def read_meta(self, step: int | None = None) -> dict:
-    step = self._mngr.latest_step() if step is None else step
-    restored = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"] or {})
 
   def wait(self):
     """Blocks until pending async saves are committed."""

@@ -34,11 +34,15 @@ def itstime(step: int, every: int | None, total: int, *, last: bool = True) -> b
   return bool(every) and every > 0 and step % every == 0
 
 
+def guards_state(key: str) -> bool:
+  """Whether a step metric must be finite for the step's state to be kept: the loss and every
+  `*_norm` / `*_loss` (gradient and parameter norms: the state about to be saved)."""
+  return key == "train/loss" or key.endswith(("_norm", "_loss"))
+
+
 def check_finite(metrics: Mapping[str, float], step: int, last_good: int | None):
-  """Raises a UserError naming the step when the loss, or any `*_norm` / `*_loss` metric
-  (gradient and parameter norms: the state about to be saved), is NaN or infinite."""
-  bad = [(k, v) for k, v in metrics.items()
-         if (k == "train/loss" or k.endswith(("_norm", "_loss"))) and not math.isfinite(v)]
+  """Raises a UserError naming the step when a metric that `guards_state` is NaN or infinite."""
+  bad = [(k, v) for k, v in metrics.items() if guards_state(k) and not math.isfinite(v)]
   if bad:
     kept = f"checkpoint at step {last_good} kept" if last_good is not None else "no checkpoint"
     key, value = min(bad, key=lambda kv: kv[0] != "train/loss")  # The loss first, if it is bad.

@@ -274,10 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(tcfg.batch_size, mesh)
   workdir = paths.writable_dir(workdir, "--workdir")
   os.makedirs(workdir, exist_ok=True)
+  # Read once: the stage check, the frozen steps and the stage's latent scale all come from it.
+  resumed_meta = ckpt_lib.latest_meta(workdir)
   ctx = stage_api.StageContext(mesh=mesh, rules=rules, workdir=workdir,
                                process_index=jax.process_index(),
                                process_count=jax.process_count(),
-                               global_batch_size=tcfg.batch_size, seed=config.seed)
+                               global_batch_size=tcfg.batch_size, seed=config.seed,
+                               resumed_meta=resumed_meta)
   stage = stage_api.get_builder(stage_name)(config, ctx)
   logging.info("stage %s: mesh %s, global batch %d, %d steps", stage_name, dict(mesh.shape),
                tcfg.batch_size, total_steps)
@@ -292,10 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rng = jax.random.PRNGKey(config.seed)
   abstract, state_sh = sharding.abstract_with_shardings(init_fn, mesh, rules, rng)
   # A resumed run reloads the frozen parts it trained with, even if their runs went on.
-  pinned = (ckpt_lib.latest_meta(workdir).get("frozen")
-            if any(part.checkpoint for part in stage.frozen) else None)
   frozen, frozen_sh, frozen_sources = load_frozen(stage, batch1, mesh, rules, config.seed,
-                                                  pinned=pinned)
+                                                  pinned=resumed_meta.get("frozen"))
   data_sh = sharding.data_sharding(mesh)
   batch_abstract = {k: jax.ShapeDtypeStruct((tcfg.batch_size,) + v.shape[1:], v.dtype,
                                             sharding=data_sh) for k, v in batch1.items()}
@@ -304,10 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with ckpt_lib.Checkpointer(workdir, config.checkpoint) as ckpt:
     # Resume order (checkpoint.py): this workdir -> init.params_from -> scratch.
     if ckpt.latest_step() is not None:
-      try:  # The stage first: another stage's checkpoint would fail the restore's shape check.
-        other = ckpt.read_meta().get("stage", stage_name)
-      except Exception:  # pylint: disable=broad-except
-        other = stage_name  # Unreadable metadata: the restore below says what is wrong.
+      # The stage first: another stage's checkpoint would fail the restore's shape check.
+      other = resumed_meta.get("stage", stage_name)  # ({} if unreadable: the restore says why.)
       if other != stage_name:
         raise UserError(f"{workdir} holds a checkpoint of stage {other!r}, "
                         f"not {stage_name!r}: use another workdir")
@@ -409,9 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if stop or metrics_lib.itstime(step, tcfg.ckpt_every_steps, total_steps):
               # Never replace the last good checkpoint by a diverged state: the loss is of the
               # parameters before this step's update, so the norms of what is saved count too.
-              metrics_lib.check_finite(
-                  {k: float(step_metrics[k]) for k in step_metrics
-                   if k == "train/loss" or k.endswith(("_norm", "_loss"))}, step, last_good)
+              metrics_lib.check_finite({k: float(v) for k, v in step_metrics.items()
+                                        if metrics_lib.guards_state(k)}, step, last_good)
               ckpt.save(step, state, train_iter,
                         _meta(config, stage_name, step, mesh, frozen_sources))
               last_good = step

@@ -169,6 +169,8 @@ class StageContext:
     process_count: number of hosts.
     global_batch_size: `config.train.batch_size`.
     seed: `config.seed`.
+    resumed_meta: metadata of the workdir's latest checkpoint when the run resumes ({} on a
+      fresh start): what it trained with (config, frozen steps) stays what it trains with.
   """
   mesh: jax.sharding.Mesh
   rules: tuple
@@ -177,6 +179,7 @@ class StageContext:
   process_count: int
   global_batch_size: int
   seed: int
+  resumed_meta: dict = dataclasses.field(default_factory=dict)
 
   @property
   def host_batch_size(self) -> int:

@@ -451,13 +451,11 @@ def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTo
   training split (same seed, so a resumed run gets the same value) and is written back into
   `config.tokenizer.latent_scale`, so the checkpoint metadata and exports carry it.
   """
-  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   scale = config.tokenizer.get("latent_scale")
   if scale is not None:
     return float(scale)
   # A resumed run keeps the scale it trained with (its tokenizer may have trained on since).
-  saved = (ckpt_lib.latest_meta(ctx.workdir).get("config") or {}).get("tokenizer") or {} \
-      if ctx.workdir else {}
+  saved = (ctx.resumed_meta.get("config") or {}).get("tokenizer") or {}
   if saved.get("latent_scale") is not None:
     config.tokenizer.latent_scale = float(saved["latent_scale"])
     return config.tokenizer.latent_scale
@@ -467,6 +465,7 @@ def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTo
     return 1.0
   encode = None
   if not latents_dir:  # Stored posteriors need no encoder.
+    from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
     example = {k: jnp.asarray(v) for k, v in _example_batch(config).items()}
     target, _ = sharding.abstract_with_shardings(lambda r: init_fn(r, example), ctx.mesh,
