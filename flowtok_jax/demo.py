@@ -73,13 +73,18 @@ def _read_metrics(workdir: str) -> dict:
 
 def _merge_metrics(workdir: str, new: dict) -> dict:
   """Merges `new` into W/metrics.json (written atomically) and returns the whole file."""
-  path = os.path.join(workdir, "metrics.json")
   metrics = _read_metrics(workdir)
   metrics.update(new)
+  _write_metrics(workdir, metrics)
+  return metrics
+
+
+def _write_metrics(workdir: str, metrics: dict) -> None:
+  """W/metrics.json, written atomically."""
+  path = os.path.join(workdir, "metrics.json")
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
-  return metrics
 
 
 def _drop_metrics(workdir: str, prefixes: tuple[str, ...]) -> None:
@@ -87,10 +92,7 @@ def _drop_metrics(workdir: str, prefixes: tuple[str, ...]) -> None:
   metrics = _read_metrics(workdir)
   kept = {k: v for k, v in metrics.items() if not k.startswith(prefixes)}
   if len(kept) != len(metrics):
-    path = os.path.join(workdir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(kept, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    _write_metrics(workdir, kept)
 
 
 def tokenizer_path(workdir: str) -> str:
