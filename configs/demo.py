@@ -173,6 +173,9 @@ def get_config(arg=None):
   tr.compilation_cache_dir = None  # Persistent XLA cache: resumes skip compiling (None: off).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
+  op.name = "adamw"  # adamw | muon (Muon on hidden transformer matrices, AdamW on the rest).
+  op.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update.
+  op.muon_include = r"blocks_\d+/(attn|mlp)/[^/]+/kernel$"  # Kernels Muon updates.
   op.lr = 4e-4  # Peak learning rate.
   op.warmup_steps = 100  # Linear warm-up from 0.
   op.schedule = "constant"  # After warm-up: constant | cosine (down to end_lr at total_steps).

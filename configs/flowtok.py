@@ -184,6 +184,9 @@ def _training_sections(config, arg):
   tr.compilation_cache_dir = None  # Persistent XLA cache (e.g. /gcs/BUCKET/jax_cache).
 
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
+  op.name = "adamw"  # The paper's; muon: Muon on hidden transformer matrices (optim.py).
+  op.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update.
+  op.muon_include = r"blocks_\d+/(attn|mlp)/[^/]+/kernel$"  # Kernels Muon updates.
   op.lr = 4e-4  # Peak learning rate.
   op.warmup_steps = 5_000  # Linear warm-up from 0.
   op.schedule = "constant"  # Constant after warm-up.

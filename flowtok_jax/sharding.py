@@ -169,6 +169,8 @@ def shardings_for(abstract: Any, mesh: Mesh, rules: Sequence) -> Any:
   shapes = strip_boxes(abstract)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   def one(spec, leaf):
+    if not hasattr(leaf, "shape"):  # An empty node (optax's MaskedNode, a namedtuple that
+      return leaf  # logical_to_mesh took for a spec): no array to place.
     spec = P() if spec is None else spec
     return NamedSharding(mesh, _fit_spec(spec, tuple(leaf.shape), mesh))
   return jax.tree.map(one, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))

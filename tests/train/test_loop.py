@@ -260,3 +260,19 @@ def test_flowtok_train_exits_non_zero_when_a_signal_stopped_it(monkeypatch, tmp_
   else:
     assert cli.main(argv) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped_by"] == stopped_by
+
+
+def test_muon_state_checkpoints_and_resumes_exactly(tmp_path):
+  """Muon's partitioned state (masked nodes where AdamW takes a leaf) shards, saves, restores."""
+  def config():
+    c = _config()
+    c.optim.update(name="muon", muon_include=r"Dense_0/kernel$", lr=3e-3)
+    return c
+  ref = loop.train_and_evaluate(config(), str(tmp_path / "straight"), "toy")
+  workdir = str(tmp_path / "resumed")
+  loop.train_and_evaluate(config(), workdir, "toy", stop_at_step=STEPS // 2)
+  second = loop.train_and_evaluate(config(), workdir, "toy")
+  assert (second.start_step, second.step) == (STEPS // 2, STEPS)
+  losses = _losses(workdir)
+  assert losses == _losses(str(tmp_path / "straight")) and ref.step == STEPS
+  assert losses[STEPS] < losses[1]

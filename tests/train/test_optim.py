@@ -1,4 +1,6 @@
 """AdamW from the config: schedule values, decay mask rules, clipping."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,3 +92,67 @@ def test_paper_config_decays_no_bias_fused_or_not():
   mask = optim.decay_mask(params, config.optim.decay_exclude)
   attn = mask["flow"]["blocks_0"]["attn"]
   assert attn["qkv"]["kernel"] and not attn["qkv"]["bias"] and not attn["proj"]["bias"]
+
+
+def test_muon_dims_pick_hidden_kernels_with_their_contracted_axes():
+  from optax.contrib import MuonDimensionNumbers as Dims  # pylint: disable=g-import-not-at-top
+  params = {"blocks_0": {"attn": {"qkv": {"kernel": jnp.zeros((8, 3, 2, 4)),
+                                          "bias": jnp.zeros((3, 2, 4))},
+                                  "proj": {"kernel": jnp.zeros((2, 4, 8))}},
+                         "mlp": {"w12": {"kernel": jnp.zeros((8, 2, 6))},
+                                 "fc2": {"kernel": jnp.zeros((6, 8))}},
+                         "adaLN": {"kernel": jnp.zeros((8, 48))}},
+            "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 8))},
+            "pixel_head": {"kernel": jnp.zeros((8, 12))},
+            "latent_tokens": jnp.zeros((4, 8))}
+  dims = optim.muon_dims(params, re.compile(optim.MUON_INCLUDE))
+  b = dims["blocks_0"]
+  assert b["attn"]["qkv"]["kernel"] == Dims((0,), (1, 2, 3))  # fused q, k, v: one matrix
+  assert b["attn"]["qkv"]["bias"] is None
+  assert b["attn"]["proj"]["kernel"] == Dims((0, 1), (2,))  # contracts heads and head dim
+  assert b["mlp"]["w12"]["kernel"] == Dims((0,), (1, 2))
+  assert b["mlp"]["fc2"]["kernel"] == Dims((0,), (1,))
+  # adaLN (zero-initialised modulation), stems, heads and tables stay on AdamW.
+  assert b["adaLN"]["kernel"] is None and dims["patch_embed"]["kernel"] is None
+  assert dims["pixel_head"]["kernel"] is None and dims["latent_tokens"] is None
+
+
+def test_muon_orthogonalises_hidden_kernels_and_adamw_updates_the_rest():
+  rng = np.random.default_rng(0)
+  params = {"blocks_0": {"mlp": {"fc1": {"kernel": jnp.zeros((16, 16)),
+                                         "bias": jnp.zeros((16,))}}},
+            "head": {"kernel": jnp.zeros((16, 4))}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  tx = optim.make(_cfg(name="muon", lr=0.1, weight_decay=0.0), total_steps=10).tx
+  upd, _ = tx.update(grads, tx.init(params), params)
+  u = np.asarray(upd["blocks_0"]["mlp"]["fc1"]["kernel"])
+  sv = np.linalg.svd(u, compute_uv=False)
+  # Newton-Schulz leaves every singular value near 1 (0.7-1.2 for the preset coefficients),
+  # scaled so the update's RMS is AdamW's ~0.2 x lr: sqrt(16) x 0.2 x lr per singular value.
+  assert sv.max() / sv.min() < 2.0, sv
+  np.testing.assert_allclose(np.sqrt(np.mean(u ** 2)), 0.2 * 0.1, rtol=0.3)
+  # The rest gets (Nesterov) Adam's first step: one magnitude ~lr for all, against sign(g).
+  for got, g in ((upd["head"]["kernel"], grads["head"]["kernel"]),
+                 (upd["blocks_0"]["mlp"]["fc1"]["bias"], grads["blocks_0"]["mlp"]["fc1"]["bias"])):
+    got, g = np.asarray(got), np.asarray(g)
+    np.testing.assert_array_equal(np.sign(got), -np.sign(g))
+    np.testing.assert_allclose(np.abs(got), np.abs(got).flat[0], rtol=1e-4)
+    assert 0.05 < np.abs(got).flat[0] < 0.2
+
+
+def test_unknown_optimizer_is_user_error():
+  with pytest.raises(UserError, match="optim.name"):
+    optim.make(_cfg(name="sgd"), total_steps=10)
+
+
+def test_muon_decay_follows_the_mask():
+  # optax's Muon decays its AdamW half unmasked; ours decays by the same rules as AdamW.
+  params = {"blocks_0": {"mlp": {"fc1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}}},
+            "ln": {"scale": jnp.ones((4,))}, "head": {"kernel": jnp.ones((4, 2))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  tx = optim.make(_cfg(name="muon", lr=0.1, weight_decay=0.5), total_steps=10).tx
+  upd, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(upd["blocks_0"]["mlp"]["fc1"]["kernel"], -0.05, rtol=1e-5)
+  np.testing.assert_allclose(upd["head"]["kernel"], -0.05, rtol=1e-5)
+  np.testing.assert_allclose(upd["blocks_0"]["mlp"]["fc1"]["bias"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(upd["ln"]["scale"], 0.0, atol=1e-7)
