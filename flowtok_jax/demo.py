@@ -191,7 +191,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
   # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
   deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
+  _check_scaling(config)
   os.makedirs(workdir, exist_ok=True)
+  scale_steps(config, workdir, overrides)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
 
@@ -275,6 +277,76 @@ def budget_deadline(config, started: float) -> float | None:
     raise UserError(f"budget.total_sec must be > 0 and above budget.after_training_sec >= 0, "
                     f"got {total} and {after}")
   return started + float(total) - float(after)
+
+
+def scale_steps(config, workdir: str, overrides=()) -> float:
+  """Scales the step counts of `budget.scaled_stages` to this host's speed (in place).
+
+  The recipe's steps fit the budget on the slowest host measured; a host whose matmul peak is
+  `budget.reference_flops` or less trains them as given, a faster one proportionally more, up to
+  `budget.max_step_scale` times. Checkpoint and evaluation periods scale with the run, so a
+  stage still checkpoints and evaluates as often. The factor is measured once and recorded in
+  W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
+  `total_steps` the user set on the command line trains exactly that many steps.
+
+  Args:
+    config: the demo config; `config.stages.<stage>.train` is updated.
+    workdir: the demo's workdir (metrics.json).
+    overrides: the user's `key=value` overrides.
+  Returns:
+    The factor applied (1.0 when scaling is off or nothing is scaled).
+  """
+  from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  section = config.get("budget") or {}
+  if not section.get("scale_steps"):
+    return 1.0
+  explicit = {o.split("=", 1)[0].strip() for o in overrides}
+  stages = [s for s in section.get("scaled_stages") or ()
+            if not {"train.total_steps", f"stages.{s}.train.total_steps"} & explicit]
+  if not stages:
+    return 1.0
+  recorded = _read_metrics(workdir).get("budget/step_scale")
+  if recorded is None:
+    peak = metrics_lib.measure_peak_flops()
+    scale = round(min(float(section.max_step_scale),
+                      max(1.0, peak / float(section.reference_flops))), 2)
+    _merge_metrics(workdir, {"budget/step_scale": scale, "budget/peak_flops": peak})
+    logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): steps x %.2f",
+                 peak, section.reference_flops, scale)
+  else:
+    scale = float(recorded)
+  for stage in stages:
+    train = stage_api.config_for_stage(config, stage).train
+    total = int(train.total_steps)
+    updates = {"total_steps": max(1, round(total * scale))}
+    for key in ("ckpt_every_steps", "eval_every_steps"):
+      if train.get(key):
+        updates[key] = max(1, round(train[key] * updates["total_steps"] / total))
+    with config.unlocked():
+      config.stages[stage].train.update(updates)  # _check_scaling: the section exists.
+    logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
+                 updates["total_steps"], scale)
+  return scale
+
+
+def _check_scaling(config) -> None:
+  """`budget.scaled_stages` / `reference_flops` / `max_step_scale`, checked before any work."""
+  section = config.get("budget") or {}
+  if not section.get("scale_steps"):
+    return
+  unknown = set(section.get("scaled_stages") or ()) - set(TRAIN_STAGES)
+  if unknown:
+    raise UserError(f"budget.scaled_stages: {sorted(unknown)} are not demo training stages "
+                    f"{TRAIN_STAGES}")
+  for stage in section.get("scaled_stages") or ():
+    if "train" not in ((config.get("stages") or {}).get(stage) or {}):
+      raise UserError(f"budget.scaled_stages: {stage!r} has no config.stages.{stage}.train "
+                      "section to scale")
+  ref, cap = section.get("reference_flops"), section.get("max_step_scale")
+  if not ref or ref <= 0 or cap is None or cap < 1:
+    raise UserError(f"budget.scale_steps needs budget.reference_flops > 0 and "
+                    f"budget.max_step_scale >= 1, got {ref} and {cap}")
 
 
 def _i2t_steps_candidates(config) -> tuple[int, ...]:

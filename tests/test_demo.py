@@ -106,6 +106,75 @@ def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, t
   assert "eval/i2t/test/exact" in metrics
 
 
+# The runlocal config trains its few steps on any host; these tests turn the scaling on.
+SCALED = ["budget.scale_steps=True"]
+
+
+def _fake_peak(monkeypatch, flops):
+  from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(metrics_lib, "measure_peak_flops", lambda *a, **k: flops)
+
+
+def _steps(config, stage):
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  train = stage_api.config_for_stage(config, stage).train
+  return train.total_steps, train.ckpt_every_steps, train.eval_every_steps
+
+
+def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
+  workdir = str(tmp_path)
+  config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
+  ref = config.budget.reference_flops
+  assert _steps(config, "tokenizer") == (20, 10, 10)
+  _fake_peak(monkeypatch, 1.5 * ref)
+  assert demo.scale_steps(config, workdir) == 1.5
+  # Checkpoint and evaluation periods scale with the run; CLIP (not in scaled_stages) does not.
+  assert _steps(config, "tokenizer") == (30, 15, 15)
+  assert _steps(config, "flowtok")[0] == 30 and _steps(config, "clip")[0] == 20
+  assert demo._read_metrics(workdir)["budget/step_scale"] == 1.5  # pylint: disable=protected-access
+  # A re-run keeps the recorded plan, whatever the host measures now.
+  _fake_peak(monkeypatch, 0.5 * ref)
+  config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
+  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 30
+
+
+@pytest.mark.parametrize("peak, overrides, scale, flowtok_steps", [
+    (0.5, [], 1.0, 20),  # A slower host than the reference trains the steps as written...
+    (9.0, [], 2.0, 40),  # ...a much faster one at most max_step_scale times them.
+    (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
+    (1.5, ["budget.scale_steps=False"], 1.0, 20),
+])
+def test_step_scale_limits(monkeypatch, tmp_path, peak, overrides, scale, flowtok_steps):
+  overrides = [*SCALED, *overrides]
+  config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal", overrides)
+  _fake_peak(monkeypatch, peak * config.budget.reference_flops)
+  assert demo.scale_steps(config, str(tmp_path), overrides) == scale
+  assert _steps(config, "flowtok")[0] == flowtok_steps
+
+
+def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  _fake_peak(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_flops)
+  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 30.
+  tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
+  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 30
+  assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
+
+
+@pytest.mark.parametrize("override, match", [
+    ("budget.max_step_scale=0.5", "max_step_scale"),
+    ("budget.reference_flops=0", "reference_flops"),
+    ("budget.scaled_stages=('tokenizer', 'export')", "not demo training stages"),
+])
+def test_a_bad_step_scaling_is_refused_before_any_work(tmp_path, override, match):
+  with pytest.raises(demo.UserError, match=match):
+    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
+                  [*TINY, *SCALED, override])
+  assert not os.path.exists(tmp_path / "w" / "data")
+
+
 def test_quality_bars_need_a_valid_parser_and_a_value():
   good = {"eval/tokenizer/val/parser_recon": 0.97, "eval/tokenizer/val/parser_gt": 1.0,
           "eval/t2i/test/accuracy": 0.9, "eval/t2i/test/valid": 1.0, "eval/i2t/test/exact": 0.5}
