@@ -175,7 +175,7 @@ def get_config(arg=None):
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
   op.name = "adamw"  # adamw | muon (Muon on hidden transformer matrices, AdamW on the rest).
   op.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update.
-  op.muon_include = r"blocks_\d+/(attn|mlp)/[^/]+/kernel$"  # Kernels Muon updates.
+  op.muon_include = optim.MUON_INCLUDE  # Kernels Muon updates (in FlowTok: the DiT's).
   op.lr = 4e-4  # Peak learning rate.
   op.warmup_steps = 100  # Linear warm-up from 0.
   op.schedule = "constant"  # After warm-up: constant | cosine (down to end_lr at total_steps).
