@@ -282,11 +282,13 @@ def budget_deadline(config, started: float) -> float | None:
 def scale_steps(config, workdir: str, overrides=()) -> float:
   """Scales the step counts of `budget.scaled_stages` to this host's speed (in place).
 
-  The recipe's steps fit the budget on the slowest host measured; a host whose matmul peak is
-  `budget.reference_flops` or less trains them as given, a faster one proportionally more, up to
-  `budget.max_step_scale` times. Checkpoint and evaluation periods scale with the run, so a
-  stage still checkpoints and evaluates as often. The factor is measured once and recorded in
-  W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
+  The recipe's steps fit the budget on the slowest host measured. The host factor is
+  f = peak / `budget.reference_flops`, clipped to [1, `budget.max_step_scale`]: a host whose
+  matmul peak is the reference or less trains the steps as written; on a faster one, stage s
+  trains 1 + w_s·(f − 1) times its steps, w_s = `budget.scaled_stages[s]` (the tokenizer gains
+  most per second, so it gets the larger share). Checkpoint and evaluation periods scale with
+  the run, so a stage still checkpoints and evaluates as often. f is measured once and recorded
+  in W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
   `total_steps` the user set on the command line trains exactly that many steps.
 
   Args:
@@ -294,7 +296,7 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     workdir: the demo's workdir (metrics.json).
     overrides: the user's `key=value` overrides.
   Returns:
-    The factor applied (1.0 when scaling is off or nothing is scaled).
+    The host factor f (1.0 when scaling is off or no stage is scaled).
   """
   from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
@@ -302,9 +304,9 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   if not section.get("scale_steps"):
     return 1.0
   explicit = {o.split("=", 1)[0].strip() for o in overrides}
-  stages = [s for s in section.get("scaled_stages") or ()
-            if not {"train.total_steps", f"stages.{s}.train.total_steps"} & explicit]
-  if not stages:
+  weights = {s: float(w) for s, w in (section.get("scaled_stages") or {}).items()
+             if not {"train.total_steps", f"stages.{s}.train.total_steps"} & explicit}
+  if not weights:
     return 1.0
   recorded = _read_metrics(workdir).get("budget/step_scale")
   if recorded is None:
@@ -312,21 +314,22 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     scale = round(min(float(section.max_step_scale),
                       max(1.0, peak / float(section.reference_flops))), 2)
     _merge_metrics(workdir, {"budget/step_scale": scale, "budget/peak_flops": peak})
-    logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): steps x %.2f",
+    logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): factor %.2f",
                  peak, section.reference_flops, scale)
   else:
     scale = float(recorded)
-  for stage in stages:
+  for stage, weight in weights.items():
     train = stage_api.config_for_stage(config, stage).train
     total = int(train.total_steps)
-    updates = {"total_steps": max(1, round(total * scale))}
+    factor = 1.0 + weight * (scale - 1.0)
+    updates = {"total_steps": max(1, round(total * factor))}
     for key in ("ckpt_every_steps", "eval_every_steps"):
       if train.get(key):
         updates[key] = max(1, round(train[key] * updates["total_steps"] / total))
     with config.unlocked():
       config.stages[stage].train.update(updates)  # _check_scaling: the section exists.
     logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
-                 updates["total_steps"], scale)
+                 updates["total_steps"], factor)
   return scale
 
 
@@ -335,11 +338,14 @@ def _check_scaling(config) -> None:
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
     return
-  unknown = set(section.get("scaled_stages") or ()) - set(TRAIN_STAGES)
+  weights = dict(section.get("scaled_stages") or {})
+  unknown = set(weights) - set(TRAIN_STAGES)
   if unknown:
     raise UserError(f"budget.scaled_stages: {sorted(unknown)} are not demo training stages "
                     f"{TRAIN_STAGES}")
-  for stage in section.get("scaled_stages") or ():
+  for stage, weight in weights.items():
+    if not isinstance(weight, (int, float)) or weight < 0:
+      raise UserError(f"budget.scaled_stages.{stage} must be a weight >= 0, got {weight!r}")
     if "train" not in ((config.get("stages") or {}).get(stage) or {}):
       raise UserError(f"budget.scaled_stages: {stage!r} has no config.stages.{stage}.train "
                       "section to scale")

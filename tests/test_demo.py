@@ -128,8 +128,11 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   assert _steps(config, "tokenizer") == (20, 10, 10)
   _fake_peak(monkeypatch, 1.5 * ref)
   assert demo.scale_steps(config, workdir) == 1.5
-  # Checkpoint and evaluation periods scale with the run; CLIP (not in scaled_stages) does not.
-  assert _steps(config, "tokenizer") == (30, 15, 15)
+  # Host factor 1.5: FlowTok (weight 1) trains 1.5 times its steps, the tokenizer (weight 1.8)
+  # 1 + 1.8 * 0.5 = 1.9 times. Checkpoint and evaluation periods scale with the run; CLIP (not
+  # in scaled_stages) does not.
+  assert dict(config.budget.scaled_stages) == {"tokenizer": 1.8, "flowtok": 1.0}
+  assert _steps(config, "tokenizer") == (38, 19, 19)
   assert _steps(config, "flowtok")[0] == 30 and _steps(config, "clip")[0] == 20
   assert demo._read_metrics(workdir)["budget/step_scale"] == 1.5  # pylint: disable=protected-access
   # A re-run keeps the recorded plan, whatever the host measures now.
@@ -143,6 +146,7 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
     (9.0, [], 2.0, 40),  # ...a much faster one at most max_step_scale times them.
     (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
     (1.5, ["budget.scale_steps=False"], 1.0, 20),
+    (1.5, ["budget.scaled_stages.flowtok=2.0"], 1.5, 40),  # Its weight: 1 + 2 * 0.5.
 ])
 def test_step_scale_limits(monkeypatch, tmp_path, peak, overrides, scale, flowtok_steps):
   overrides = [*SCALED, *overrides]
@@ -166,13 +170,21 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
 @pytest.mark.parametrize("override, match", [
     ("budget.max_step_scale=0.5", "max_step_scale"),
     ("budget.reference_flops=0", "reference_flops"),
-    ("budget.scaled_stages=('tokenizer', 'export')", "not demo training stages"),
+    ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
 ])
 def test_a_bad_step_scaling_is_refused_before_any_work(tmp_path, override, match):
   with pytest.raises(demo.UserError, match=match):
     demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
                   [*TINY, *SCALED, override])
   assert not os.path.exists(tmp_path / "w" / "data")
+
+
+def test_only_training_stages_scale():
+  config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", SCALED)
+  with config.unlocked():
+    config.budget.scaled_stages.export = 1.0
+  with pytest.raises(demo.UserError, match="not demo training stages"):
+    demo._check_scaling(config)  # pylint: disable=protected-access
 
 
 def test_quality_bars_need_a_valid_parser_and_a_value():
