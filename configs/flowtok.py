@@ -17,6 +17,7 @@ import ml_collections
 
 from flowtok_jax import config_lib
 from flowtok_jax.errors import UserError
+from flowtok_jax.train import optim
 
 # strategy -> mesh (data, fsdp, tensor) with the models' logical rules (models/layers.py):
 #   dp    every device holds a full copy of params and optimizer state (fine up to FlowTok-B).
@@ -186,7 +187,7 @@ def _training_sections(config, arg):
   op = config.optim = ml_collections.ConfigDict()  # AdamW (train/optim.py).
   op.name = "adamw"  # The paper's; muon: Muon on hidden transformer matrices (optim.py).
   op.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update.
-  op.muon_include = r"blocks_\d+/(attn|mlp)/[^/]+/kernel$"  # Kernels Muon updates.
+  op.muon_include = optim.MUON_INCLUDE  # Kernels Muon updates (the DiT blocks' attn / MLP).
   op.lr = 4e-4  # Peak learning rate.
   op.warmup_steps = 5_000  # Linear warm-up from 0.
   op.schedule = "constant"  # Constant after warm-up.

@@ -192,6 +192,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
   deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
   _check_scaling(config)
+  _check_optimizers(config)
   os.makedirs(workdir, exist_ok=True)
   scale_steps(config, workdir, overrides)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
@@ -305,7 +306,7 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     return 1.0
   explicit = {o.split("=", 1)[0].strip() for o in overrides}
   weights = {s: float(w) for s, w in (section.get("scaled_stages") or {}).items()
-             if not {"train.total_steps", f"stages.{s}.train.total_steps"} & explicit}
+             if f"stages.{s}.train.total_steps" not in explicit}
   if not weights:
     return 1.0
   recorded = _read_metrics(workdir).get("budget/step_scale")
@@ -331,6 +332,15 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
                  updates["total_steps"], factor)
   return scale
+
+
+def _check_optimizers(config) -> None:
+  """Builds each training stage's optimizer once, so that a bad `optim` setting of a later
+  stage (e.g. `stages.flowtok.optim.name`) is refused before the earlier stages train."""
+  from flowtok_jax.train import optim, stage_api  # pylint: disable=g-import-not-at-top
+  for stage in TRAIN_STAGES:
+    stage_config = stage_api.config_for_stage(config, stage)
+    optim.make(stage_config.optim, total_steps=stage_config.train.total_steps)
 
 
 def _check_scaling(config) -> None:

@@ -14,6 +14,8 @@ TINY = ["stages.clip.train.total_steps=2", "stages.tokenizer.train.total_steps=2
         "stages.flowtok.train.total_steps=2", "train.log_every_steps=1",
         "train.progress_bar=False", "eval.num=4", "eval.batch_size=4", "eval.frechet_steps=2",
         "eval.steps=2"]
+# The runlocal config trains its few steps on any host; the step-scaling tests turn it on.
+SCALED = ["budget.scale_steps=True"]
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +108,6 @@ def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, t
   assert "eval/i2t/test/exact" in metrics
 
 
-# The runlocal config trains its few steps on any host; these tests turn the scaling on.
-SCALED = ["budget.scale_steps=True"]
-
-
 def _fake_peak(monkeypatch, flops):
   from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(metrics_lib, "measure_peak_flops", lambda *a, **k: flops)
@@ -167,18 +165,6 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
 
 
-@pytest.mark.parametrize("override, match", [
-    ("budget.max_step_scale=0.5", "max_step_scale"),
-    ("budget.reference_flops=0", "reference_flops"),
-    ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
-])
-def test_a_bad_step_scaling_is_refused_before_any_work(tmp_path, override, match):
-  with pytest.raises(demo.UserError, match=match):
-    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
-                  [*TINY, *SCALED, override])
-  assert not os.path.exists(tmp_path / "w" / "data")
-
-
 def test_only_training_stages_scale():
   config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   with config.unlocked():
@@ -232,21 +218,21 @@ def test_budget_deadline():
     demo.budget_deadline(config, 0.0)
 
 
-def test_a_bad_budget_is_refused_before_any_work(tmp_path):
-  with pytest.raises(demo.UserError, match="budget.total_sec"):
-    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
-                  [*TINY, "budget.total_sec=-5"])
-  assert not os.path.exists(tmp_path / "w" / "data")
-
-
 @pytest.mark.parametrize("override, match", [
-    ("eval.i2t_steps_candidates=(0, 1)", "positive integers"),
+    ("budget.total_sec=-5", "budget.total_sec"),
+    ("eval.i2t_steps_candidates=(0, 1)", "positive integers"),  # The I2T step choice.
     ("data.eval_split=test", "also reports"),
     ("data.eval_split=train", "never reads the training split"),
+    ("budget.max_step_scale=0.5", "max_step_scale"),  # The step scaling (on: SCALED).
+    ("budget.reference_flops=0", "reference_flops"),
+    ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
+    ("stages.flowtok.optim.name=sgd", "optim.name"),  # A later stage's optimizer.
+    ("stages.tokenizer.optim.schedule=linear", "optim.schedule"),
 ])
-def test_the_i2t_step_choice_is_checked_before_any_work(tmp_path, override, match):
+def test_a_bad_setting_is_refused_before_any_work(tmp_path, override, match):
   with pytest.raises(demo.UserError, match=match):
-    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal", [*TINY, override])
+    demo.run_demo(str(tmp_path / "w"), demo.DEFAULT_CONFIG + ":runlocal",
+                  [*TINY, *SCALED, override])
   assert not os.path.exists(tmp_path / "w" / "data")
 
 
