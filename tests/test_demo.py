@@ -126,22 +126,22 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   assert _steps(config, "tokenizer") == (20, 10, 10)
   _fake_peak(monkeypatch, 1.5 * ref)
   assert demo.scale_steps(config, workdir) == 1.5
-  # Host factor 1.5: FlowTok (weight 1) trains 1.5 times its steps, the tokenizer (weight 1.8)
-  # 1 + 1.8 * 0.5 = 1.9 times. Checkpoint and evaluation periods scale with the run; CLIP (not
-  # in scaled_stages) does not.
-  assert dict(config.budget.scaled_stages) == {"tokenizer": 1.8, "flowtok": 1.0}
-  assert _steps(config, "tokenizer") == (38, 19, 19)
-  assert _steps(config, "flowtok")[0] == 30 and _steps(config, "clip")[0] == 20
+  # Host factor 1.5: FlowTok (weight 0.7) trains 1 + 0.7 * 0.5 = 1.35 times its steps, the
+  # tokenizer (weight 2.5) 1 + 2.5 * 0.5 = 2.25 times. Checkpoint and evaluation periods scale
+  # with the run; CLIP (not in scaled_stages) does not.
+  assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 0.7}
+  assert _steps(config, "tokenizer") == (45, 22, 22)
+  assert _steps(config, "flowtok")[0] == 27 and _steps(config, "clip")[0] == 20
   assert demo._read_metrics(workdir)["budget/step_scale"] == 1.5  # pylint: disable=protected-access
   # A re-run keeps the recorded plan, whatever the host measures now.
   _fake_peak(monkeypatch, 0.5 * ref)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
-  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 30
+  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 27
 
 
 @pytest.mark.parametrize("peak, overrides, scale, flowtok_steps", [
     (0.5, [], 1.0, 20),  # A slower host than the reference trains the steps as written...
-    (9.0, [], 2.0, 40),  # ...a much faster one at most max_step_scale times them.
+    (9.0, [], 2.0, 34),  # ...a much faster one at most max_step_scale: 1 + 0.7 * 1 times.
     (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
     (1.5, ["budget.scale_steps=False"], 1.0, 20),
     (1.5, ["budget.scaled_stages.flowtok=2.0"], 1.5, 40),  # Its weight: 1 + 2 * 0.5.
@@ -158,10 +158,10 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   workdir = str(tmp_path / "w")
   shutil.copytree(demo_run[0], workdir)
   _fake_peak(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_flops)
-  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 30.
+  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 27.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
-  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 30
+  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 27
   assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
 
 
