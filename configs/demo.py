@@ -248,9 +248,9 @@ def get_config(arg=None):
   config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=0.7))
   config.budget.reference_flops = 1.2e11  # Peak (FLOP/s) at which the steps are as written.
   # Cap on f: at f = 1.81 (tokenizer x 3.0, 1694 steps; FlowTok x 1.57, 1410) the fresh-clone
-  # demo took 813 s on the 217 GFLOP/s host (`time make demo`: 13 min 36 s), at f = 1.8 twenty minutes
-  # drift later 710 s (tokenizer 0.67, I2T test 0.52; "tenth pass"); a larger f would run into
-  # the budget guard.
+  # demo took 813 s on the 217 GFLOP/s host (`time make demo`: 13 min 36 s); at f = 1.8, twenty
+  # minutes later, 710 s (tokenizer 0.67, I2T test 0.52; "tenth pass"). A larger f would run
+  # into the budget guard.
   config.budget.max_step_scale = 1.8
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
