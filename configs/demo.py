@@ -222,7 +222,7 @@ def get_config(arg=None):
   # The last training stage (FlowTok) stops early, with a checkpoint, when training would run
   # past total_sec - after_training_sec from the demo's start; the export and evaluation then
   # use that checkpoint and metrics.json says so (flowtok/stopped_by_budget). The steps below
-  # fit with 1.4-2.4 minutes to spare in the fresh clones measured, so there it never stops
+  # fit with 1.4-3.2 minutes to spare in the fresh clones measured, so there it never stops
   # anything and training is deterministic (given budget/step_scale, below); it guards a slower
   # machine. after_training_sec: export + evaluation took 85-97 s (fresh clones,
   # docs/benchmarks.md), plus start-up.
