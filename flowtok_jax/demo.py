@@ -309,8 +309,8 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
              if f"stages.{s}.train.total_steps" not in explicit}
   if not weights:
     return 1.0
-  recorded = _read_metrics(workdir).get("budget/step_scale")
-  if recorded is None:
+  recorded = _read_metrics(workdir)
+  if recorded.get("budget/step_scale") is None:
     peak = metrics_lib.measure_peak_flops()
     scale = round(min(float(section.max_step_scale),
                       max(1.0, peak / float(section.reference_flops))), 2)
@@ -318,7 +318,11 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): factor %.2f",
                  peak, section.reference_flops, scale)
   else:
-    scale = float(recorded)
+    scale, peak = float(recorded["budget/step_scale"]), recorded.get("budget/peak_flops")
+  if peak and not config.train.get("peak_flops_per_device"):
+    # The stages' perf/mfu divide by this one measurement instead of each measuring again.
+    with config.unlocked():
+      config.train.peak_flops_per_device = float(peak)
   for stage, weight in weights.items():
     train = stage_api.config_for_stage(config, stage).train
     total = int(train.total_steps)

@@ -133,10 +133,14 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   assert _steps(config, "tokenizer") == (45, 22, 22)
   assert _steps(config, "flowtok")[0] == 27 and _steps(config, "clip")[0] == 20
   assert demo._read_metrics(workdir)["budget/step_scale"] == 1.5  # pylint: disable=protected-access
+  # The one measurement is every stage's MFU denominator (they do not measure again).
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  assert stage_api.config_for_stage(config, "clip").train.peak_flops_per_device == 1.5 * ref
   # A re-run keeps the recorded plan, whatever the host measures now.
   _fake_peak(monkeypatch, 0.5 * ref)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 27
+  assert config.train.peak_flops_per_device == 1.5 * ref
 
 
 @pytest.mark.parametrize("peak, overrides, scale, flowtok_steps", [
