@@ -209,7 +209,8 @@ def _init_from(state: TrainState, path: str, abstract: TrainState) -> TrainState
   return state.replace(params=params, ema_params=ema)
 
 
-def _log_compiled(compiled, stage: stage_api.Stage):
+def _log_compiled(compiled, stage: stage_api.Stage) -> float | None:
+  """Logs the compiled step's memory and FLOPs; returns XLA's FLOPs per device (or None)."""
   try:
     mem = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -231,6 +232,7 @@ def _log_compiled(compiled, stage: stage_api.Stage):
     if stage.flops_per_step:
       msg += f"; analytic (global): {stage.flops_per_step:.3e}"
     logging.info(msg)
+  return float(xla_flops) if xla_flops else None
 
 
 def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict) -> dict:
@@ -339,14 +341,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), frozen),
                               batch_abstract).compile()
     logging.info("train step compiled in %.1f s", time.perf_counter() - t)
-    _log_compiled(compiled, stage)
+    xla_flops = _log_compiled(compiled, stage)
+    # perf/mfu divides the stage's analytic FLOPs or, for a stage without them (CLIP,
+    # tokenizer), XLA's count of the compiled step (both branches of a lax.cond counted).
+    flops_per_step = stage.flops_per_step or (
+        xla_flops * jax.device_count() if xla_flops else None)
 
     peak = tcfg.get("peak_flops_per_device")
-    if stage.flops_per_step and not peak:
+    if flops_per_step and not peak:
       peak = metrics_lib.measure_peak_flops()
       logging.info("measured peak %.3e FLOP/s per device (matmul)", peak)
     throughput = metrics_lib.Throughput(
-        tcfg.batch_size, stage.flops_per_step, peak * jax.device_count() if peak else None)
+        tcfg.batch_size, flops_per_step, peak * jax.device_count() if peak else None)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
     progress = _progress(start_step, total_steps, tcfg, stage_name)
     result = RunResult(step=start_step, stopped_by=None, last_metrics={}, last_eval={},

@@ -56,6 +56,18 @@ def test_loss_drops_and_everything_is_logged(straight_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["8", "12"]
 
 
+def test_a_stage_without_analytic_flops_reports_mfu_from_xlas_count(tmp_path, monkeypatch):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  build = stage_api.get_builder("toy")
+  monkeypatch.setitem(stage_api._REGISTRY, "toy",  # pylint: disable=protected-access
+                      lambda c, ctx: dataclasses.replace(build(c, ctx), flops_per_step=None))
+  workdir = str(tmp_path)
+  loop.train_and_evaluate(_config(total_steps=4, eval_every_steps=0), workdir, "toy")
+  last = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+  assert last["perf/mfu"] > 0 and last["perf/tflops_per_sec"] > 0
+
+
 def test_resume_is_exact_through_the_cli(straight_run, tmp_path, capsys):
   ref = _losses(straight_run[0])
   workdir = str(tmp_path / "resumed")
