@@ -195,6 +195,15 @@ def _load_run_params(workdir: str, config: ml_collections.ConfigDict,
   return jax.device_get(out), random_parts
 
 
+def _first_non_finite(params) -> Optional[str]:
+  """The '/'-joined path of the first floating leaf holding a NaN or inf (None: all finite)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      return "/".join(str(getattr(k, "key", k)) for k in path)
+  return None
+
+
 def _cast(params, dtype: str):
   """Floating leaves to `dtype` (numpy); integer leaves unchanged."""
   want = jnp.dtype(dtype)
@@ -344,6 +353,14 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     scale = config.tokenizer.latent_scale = 1.0
   tokenizer = text_tokenizer.load(_text_tokenizer_path(config, workdir))
   params, random_parts = _load_run_params(workdir, config, step, meta.get("frozen"))
+  bad = _first_non_finite(params)
+  if bad:
+    raise UserError(f"checkpoint step {step} of {workdir} (or a frozen part it reads) holds "
+                    f"non-finite values in {bad}: damaged or diverged; nothing exported")
+  planned = (config.get("train") or {}).get("total_steps")
+  if planned and step < int(planned):
+    logging.warning("exporting step %d of a run planned for %d steps (training stopped early or "
+                    "is still going)", step, int(planned))
   params = _cast(params, dtype)
   models = inference.build_models(config, scale)
   i2t_missing = _i2t_missing(config, params)
@@ -356,6 +373,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
       "format": inference.FORMAT_NAME, "format_version": inference.FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "source": {"workdir": workdir, "step": step, "stage": "flowtok",
+                 "total_steps": int(planned) if planned else None,
                  "jax_version": jax.__version__},
       "param_dtype": dtype, "latent_scale": float(scale), "text_len": models.text_len,
       "image_size": models.image_size, "vocab_size": tokenizer.vocab_size,

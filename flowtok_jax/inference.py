@@ -425,7 +425,13 @@ def prepare_image(image: np.ndarray, image_size: int, name: str = "image") -> np
   return pipeline.resize_center_crop(np.ascontiguousarray(arr[..., :3]), image_size)
 
 
+# Guidance scales in use are 1-10; far beyond, v_c + s·(v_c − v_u) overflows float32 (at ~1e30
+# the samples are NaN, which decode to black images and empty captions without an error).
+MAX_CFG_SCALE = 100.0
+
+
 def check_knobs(steps: int, cfg_scale: float, sampler: str, grid: Optional[str]) -> str:
+  """The time grid for these sampler knobs (default by sampler); UserError on a bad knob."""
   if sampler not in fm.SAMPLERS:
     raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(fm.SAMPLERS)})")
   grid = grid or ("parity" if sampler == "euler" else "uniform")
@@ -435,8 +441,9 @@ def check_knobs(steps: int, cfg_scale: float, sampler: str, grid: Optional[str])
     raise UserError("the heun sampler runs on the uniform grid (--grid uniform)")
   if int(steps) < 1:
     raise UserError(f"--steps must be at least 1, got {steps}")
-  if not math.isfinite(float(cfg_scale)):
-    raise UserError(f"the guidance scale must be a finite number, got {cfg_scale}")
+  if not math.isfinite(float(cfg_scale)) or not 0.0 <= float(cfg_scale) <= MAX_CFG_SCALE:
+    raise UserError(f"the guidance scale must be in [0, {MAX_CFG_SCALE:g}] (0: unconditional, "
+                    f"1: no guidance), got {cfg_scale}")
   return grid
 
 
@@ -476,6 +483,12 @@ class _Server:
       raise UserError(f"batch size must be at least 1, got {batch_size}")
     self.batch_size = int(batch_size)
     d = self.bundle.defaults(self.direction)
+    try:  # The bundle's own defaults, checked as such: the user passed no flag for them.
+      check_knobs(d.get("steps", 20), d.get("cfg_scale", 1.0), d.get("sampler", "euler"),
+                  d.get("grid"))
+    except (UserError, TypeError, ValueError) as e:
+      raise UserError(f"bundle {self.bundle.path}: its {BUNDLE_JSON} 'defaults.{self.direction}' "
+                      f"are invalid ({e}); re-export it") from None
     self.steps = int(steps if steps is not None else d.get("steps", 20))
     self.cfg_scale = float(cfg_scale if cfg_scale is not None else d.get("cfg_scale", 1.0))
     self.sampler = sampler or d.get("sampler", "euler")
@@ -614,13 +627,18 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
   seeds = [int(seed) + j for j in range(len(all_prompts))]
   if int(seed) < 0 or seeds and seeds[-1] >= 2 ** 32:
     raise UserError(f"--seed must be in [0, 2^32 - {len(seeds)}], got {seed}")
+  names = [f"{j:04d}.png" for j in range(len(all_prompts))]
+  previous = _listed_samples(out) if os.path.isdir(out) else set()
+  foreign = [n for n in names if os.path.exists(os.path.join(out, n)) and n not in previous]
+  if foreign:  # Files this command did not write are the user's: never overwrite them.
+    raise UserError(f"--out {out} already holds {foreign[0]}, which no earlier `flowtok "
+                    "generate` wrote there (its samples.json does not list it); choose another "
+                    "--out or move the file")
   gen = Generator(bundle, batch_size=batch_size, **knobs)
   images = gen.generate(all_prompts, seeds)
   os.makedirs(out, exist_ok=True)
-  previous = _listed_samples(out)
   records = []
-  for j, (prompt, s, image) in enumerate(zip(all_prompts, seeds, images)):
-    name = f"{j:04d}.png"
+  for name, prompt, s, image in zip(names, all_prompts, seeds, images):
     Image.fromarray(image).save(os.path.join(out, name))
     records.append({"file": name, "prompt": prompt, "seed": s, **gen.knobs()})
   tmp = os.path.join(out, "samples.json.tmp")

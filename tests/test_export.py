@@ -85,6 +85,8 @@ def test_bundle_holds_the_runs_parameters(tiny_runs, tiny_bundle_dir):
   assert meta["latent_scale"] == pytest.approx(tiny_bundle.LATENT_SCALE)
   assert meta["capabilities"]["i2t"] and meta["random_parts"] == []
   assert meta["source"]["step"] == tiny_bundle.STEP
+  # The run's planned length beside the exported step: a partly trained bundle says so.
+  assert meta["source"]["total_steps"] == b.config.train.total_steps
   assert meta["defaults"]["t2i"] == {"steps": STEPS, "cfg_scale": 2.0, "sampler": "euler",
                                      "grid": "parity"}
   eq = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
@@ -245,6 +247,24 @@ def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):
       fh.truncate(max(1, os.path.getsize(f) // 3))
   code, _, err = run_cli(["export", "--workdir", str(damaged), "--out", out], capsys)
   assert_one_error(code, err, "damaged")
+  assert not os.path.exists(out)
+
+
+def test_export_refuses_non_finite_parameters(tiny_runs, tmp_path, capsys, monkeypatch):
+  load = export._load_run_params  # pylint: disable=protected-access
+
+  def with_a_nan(*args, **kwargs):  # What a bit flip in a checkpoint's data can give.
+    params, random_parts = load(*args, **kwargs)
+    kernel = np.array(params["flow"]["x_embedder"]["kernel"])
+    kernel.flat[3] = np.nan
+    params["flow"]["x_embedder"]["kernel"] = kernel
+    return params, random_parts
+
+  monkeypatch.setattr(export, "_load_run_params", with_a_nan)
+  out = tmp_path / "bundle"
+  code, _, err = run_cli(["export", "--workdir", tiny_runs.flowtok, "--out", str(out)], capsys)
+  assert_one_error(code, err, "non-finite values in flow/x_embedder/kernel", "nothing exported")
+  assert not out.exists()
 
 
 def test_export_cli_writes_a_loadable_bundle(tiny_runs, tmp_path, capsys):

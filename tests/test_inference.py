@@ -122,9 +122,18 @@ def test_bad_prompts_and_flags_are_one_line_errors(tiny_bundle_dir, tmp_path, ca
   code, _, err = run_cli(gen + ["--prompt", PROMPTS[0], "--prompt", "a red circle " * 8], capsys)
   assert_one_error(code, err, "too long", "tokens", "at most 15")
   for flags, needle in ((["--num", "0"], "--num"), (["--steps", "0"], "--steps"),
-                        (["--seed", "-1"], "--seed"), (["--config.seed=1"], "does not apply")):
+                        (["--seed", "-1"], "--seed"), (["--config.seed=1"], "does not apply"),
+                        (["--cfg", "1e30"], "guidance scale must be in [0, 100]"),
+                        (["--cfg", "-5"], "guidance scale must be in [0, 100]")):
     assert_one_error(*run_cli(gen + ["--prompt", PROMPTS[0], *flags], capsys)[::2], needle)
   assert not (tmp_path / "o").exists()  # Nothing written for a refused request.
+  # A file of the user's where an image would go is never overwritten.
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "0000.png").write_bytes(b"my own picture")
+  mine = ["generate", "--bundle", tiny_bundle_dir, "--out", str(tmp_path / "mine")]
+  assert_one_error(*run_cli(mine + ["--prompt", PROMPTS[0]], capsys)[::2], "already holds "
+                   "0000.png", "no earlier `flowtok generate` wrote")
+  assert (tmp_path / "mine" / "0000.png").read_bytes() == b"my own picture"
 
 
 def test_bad_bundles_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
@@ -148,6 +157,12 @@ def test_bad_bundles_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
   assert_one_error(*gen(bad), "format version 99", "re-export")
   (bad / inference.BUNDLE_JSON).write_text(json.dumps(dict(meta, files=["params.msgpack"])))
   assert_one_error(*gen(bad), "'files' is not a mapping")
+  # Sampler defaults the bundle itself holds are named as the bundle's, not as a flag.
+  (bad / inference.BUNDLE_JSON).write_text(json.dumps(dict(meta, defaults=dict(
+      meta["defaults"], t2i=dict(meta["defaults"]["t2i"], steps=-3)))))
+  shutil.copy(os.path.join(tiny_bundle_dir, inference.PARAMS_FILE), bad / inference.PARAMS_FILE)
+  assert_one_error(*gen(bad), "'defaults.t2i' are invalid", "--steps must be at least 1",
+                   "re-export")
   # Checksums that match parameters that do not fit the config (a leaf of the wrong shape).
   import flax.serialization  # pylint: disable=g-import-not-at-top
   params = flax.serialization.msgpack_restore(
