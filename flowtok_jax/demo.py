@@ -339,12 +339,14 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
 
 
 def _check_optimizers(config) -> None:
-  """Builds each training stage's optimizer once, so that a bad `optim` setting of a later
-  stage (e.g. `stages.flowtok.optim.name`) is refused before the earlier stages train."""
-  from flowtok_jax.train import optim, stage_api  # pylint: disable=g-import-not-at-top
+  """Builds each training stage's optimizer once and checks its EMA decay, so that a bad
+  setting of a later stage (e.g. `stages.flowtok.optim.name`) is refused before the earlier
+  stages train."""
+  from flowtok_jax.train import loop, optim, stage_api  # pylint: disable=g-import-not-at-top
   for stage in TRAIN_STAGES:
     stage_config = stage_api.config_for_stage(config, stage)
     optim.make(stage_config.optim, total_steps=stage_config.train.total_steps)
+    loop.check_ema_decay(stage_config.train)
 
 
 def _check_scaling(config) -> None:

@@ -232,6 +232,9 @@ def test_budget_deadline():
     ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
     ("stages.flowtok.optim.name=sgd", "optim.name"),  # A later stage's optimizer.
     ("stages.tokenizer.optim.schedule=linear", "optim.schedule"),
+    ("stages.flowtok.train.ema_decay=2.0", "ema_decay"),  # A later stage's EMA.
+    ("stages.flowtok.optim.lr=nan", "optim.lr"),  # NaN would train on NaN.
+    ("stages.clip.optim.b2=1.5", "optim.b2"),
 ])
 def test_a_bad_setting_is_refused_before_any_work(tmp_path, override, match):
   with pytest.raises(demo.UserError, match=match):

@@ -243,6 +243,15 @@ def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict) -> dic
           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def check_ema_decay(tcfg) -> None:
+  """`train.ema_decay` is None (no EMA) or in [0, 1): at 1 or above the EMA never leaves the
+  random init (or grows without bound) and the evaluated and exported params are garbage."""
+  d = tcfg.get("ema_decay")
+  if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float))
+                        or not 0.0 <= d < 1.0):
+    raise UserError(f"train.ema_decay must be None (no EMA) or in [0, 1), got {d!r}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stage_name: str | None = None, *, stop_at_step: int | None = None,
                        stop_at_time: float | None = None) -> RunResult:
@@ -266,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = stage_api.config_for_stage(config, stage_name)
   tcfg = config.train
   total_steps = config_lib.steps("total", tcfg)
+  check_ema_decay(tcfg)
   if tcfg.get("compilation_cache_dir"):
     # Resumed and repeated runs then load the compiled train step instead of recompiling it
     # (25 s -> 3 s for the demo's CLIP step on 2 CPU cores). Must precede the first compile.

@@ -16,6 +16,7 @@ AdamW; decay follows the same mask.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -79,8 +80,9 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any]
   """
   if cfg.schedule not in SCHEDULES:
     raise UserError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-  if cfg.warmup_steps < 0 or cfg.lr < 0:
-    raise UserError("optim.lr and optim.warmup_steps must be >= 0")
+  if cfg.warmup_steps < 0 or not _finite(cfg.lr) or cfg.lr < 0:
+    raise UserError(f"optim.lr and optim.warmup_steps must be finite and >= 0, got "
+                    f"{cfg.lr} and {cfg.warmup_steps}")
   warmup = int(cfg.warmup_steps)
   lr = float(cfg.lr)
   if cfg.schedule == "constant":
@@ -95,6 +97,24 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[Any]
   return optax.join_schedules([ramp, after], [warmup])
 
 
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_numbers(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses optimizer numbers that would train on NaN or not at all, naming the key."""
+  for key, ok, want in (
+      ("b1", lambda v: 0 <= v < 1, "in [0, 1)"), ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+      ("end_lr", lambda v: v >= 0, ">= 0")):
+    value = cfg.get(key)
+    if value is not None and not (_finite(value) and ok(value)):
+      raise UserError(f"optim.{key} must be a finite number {want}, got {value!r}")
+  clip = cfg.get("clip_norm")
+  if clip is not None and not (_finite(clip) and clip >= 0):
+    raise UserError(f"optim.clip_norm must be None, 0 (off) or a finite number > 0, got {clip!r}")
+
+
 def make(cfg: ml_collections.ConfigDict, *, total_steps: int) -> Optimizer:
   """Builds AdamW or Muon (decoupled decay, masked) with clipping from a config section.
 
@@ -106,6 +126,7 @@ def make(cfg: ml_collections.ConfigDict, *, total_steps: int) -> Optimizer:
   Returns:
     Optimizer(tx, schedule).
   """
+  _check_numbers(cfg)
   sched = schedule(cfg, total_steps)
   exclude = tuple(cfg.decay_exclude or ())
   name = cfg.get("name", "adamw")

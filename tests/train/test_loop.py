@@ -68,6 +68,13 @@ def test_a_stage_without_analytic_flops_reports_mfu_from_xlas_count(tmp_path, mo
   assert last["perf/mfu"] > 0 and last["perf/tflops_per_sec"] > 0
 
 
+@pytest.mark.parametrize("decay", [1.0, 2.0, -0.5, float("nan")])
+def test_an_ema_decay_outside_0_1_is_refused_before_any_work(tmp_path, decay):
+  with pytest.raises(UserError, match="train.ema_decay must be None"):
+    loop.train_and_evaluate(_config(ema_decay=decay), str(tmp_path / "w"), "toy")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_resume_is_exact_through_the_cli(straight_run, tmp_path, capsys):
   ref = _losses(straight_run[0])
   workdir = str(tmp_path / "resumed")

@@ -36,6 +36,14 @@ def test_bad_schedule_is_user_error():
     optim.schedule(_cfg(schedule="linear"), 10)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("lr", float("nan")), ("lr", -1e-3), ("b1", 1.0), ("b2", float("inf")), ("eps", 0.0),
+    ("weight_decay", -0.1), ("end_lr", float("nan")), ("clip_norm", -1.0)])
+def test_numbers_that_would_not_train_are_refused_by_name(key, value):
+  with pytest.raises(UserError, match=f"optim.{key}"):
+    optim.make(_cfg(**{key: value}), total_steps=10)
+
+
 class _Net(nn.Module):
   @nn.compact
   def __call__(self, x):
