@@ -27,7 +27,6 @@ INSTALL_REQUIRES = [
     "einops==0.8.2",
     "etils==1.15.0",
     "scipy==1.17.1",  # Connected components and sqrtm in evaluation/.
-    "portpicker==1.6.0",  # Free ports for local multi-process runs.
     "flatbuffers==25.12.19",  # jax.export serialisation of the bundle programs.
 ]
 

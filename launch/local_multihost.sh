@@ -38,7 +38,8 @@ shift $((OPTIND - 1))
 
 python_bin="${PYTHON:-python3}"
 if [[ -z "$port" ]]; then
-  port="$("$python_bin" -c 'import portpicker; print(portpicker.pick_unused_port())')"
+  # A free port from the OS (the standard library only: works with any python3).
+  port="$("$python_bin" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 log_dir="${log_dir:-$(mktemp -d -t flowtok_multihost.XXXXXX)}"
 mkdir -p "$log_dir"

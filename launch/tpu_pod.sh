@@ -105,9 +105,10 @@ create() {
 }
 
 install() {
-  local repo archive
+  local repo tmpdir archive
   repo="$(cd "$(dirname "$0")/.." && pwd)"
-  archive="$(mktemp -t flowtok_src.XXXXXX).tar.gz"
+  tmpdir="$(mktemp -d -t flowtok_src.XXXXXX)"
+  archive="$tmpdir/flowtok_src.tar.gz"
   x git -C "$repo" archive --format=tar.gz -o "$archive" HEAD
   x gcloud compute tpus tpu-vm scp "$archive" "$name:flowtok_src.tar.gz" "${common[@]}" \
     --worker=all
@@ -115,7 +116,7 @@ install() {
   steps+=" cd ~/$remote_dir; python3 -m venv .venv; .venv/bin/pip install -q --upgrade pip;"
   steps+=" .venv/bin/pip install -q -e '.[tpu]'"
   tpu_ssh all "$steps"
-  [[ $dry_run -eq 1 ]] || rm -f "$archive"
+  rm -rf "$tmpdir"
 }
 
 run() {
