@@ -64,7 +64,7 @@ def read_run_meta(workdir: str) -> tuple[dict, int]:
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
-      raise UserError(f"no checkpoint in {workdir} (train the flowtok stage there first)")
+      raise UserError(f"no checkpoint in {workdir} ({_no_checkpoint_hint(workdir)})")
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # pylint: disable=broad-except
@@ -75,6 +75,15 @@ def read_run_meta(workdir: str) -> tuple[dict, int]:
   if not isinstance(meta, dict) or "config" not in meta:
     raise UserError(f"checkpoint {directory}/{step} has no config in its metadata")
   return dict(meta), int(step)
+
+
+def _no_checkpoint_hint(workdir: str) -> str:
+  """What to do about a workdir without checkpoints: it may be a demo's root or a bundle."""
+  if os.path.isfile(os.path.join(workdir, inference.BUNDLE_JSON)):
+    return "it is an exported bundle; give the flowtok run it came from"
+  if os.path.isdir(os.path.join(workdir, "flowtok", "checkpoints")):
+    return f"a demo's workdir? its flowtok run is --workdir {os.path.join(workdir, 'flowtok')}"
+  return "train the flowtok stage there first"
 
 
 def _text_tokenizer_path(config, workdir: str) -> str:
@@ -336,7 +345,7 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     knobs["grid"] = inference.check_knobs(
         knobs["steps"], knobs["cfg_scale"], knobs["sampler"],
         grid or (knobs["grid"] if knobs["sampler"] == "euler" else None))
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.local(workdir, "--workdir")
   out = _prepare_out(out)
   meta, step = read_run_meta(workdir)
   if meta.get("stage") != "flowtok":

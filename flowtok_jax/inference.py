@@ -289,7 +289,7 @@ def load_bundle(path: str) -> Bundle:
   """Reads and checks a bundle; anything missing, corrupt or mismatched is one UserError line."""
   import flax.serialization  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(str(path)))
+  path = paths.local(str(path), "--bundle")
   meta = read_bundle_meta(path)
   for name in (CONFIG_JSON, PARAMS_FILE, TOKENIZER_FILE):
     check_file(path, meta, name)

@@ -220,10 +220,18 @@ def test_export_follows_a_moved_demo_directory(tiny_runs, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tmp_path, capsys):
+def test_export_bad_workdirs_are_one_line_errors(tiny_runs, tiny_bundle_dir, tmp_path, capsys):
   out = str(tmp_path / "bundle")
   code, _, err = run_cli(["export", "--workdir", str(tmp_path / "nope"), "--out", out], capsys)
   assert_one_error(code, err, "no workdir at")
+  code, _, err = run_cli(["export", "--workdir", "gs://bucket/w", "--out", out], capsys)
+  assert_one_error(code, err, "--workdir gs://bucket/w", "mount")
+  # A demo's root or a bundle given as the run: the error says where the run is.
+  assert os.path.dirname(tiny_runs.flowtok) == tiny_runs.root
+  code, _, err = run_cli(["export", "--workdir", tiny_runs.root, "--out", out], capsys)
+  assert_one_error(code, err, "no checkpoint", f"--workdir {tiny_runs.flowtok}")
+  code, _, err = run_cli(["export", "--workdir", tiny_bundle_dir, "--out", out], capsys)
+  assert_one_error(code, err, "no checkpoint", "exported bundle")
   (tmp_path / "empty").mkdir()
   code, _, err = run_cli(["export", "--workdir", str(tmp_path / "empty"), "--out", out], capsys)
   assert_one_error(code, err, "no checkpoint")

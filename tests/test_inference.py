@@ -142,6 +142,7 @@ def test_bad_bundles_are_one_line_errors(tiny_bundle_dir, tmp_path, capsys):
                     str(tmp_path / "o")], capsys)[::2]
 
   assert_one_error(*gen(tmp_path / "missing"), "no bundle at")
+  assert_one_error(*gen("gs://bucket/bundle"), "--bundle gs://bucket/bundle", "mount")
   (tmp_path / "plain").mkdir()
   assert_one_error(*gen(tmp_path / "plain"), "not a flowtok bundle")
   bad = tmp_path / "bad"
