@@ -194,6 +194,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   _check_scaling(config)
   _check_optimizers(config)
   os.makedirs(workdir, exist_ok=True)
+  host_peak(config, workdir)
   scale_steps(config, workdir, overrides)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
@@ -299,7 +300,6 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   Returns:
     The host factor f (1.0 when scaling is off or no stage is scaled).
   """
-  from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
@@ -309,20 +309,16 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
              if f"stages.{s}.train.total_steps" not in explicit}
   if not weights:
     return 1.0
-  recorded = _read_metrics(workdir)
-  if recorded.get("budget/step_scale") is None:
-    peak = metrics_lib.measure_peak_flops()
+  recorded = _read_metrics(workdir).get("budget/step_scale")
+  if recorded is None:
+    peak = host_peak(config, workdir)
     scale = round(min(float(section.max_step_scale),
                       max(1.0, peak / float(section.reference_flops))), 2)
-    _merge_metrics(workdir, {"budget/step_scale": scale, "budget/peak_flops": peak})
+    _merge_metrics(workdir, {"budget/step_scale": scale})
     logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): factor %.2f",
                  peak, section.reference_flops, scale)
   else:
-    scale, peak = float(recorded["budget/step_scale"]), recorded.get("budget/peak_flops")
-  if peak and not config.train.get("peak_flops_per_device"):
-    # The stages' perf/mfu divide by this one measurement instead of each measuring again.
-    with config.unlocked():
-      config.train.peak_flops_per_device = float(peak)
+    scale = float(recorded)
   for stage, weight in weights.items():
     train = stage_api.config_for_stage(config, stage).train
     total = int(train.total_steps)
@@ -336,6 +332,21 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
                  updates["total_steps"], factor)
   return scale
+
+
+def host_peak(config, workdir: str) -> float:
+  """The host's matmul peak (FLOP/s), measured once per workdir (`budget/peak_flops` in
+  W/metrics.json) and set as every stage's `train.peak_flops_per_device` unless the user set
+  one: the stages' perf/mfu then share one denominator instead of each measuring again."""
+  from flowtok_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  peak = _read_metrics(workdir).get("budget/peak_flops")
+  if not peak:
+    peak = metrics_lib.measure_peak_flops()
+    _merge_metrics(workdir, {"budget/peak_flops": peak})
+  if not config.train.get("peak_flops_per_device"):
+    with config.unlocked():
+      config.train.peak_flops_per_device = float(peak)
+  return float(peak)
 
 
 def _check_optimizers(config) -> None:

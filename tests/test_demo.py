@@ -42,6 +42,10 @@ def test_demo_writes_every_output(demo_run):
   assert metrics["bar/t2i_test_accuracy/met"] is False
   assert metrics["bar/t2i_test_accuracy/short_by"] > 0
   assert metrics["flowtok/final_step"] == 2 and metrics["flowtok/train/frac_i2t"] >= 0
+  # One matmul-peak measurement (step scaling off here) is every stage's MFU denominator.
+  assert metrics["budget/peak_flops"] > 0
+  for stage in ("clip", "tokenizer", "flowtok"):
+    assert metrics[f"{stage}/perf/mfu"] > 0, stage
   # The bundle's I2T steps were chosen on val among the runlocal candidates (1, 4); with no
   # caption right at either (two training steps), the default 20 stays.
   exact = {k: metrics[f"export/i2t_val_exact_at_{k}_steps"] for k in (1, 4)}
@@ -140,6 +144,7 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   _fake_peak(monkeypatch, 0.5 * ref)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 27
+  assert demo.host_peak(config, workdir) == 1.5 * ref  # The recorded peak, not a new one.
   assert config.train.peak_flops_per_device == 1.5 * ref
 
 
@@ -161,6 +166,11 @@ def test_step_scale_limits(monkeypatch, tmp_path, peak, overrides, scale, flowto
 def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch, tmp_path):
   workdir = str(tmp_path / "w")
   shutil.copytree(demo_run[0], workdir)
+  # The copied run recorded this host's real peak (and a re-run would keep it): measure anew.
+  recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
+  del recorded["budget/peak_flops"]
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(recorded, f)
   _fake_peak(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_flops)
   # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 27.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
