@@ -147,8 +147,8 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
 
   The step is `train/loop.py`'s (same shardings, state donated); frozen parts are random, the
   batch is one random batch reused. MFU = analytic FLOPs (flops.py; the stage's
-  `flops_per_step` when it has one) / step time / the mesh's peak (measured matmul peak ×
-  devices; on CPU the one measurement, since fake host devices share the cores).
+  `flops_per_step` when it has one, else XLA's count) / step time / the mesh's peak (measured
+  matmul peak × devices; on CPU the one measurement, since fake host devices share the cores).
 
   Args:
     config: full config; the mesh comes from `config.mesh`.
@@ -195,11 +195,15 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
          "examples_per_sec": round(prog.examples / step_s, 2),
          "peak_flops_per_device": peak, "peak_flops": _mesh_peak(peak, devices),
          "warmup_steps": warmup, "xla_flops_per_step": xla * devices if xla else None}
-  if prog.flops:
-    achieved = prog.flops / step_s
-    out.update(flops_per_step=prog.flops, flops_per_example=prog.flops / prog.examples,
-               flops_per_sec=achieved, mfu=round(achieved / _mesh_peak(peak, devices), 4))
-    if xla:
+  # A stage without analytic FLOPs (CLIP, tokenizer) is measured by XLA's count, as the train
+  # loop's perf/mfu does; `flops_source` says which.
+  flops = prog.flops or (xla * devices if xla else None)
+  if flops:
+    achieved = flops / step_s
+    out.update(flops_per_step=flops, flops_per_example=flops / prog.examples,
+               flops_per_sec=achieved, mfu=round(achieved / _mesh_peak(peak, devices), 4),
+               flops_source="analytic" if prog.flops else "xla")
+    if xla and prog.flops:
       out["xla_over_analytic"] = round(xla * devices / prog.flops, 3)
   out.update(_memory(compiled))
   return out

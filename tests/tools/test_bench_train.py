@@ -18,11 +18,21 @@ def test_bench_train_reports_rates_flops_mfu_and_memory(capsys, monkeypatch):
   assert r["compile_s"] > 0 and 0 < r["step_s_min"] <= r["step_s"]
   assert abs(r["examples_per_sec"] - 16 / r["step_s"]) < 0.02 * r["examples_per_sec"]
   # The toy stage's own analytic count (6 · B · weights) at batch 16, and MFU from it.
-  assert r["flops_per_step"] == 6 * 16 * (16 * 32 + 32 * 4)
+  assert r["flops_per_step"] == 6 * 16 * (16 * 32 + 32 * 4) and r["flops_source"] == "analytic"
   assert abs(r["mfu"] - r["flops_per_sec"] / r["peak_flops_per_device"]) < 1e-3
   assert r["warmup_steps"] == 2 and r["peak_flops"] == r["peak_flops_per_device"]
   assert r["peak_flops_per_device"] > 1e8  # a measured matmul, not a default
   assert r["xla_flops_per_step"] > 0 and r["temp_mib"] >= 0 and r["max_rss_mib"] > 0
+
+
+def test_bench_train_of_a_stage_without_analytic_flops_uses_xlas_count(capsys, monkeypatch):
+  monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE_CPU", 512)
+  demo = os.path.join(REPO, "configs", "demo.py") + ":runlocal"
+  cli.main(["bench", "train", "--config", demo, "--stage", "tokenizer", "--batch_size", "4",
+            "--steps", "2", "--warmup", "1"])
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert r["stage"] == "tokenizer" and r["flops_source"] == "xla"
+  assert r["flops_per_step"] == r["xla_flops_per_step"] > 0 and r["mfu"] > 0
 
 
 def test_mesh_peak_counts_cpu_host_devices_once(monkeypatch):
