@@ -360,7 +360,13 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     logging.warning("tokenizer.latent_scale is None and init.tokenizer_from unset: using 1.0, "
                     "as the run did")
     scale = config.tokenizer.latent_scale = 1.0
-  tokenizer = text_tokenizer.load(_text_tokenizer_path(config, workdir))
+  tokenizer_path = _text_tokenizer_path(config, workdir)
+  trained_with = (meta.get("fingerprints") or {}).get("text_tokenizer")
+  if trained_with and inference.file_sha256(tokenizer_path) != trained_with:
+    raise UserError(f"{tokenizer_path} is not the text tokenizer {workdir} trained with (sha256 "
+                    f"{trained_with[:12]}...): its token ids would not match the model; put the "
+                    "run's own back")
+  tokenizer = text_tokenizer.load(tokenizer_path)
   params, random_parts = _load_run_params(workdir, config, step, meta.get("frozen"))
   bad = _first_non_finite(params)
   if bad:

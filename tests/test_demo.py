@@ -268,3 +268,24 @@ def test_a_demo_stage_stopped_by_a_signal_exits_with_its_code(monkeypatch, capsy
       None, str(tmp_path), "clip"))
   exit_code, _, err = run_cli(["demo", "--workdir", str(tmp_path)], capsys)
   assert exit_code == code and "clip stopped by " + signal_name in err
+
+
+def test_a_swapped_text_tokenizer_is_refused_on_resume_and_export(demo_run, tmp_path):
+  """Another sentencepiece model in W/ would map the same captions to other ids: training on
+  them or shipping them with the model is a silent wrong result."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import export  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  caps = [f"a {c} {s} at the {where}" for c in ("red", "blue", "green")
+          for s in ("circle", "square", "triangle") for where in ("top", "left", "bottom")]
+  other = text_tokenizer.train_from_config(ml_collections.ConfigDict(dict(
+      vocab_size=40, model_type="word", lowercase=True, num_captions=None)), caps)
+  with open(os.path.join(workdir, "text_tokenizer.model"), "wb") as f:
+    f.write(other.to_bytes())
+  with pytest.raises(demo.UserError, match="trained with another text_tokenizer file"):
+    demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
+  with pytest.raises(demo.UserError, match="is not the text tokenizer .* trained with"):
+    export.export_bundle(os.path.join(workdir, "flowtok"), str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "b")

@@ -235,8 +235,21 @@ def _log_compiled(compiled, stage: stage_api.Stage) -> float | None:
   return float(xla_flops) if xla_flops else None
 
 
-def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict) -> dict:
+def check_fingerprints(stage: stage_api.Stage, meta: dict, workdir: str) -> None:
+  """Refuses to resume a run whose input files (its text tokenizer) changed since the checkpoint:
+  it would go on training, silently, on other token ids."""
+  recorded = meta.get("fingerprints") or {}
+  for name, sha in stage.fingerprints.items():
+    if recorded.get(name) and sha and recorded[name] != sha:
+      raise UserError(f"{workdir} trained with another {name} file (sha256 {recorded[name][:12]}"
+                      f"..., now {sha[:12]}...): put the run's own back, or train in a new "
+                      "workdir")
+
+
+def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict,
+          fingerprints=None) -> dict:
   return {"stage": stage_name, "step": int(step), "frozen": dict(frozen_sources),
+          "fingerprints": dict(fingerprints or {}),
           "config": json.loads(config.to_json_best_effort()),
           "mesh": dict(mesh.shape), "process_count": jax.process_count(),
           "jax_version": jax.__version__,
@@ -322,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if other != stage_name:
         raise UserError(f"{workdir} holds a checkpoint of stage {other!r}, "
                         f"not {stage_name!r}: use another workdir")
+      check_fingerprints(stage, resumed_meta, workdir)
       state, _ = ckpt.restore(abstract, train_iter)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
@@ -427,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               metrics_lib.check_finite({k: float(v) for k, v in step_metrics.items()
                                         if metrics_lib.guards_state(k)}, step, last_good)
               ckpt.save(step, state, train_iter,
-                        _meta(config, stage_name, step, mesh, frozen_sources))
+                        _meta(config, stage_name, step, mesh, frozen_sources,
+                              stage.fingerprints))
               last_good = step
           if stop:
             result.stopped_by = stop

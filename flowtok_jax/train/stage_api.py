@@ -215,7 +215,10 @@ class Stage:
       (evaluators then see the raw params).
     evaluators: periodic evaluation / sampling jobs.
     flops_per_step: analytic FLOPs of one training step on the global batch (forward + backward),
-      for `perf/mfu`; None leaves MFU out.
+      for `perf/mfu`; None: XLA's count of the compiled step.
+    fingerprints: name -> sha256 of an input file the run's meaning depends on (the text
+      tokenizer model: the token ids). Written into checkpoint metadata; resuming with another
+      file is refused, and export checks the one it ships.
   """
   name: str
   init: Callable[[jax.Array, Batch], Params]
@@ -229,6 +232,7 @@ class Stage:
   ema_decay: float | None = None
   evaluators: Sequence[Evaluator] = ()
   flops_per_step: float | None = None
+  fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 StageBuilder = Callable[[ml_collections.ConfigDict, StageContext], Stage]

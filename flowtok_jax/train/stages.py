@@ -16,6 +16,7 @@ Stage-specific knobs live in `config.clip_stage`, `config.tokenizer_stage`, `con
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -159,19 +160,40 @@ def _example_batch(config, i2t_ids: bool = False,
   return out
 
 
-def _text_tokenizer(config, ctx: stage_api.StageContext):
-  """`text_tokenizer.path` (a sentencepiece .model or CLIP's tokenizer.json), else the
-  sentencepiece model W/ or W/../text_tokenizer.model."""
-  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+def _text_tokenizer_file(config, workdir: str) -> tuple[Optional[str], list[str]]:
+  """(the text tokenizer file, the places looked): `text_tokenizer.path` (a sentencepiece
+  .model or CLIP's tokenizer.json), else the sentencepiece model W/ or W/../text_tokenizer.model."""
   path = config.text_tokenizer.get("path") if config.get("text_tokenizer") else None
   candidates = [path] if path else [os.path.join(d, "text_tokenizer.model") for d in
-                                    (ctx.workdir, os.path.dirname(ctx.workdir))]
-  for c in candidates:
-    if c and os.path.exists(c):
-      return text_tokenizer.load(c)
+                                    (workdir, os.path.dirname(workdir))]
+  return next((c for c in candidates if c and os.path.isfile(c)), None), candidates
+
+
+def _text_tokenizer(config, ctx: stage_api.StageContext):
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  found, candidates = _text_tokenizer_file(config, ctx.workdir)
+  if found:
+    return text_tokenizer.load(found)
   raise UserError(f"no text tokenizer model found (looked for {', '.join(candidates)}); "
                   "train one with `flowtok data text_tokenizer --config ... --out "
                   "W/text_tokenizer.model` or set text_tokenizer.path")
+
+
+def text_tokenizer_sha256(config, workdir: str) -> Optional[str]:
+  """sha256 of the text tokenizer file a run in `workdir` reads (None: there is none yet)."""
+  found, _ = _text_tokenizer_file(config, workdir)
+  if not found:
+    return None
+  h = hashlib.sha256()
+  with open(found, "rb") as f:
+    h.update(f.read())
+  return h.hexdigest()
+
+
+def _fingerprints(config, ctx: stage_api.StageContext) -> dict[str, str]:
+  """What the run's token ids depend on (stage_api.Stage.fingerprints)."""
+  sha = text_tokenizer_sha256(config, ctx.workdir)
+  return {"text_tokenizer": sha} if sha else {}
 
 
 def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None):
@@ -231,7 +253,7 @@ def build_clip(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       name="clip", init=lambda rng, b: model.init(rng, b["text_ids"], b["image"])["params"],
       loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
-      ema_decay=_ema(config),
+      ema_decay=_ema(config), fingerprints=_fingerprints(config, ctx),
       evaluators=_retrieval_evaluator(config, ctx, embed_fn, int(sc.eval_num)))
 
 
@@ -372,6 +394,7 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       name="tokenizer", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
       frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config),
+      fingerprints=_fingerprints(config, ctx),
       evaluators=_reconstruction_evaluator(config, ctx, recon_fn, sc.eval_num))
 
 
@@ -607,7 +630,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   return stage_api.Stage(
       name="flowtok", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx, latents_dir), example_batch=example,
-      frozen=frozen_parts, ema_decay=_ema(config),
+      frozen=frozen_parts, ema_decay=_ema(config), fingerprints=_fingerprints(config, ctx),
       # Held-out batches are images (the evaluator encodes them), stored posteriors or not.
       evaluators=_flowtok_evaluator(config, ctx, flow_fn,
                                     tuple(_example_batch(config, i2t_ids=True))),
