@@ -319,6 +319,7 @@ def get_config(arg=None):
       s.train.update(total_steps=20, batch_size=8, eval_every_steps=10,
                      ckpt_every_steps=10)
       s.optim.warmup_steps = 2
+    st.flowtok.train.ema_decay = 0.5  # 0.98 over 20 steps would keep 2/3 of the random init.
     ev.update(num=16, batch_size=8, frechet_steps=20, i2t_steps_candidates=(1, 4))
     config.budget.scale_steps = False  # The few steps above on any host.
 

@@ -266,7 +266,11 @@ def _convert(args, overrides):
 
 def _demo_flags(p):
   p.add_argument("--workdir", default="runs/demo", help="output directory (re-running resumes)")
-  p.add_argument("--config", default=None, help="config (default: the repository's configs/demo.py)")
+  p.add_argument("--config", default=None,
+                 help="config path[:arg] (default: the repository's configs/demo.py; "
+                      "configs/demo.py:runlocal runs every stage in ~2 minutes at a tiny size); "
+                      "any --config.KEY=VALUE overrides it, e.g. "
+                      "--config.budget.scale_steps=False")
 
 
 @command("demo", "run the whole pipeline on the embedded captioned-shapes default", _demo_flags)

@@ -228,7 +228,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   def do_export():
     run = os.path.join(workdir, "flowtok")
     out = {}
-    if _up_to_date(bundle, flowtok_ckpt):
+    if _up_to_date(bundle, flowtok_ckpt) and _intact(bundle):
       logging.info("bundle %s is newer than the flowtok checkpoints: kept", bundle)
     else:
       out["export/bytes"] = export.export_bundle(run, bundle).get("bytes", 0)
@@ -397,6 +397,20 @@ def _i2t_steps_candidates(config) -> tuple[int, ...]:
     raise UserError(f"the I2T steps are chosen on data.eval_split={split!r}, which eval.splits "
                     "also reports: choose them on another held-out split")
   return tuple(counts)
+
+
+def _intact(bundle: str) -> bool:
+  """True when the bundle's files are all there and match their checksums; else it is logged
+  (and the demo exports it again instead of evaluating a damaged one)."""
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    meta = inference.read_bundle_meta(bundle)
+    for name in meta.get("files") or {}:
+      inference.check_file(bundle, meta, name)
+  except UserError as e:
+    logging.warning("%s: exporting it again", e)
+    return False
+  return True
 
 
 def _up_to_date(output: str, source: str) -> bool:

@@ -289,3 +289,15 @@ def test_a_swapped_text_tokenizer_is_refused_on_resume_and_export(demo_run, tmp_
   with pytest.raises(demo.UserError, match="is not the text tokenizer .* trained with"):
     export.export_bundle(os.path.join(workdir, "flowtok"), str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b")
+
+
+def test_a_rerun_exports_a_damaged_bundle_again(demo_run, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  params = os.path.join(workdir, "bundle", "params.msgpack")
+  with open(params, "r+b") as f:
+    f.truncate(os.path.getsize(params) // 2)
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", TINY)
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  inference.load_bundle(os.path.join(workdir, "bundle"))  # Exported again: intact.
+  assert "eval/i2t/test/exact" in metrics

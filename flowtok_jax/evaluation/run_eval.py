@@ -316,10 +316,12 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
     predicted = cap.caption_images(list(images))
     exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
   best = max(counts, key=lambda k: (exact[k], -k))
+  why = "the best"
   if exact[best] == 0.0:
     best = int(b.meta["defaults"]["i2t"]["steps"])
-  logging.info("I2T exact match on %d %s images by steps: %s -> %d steps", len(images), split,
-               exact, best)
+    why = "no count got a caption right: the bundle's default"
+  logging.info("I2T exact match on %d %s images by steps: %s -> %d steps (%s)", len(images),
+               split, exact, best, why)
   return best, exact
 
 
