@@ -169,7 +169,9 @@ def _saved_tree(mngr: ocp.CheckpointManager, step: int, where: str, resume: bool
     raise UserError(f"cannot read checkpoint {where} (damaged?): {_error_line(e)}{hint}"
                     ) from None
   if meta is None:
-    raise UserError(f"checkpoint {where} has no train state")
+    hint = _resume_hint(mngr, step, where) if resume else ""
+    raise UserError(f"checkpoint {where} has no readable train state (damaged: its state/ "
+                    f"metadata is missing?){hint}")
   return getattr(meta, "tree", meta)
 
 

@@ -301,3 +301,13 @@ def test_a_rerun_exports_a_damaged_bundle_again(demo_run, tmp_path):
   from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
   inference.load_bundle(os.path.join(workdir, "bundle"))  # Exported again: intact.
   assert "eval/i2t/test/exact" in metrics
+
+
+def test_evaluating_with_the_demos_workdir_as_data_dir_points_at_w_data(demo_run, capsys):
+  from cli_run import assert_one_error, run_cli  # pylint: disable=g-import-not-at-top
+  workdir = demo_run[0]
+  before = sorted(os.listdir(workdir))
+  code, _, err = run_cli(["eval", "--bundle", os.path.join(workdir, "bundle"), "--data_dir",
+                          workdir, "--num", "4", "--out", os.path.join(workdir, "e2")], capsys)
+  assert_one_error(code, err, f"give --data_dir {os.path.join(workdir, 'data')}")
+  assert sorted(os.listdir(workdir)) == before  # No second dataset written into W.

@@ -384,6 +384,12 @@ def build(data_cfg, data_dir: str) -> str:
     return _summary(_prepared_builder(data_cfg, data_dir), "prepared")
   if builder.is_prepared() and data_cfg.name == SHAPES_NAME:
     return _summary(builder, "already built")
+  inner = os.path.join(data_dir, "data")
+  if (data_cfg.name == SHAPES_NAME and not os.path.isdir(os.path.join(data_dir, SHAPES_NAME))
+      and os.path.isdir(inner) and _own_builder(data_cfg, inner).is_prepared()):
+    # A demo's workdir W keeps its dataset in W/data: building a second copy into W is a slip.
+    raise UserError(f"{data_dir} holds no {SHAPES_NAME} but {inner} does (a demo's workdir?): "
+                    f"give --data_dir {inner}")
   mode = None
   if data_cfg.name == FOLDER_NAME:
     builder.scan()  # Fail on bad input before tfds deletes the previous version.

@@ -177,6 +177,10 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)))["params"]))
   select = tuple(config.get("init", {}).get("tokenizer_select", ()) or ()) + ("encoder",)
+  stage = ckpt_lib.latest_meta(tokenizer_workdir).get("stage")
+  if stage not in (None, "tokenizer"):  # (None: a checkpoint directory, or converted weights.)
+    raise UserError(f"--tokenizer {tokenizer_workdir} holds a {stage!r}-stage checkpoint; give "
+                    "the tokenizer stage's workdir (in the demo: W/tokenizer)")
   source_ckpt = tokenizer_checkpoint(tokenizer_workdir)
   params, _ = ckpt_lib.load_params(os.path.join(source_ckpt["dir"], str(source_ckpt["step"])),
                                    abstract, select=select)

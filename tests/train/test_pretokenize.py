@@ -171,3 +171,13 @@ def test_cli_pretokenize_needs_its_inputs(stored, tmp_path):
   r = subprocess.run(base + [f"--tokenizer={work}", f"--out={a_file}"], capture_output=True,
                      text=True, env=env, timeout=300)
   assert r.returncode != 0 and "is a file" in r.stderr.strip().splitlines()[-1]
+
+
+def test_another_stages_workdir_as_the_tokenizer_is_named(stored, tmp_path, monkeypatch):
+  make, _, work, _, _ = stored
+  config = make()
+  monkeypatch.setattr(ckpt_lib, "latest_meta", lambda path: {"stage": "clip"})
+  with pytest.raises(UserError, match="holds a 'clip'-stage checkpoint; give the tokenizer"):
+    pretokenize.pretokenize(config, work, config.data.data_dir, str(tmp_path / "l"), ["val"],
+                            progress=False)
+  assert not os.path.exists(tmp_path / "l")
