@@ -491,8 +491,8 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     if a.startswith("--config."):
       body = a[len("--config."):]
       if "=" not in body:
-        if i + 1 >= len(argv):
-          raise UserError(f"{a} needs a value")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+          raise UserError(f"{a} needs a value (write {a}=VALUE)")
         body = f"{body}={argv[i + 1]}"
         i += 1
       overrides.append(body)

@@ -171,6 +171,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     key, sep, value = item.partition("=")
     if not sep:
       raise UserError(f"config override {item!r} must look like key=value")
+    if not all(key.split(".")):
+      raise UserError(f"config override {item!r} has an empty key (or key part): write "
+                      "--config.section.key=value")
     _open_stage_key(config, key)
     parent, leaf = _resolve(config, key)
     current = parent[leaf]

@@ -21,6 +21,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
      ("flowtok caption: unrecognized arguments: --image", "(see flowtok caption --help)")),
     (["generate", "--bundle", "b", "--out", "o"],
      ("generate needs --prompt TEXT or --prompts_file FILE", "(see flowtok generate --help)")),
+    # `--config.key VALUE` must not swallow the next flag as its value.
+    (["train", "--config", f"{REPO}/configs/demo.py:runlocal", "--config.train.batch_size",
+      "--workdir", "w"], ("--config.train.batch_size needs a value",
+                          "--config.train.batch_size=VALUE")),
+    (["info", "--config", f"{REPO}/configs/demo.py:runlocal", "--config.=3"], ("empty key",)),
+    (["info", "--config", f"{REPO}/configs/demo.py:runlocal", "--config.train..seed=3"], ("empty key",)),
 ])
 def test_argument_errors_name_the_command(argv, needles, capsys):
   code, _, err = run_cli(argv, capsys)
