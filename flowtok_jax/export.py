@@ -400,7 +400,10 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
       "programs": {name: desc for name, (_, desc) in progs.items()},
       "files": {},
   }
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+  try:
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+  except OSError as e:
+    raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the bundle from other users.
     files = {inference.PARAMS_FILE: flax.serialization.msgpack_serialize(params),

@@ -72,6 +72,15 @@ def _is_torchscript(path: str) -> bool:
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a .pth/.bin/.pt checkpoint (also an OpenAI TorchScript archive) as float32 numpy."""
   try:
+    with open(path, "rb") as f:
+      head = f.read(2)
+  except OSError as e:
+    raise UserError(f"cannot read --src {path}: {e.strerror or e}") from None
+  # torch.save writes a zip archive (b"PK"), older versions a pickle (protocol 2+: b"\x80").
+  if not (head == b"PK" or head[:1] == b"\x80"):
+    raise UserError(f"--src {path} is not a PyTorch checkpoint (neither a torch.save zip archive "
+                    "nor a pickle)")
+  try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"reading {path} needs PyTorch: pip install torch==2.13.0 "

@@ -323,9 +323,14 @@ def test_cli_convert_writes_loadable_trees(tmp_path, capsys):
 def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
   path = tmp_path / "FlowTok-XL.pth"
-  path.write_bytes(b"not read")
+  path.write_bytes(b"PK\x03\x04 the start of a torch.save archive")
   with pytest.raises(UserError, match=r"pip install torch==2\.13\.0"):
     convert.load_state_dict(str(path))
+  # A file that is no checkpoint at all is named as such, torch or not.
+  notes = tmp_path / "notes"
+  notes.write_text("my notes")
+  with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+    convert.load_state_dict(str(notes))
 
 
 def test_torch_checkpoint_with_wrapper_prefix_and_bf16(tmp_path, config):
