@@ -311,3 +311,22 @@ def test_evaluating_with_the_demos_workdir_as_data_dir_points_at_w_data(demo_run
                           workdir, "--num", "4", "--out", os.path.join(workdir, "e2")], capsys)
   assert_one_error(code, err, f"give --data_dir {os.path.join(workdir, 'data')}")
   assert sorted(os.listdir(workdir)) == before  # No second dataset written into W.
+
+
+def test_a_stage_reading_another_text_tokenizer_than_its_frozen_clip_is_refused(demo_run,
+                                                                                 tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = demo_run[0]
+  caps = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
+  other = text_tokenizer.train_from_config(ml_collections.ConfigDict(dict(
+      vocab_size=30, model_type="word", lowercase=True, num_captions=None)), caps)
+  model = tmp_path / "other.model"
+  model.write_bytes(other.to_bytes())
+  config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal", [
+      *TINY, f"data.data_dir={os.path.join(workdir, 'data')}",
+      f"init.clip_from={os.path.join(workdir, 'clip')}", f"text_tokenizer.path={model}"])
+  with pytest.raises(demo.UserError, match="frozen clip_text comes from .* another "
+                     "text_tokenizer file"):
+    loop.train_and_evaluate(config, str(tmp_path / "tok"), "tokenizer")

@@ -160,6 +160,16 @@ def make_train_step(stage: stage_api.Stage):
   return train_step
 
 
+def _check_part_fingerprints(stage: stage_api.Stage, part: stage_api.FrozenPart) -> None:
+  """A frozen part from a run that read another text tokenizer (other token ids) is refused."""
+  theirs = ckpt_lib.latest_meta(part.checkpoint).get("fingerprints") or {}
+  for name, sha in stage.fingerprints.items():
+    if theirs.get(name) and sha and theirs[name] != sha:
+      raise UserError(f"frozen {part.name} comes from {part.checkpoint}, which trained with "
+                      f"another {name} file (sha256 {theirs[name][:12]}..., this run's "
+                      f"{sha[:12]}...): every stage must read the same one")
+
+
 def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
                 pinned: dict | None = None):
   """Frozen parts: loaded params-only (or randomly initialised), sharded by their logical axes.
@@ -175,6 +185,7 @@ def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + i)
     init = lambda r, part=part: part.init(r, {k: jnp.asarray(v) for k, v in batch1.items()})
     if part.checkpoint:
+      _check_part_fingerprints(stage, part)
       step = (pinned or {}).get(part.name)
       source = ckpt_lib.pin(part.checkpoint, step)
       if step is not None and not os.path.isdir(source):
