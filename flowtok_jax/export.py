@@ -87,13 +87,11 @@ def _no_checkpoint_hint(workdir: str) -> str:
 
 
 def _text_tokenizer_path(config, workdir: str) -> str:
-  """Where the flowtok stage found its sentencepiece model (same search order)."""
-  path = config.text_tokenizer.get("path") if config.get("text_tokenizer") else None
-  candidates = [path] if path else [os.path.join(d, "text_tokenizer.model")
-                                    for d in (workdir, os.path.dirname(workdir))]
-  for c in candidates:
-    if c and os.path.isfile(c):
-      return c
+  """Where the flowtok stage found its sentencepiece model (its own lookup)."""
+  from flowtok_jax.train import stages  # pylint: disable=g-import-not-at-top
+  found, candidates = stages.text_tokenizer_file(config, workdir)
+  if found:
+    return found
   raise UserError(f"no text tokenizer model for {workdir} (looked for {', '.join(candidates)}); "
                   "copy the run's text_tokenizer.model there")
 
@@ -360,12 +358,13 @@ def export_bundle(workdir: str, out: str, *, dtype: str = "float32", programs: b
     logging.warning("tokenizer.latent_scale is None and init.tokenizer_from unset: using 1.0, "
                     "as the run did")
     scale = config.tokenizer.latent_scale = 1.0
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
   tokenizer_path = _text_tokenizer_path(config, workdir)
-  trained_with = (meta.get("fingerprints") or {}).get("text_tokenizer")
-  if trained_with and inference.file_sha256(tokenizer_path) != trained_with:
-    raise UserError(f"{tokenizer_path} is not the text tokenizer {workdir} trained with (sha256 "
-                    f"{trained_with[:12]}...): its token ids would not match the model; put the "
-                    "run's own back")
+  clash = loop.fingerprint_clash({"text_tokenizer": inference.file_sha256(tokenizer_path)},
+                                 meta)
+  if clash:
+    raise UserError(f"{tokenizer_path} is not the text tokenizer {workdir} trained with "
+                    f"({clash}): its token ids would not match the model; put the run's own back")
   tokenizer = text_tokenizer.load(tokenizer_path)
   params, random_parts = _load_run_params(workdir, config, step, meta.get("frozen"))
   bad = _first_non_finite(params)

@@ -160,14 +160,14 @@ def make_train_step(stage: stage_api.Stage):
   return train_step
 
 
-def _check_part_fingerprints(stage: stage_api.Stage, part: stage_api.FrozenPart) -> None:
-  """A frozen part from a run that read another text tokenizer (other token ids) is refused."""
-  theirs = ckpt_lib.latest_meta(part.checkpoint).get("fingerprints") or {}
-  for name, sha in stage.fingerprints.items():
-    if theirs.get(name) and sha and theirs[name] != sha:
-      raise UserError(f"frozen {part.name} comes from {part.checkpoint}, which trained with "
-                      f"another {name} file (sha256 {theirs[name][:12]}..., this run's "
-                      f"{sha[:12]}...): every stage must read the same one")
+def fingerprint_clash(ours: Mapping[str, str], meta: Mapping) -> str | None:
+  """'NAME: sha256 X... recorded, Y... now' for the first input file whose sha256 differs from
+  the one a checkpoint's metadata recorded (None: none differs, or nothing to compare)."""
+  recorded = meta.get("fingerprints") or {}
+  for name, sha in ours.items():
+    if recorded.get(name) and sha and recorded[name] != sha:
+      return f"{name}: sha256 {recorded[name][:12]}... recorded, {sha[:12]}... now"
+  return None
 
 
 def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
@@ -184,8 +184,12 @@ def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
   for i, part in enumerate(stage.frozen):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + i)
     init = lambda r, part=part: part.init(r, {k: jnp.asarray(v) for k, v in batch1.items()})
+    clash = part.checkpoint and fingerprint_clash(stage.fingerprints,
+                                                  ckpt_lib.latest_meta(part.checkpoint))
+    if clash:  # A frozen part that read other token ids than this run.
+      raise UserError(f"frozen {part.name} comes from {part.checkpoint}, which trained with "
+                      f"another text_tokenizer file ({clash}): every stage must read the same one")
     if part.checkpoint:
-      _check_part_fingerprints(stage, part)
       step = (pinned or {}).get(part.name)
       source = ckpt_lib.pin(part.checkpoint, step)
       if step is not None and not os.path.isdir(source):
@@ -244,17 +248,6 @@ def _log_compiled(compiled, stage: stage_api.Stage) -> float | None:
       msg += f"; analytic (global): {stage.flops_per_step:.3e}"
     logging.info(msg)
   return float(xla_flops) if xla_flops else None
-
-
-def check_fingerprints(stage: stage_api.Stage, meta: dict, workdir: str) -> None:
-  """Refuses to resume a run whose input files (its text tokenizer) changed since the checkpoint:
-  it would go on training, silently, on other token ids."""
-  recorded = meta.get("fingerprints") or {}
-  for name, sha in stage.fingerprints.items():
-    if recorded.get(name) and sha and recorded[name] != sha:
-      raise UserError(f"{workdir} trained with another {name} file (sha256 {recorded[name][:12]}"
-                      f"..., now {sha[:12]}...): put the run's own back, or train in a new "
-                      "workdir")
 
 
 def _meta(config, stage_name: str, step: int, mesh, frozen_sources: dict,
@@ -346,7 +339,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if other != stage_name:
         raise UserError(f"{workdir} holds a checkpoint of stage {other!r}, "
                         f"not {stage_name!r}: use another workdir")
-      check_fingerprints(stage, resumed_meta, workdir)
+      clash = fingerprint_clash(stage.fingerprints, resumed_meta)
+      if clash:  # Training on would go on, silently, with other token ids.
+        raise UserError(f"{workdir} trained with another text_tokenizer file ({clash}): put the "
+                        "run's own back, or train in a new workdir")
       state, _ = ckpt.restore(abstract, train_iter)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:

@@ -16,7 +16,6 @@ Stage-specific knobs live in `config.clip_stage`, `config.tokenizer_stage`, `con
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -160,9 +159,9 @@ def _example_batch(config, i2t_ids: bool = False,
   return out
 
 
-def _text_tokenizer_file(config, workdir: str) -> tuple[Optional[str], list[str]]:
-  """(the text tokenizer file, the places looked): `text_tokenizer.path` (a sentencepiece
-  .model or CLIP's tokenizer.json), else the sentencepiece model W/ or W/../text_tokenizer.model."""
+def text_tokenizer_file(config, workdir: str) -> tuple[Optional[str], list[str]]:
+  """(the text tokenizer file a run in `workdir` reads, the places looked): `text_tokenizer.path`
+  (a sentencepiece .model or CLIP's tokenizer.json), else W/ or W/../text_tokenizer.model."""
   path = config.text_tokenizer.get("path") if config.get("text_tokenizer") else None
   candidates = [path] if path else [os.path.join(d, "text_tokenizer.model") for d in
                                     (workdir, os.path.dirname(workdir))]
@@ -171,7 +170,7 @@ def _text_tokenizer_file(config, workdir: str) -> tuple[Optional[str], list[str]
 
 def _text_tokenizer(config, ctx: stage_api.StageContext):
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
-  found, candidates = _text_tokenizer_file(config, ctx.workdir)
+  found, candidates = text_tokenizer_file(config, ctx.workdir)
   if found:
     return text_tokenizer.load(found)
   raise UserError(f"no text tokenizer model found (looked for {', '.join(candidates)}); "
@@ -179,21 +178,12 @@ def _text_tokenizer(config, ctx: stage_api.StageContext):
                   "W/text_tokenizer.model` or set text_tokenizer.path")
 
 
-def text_tokenizer_sha256(config, workdir: str) -> Optional[str]:
-  """sha256 of the text tokenizer file a run in `workdir` reads (None: there is none yet)."""
-  found, _ = _text_tokenizer_file(config, workdir)
-  if not found:
-    return None
-  h = hashlib.sha256()
-  with open(found, "rb") as f:
-    h.update(f.read())
-  return h.hexdigest()
-
-
 def _fingerprints(config, ctx: stage_api.StageContext) -> dict[str, str]:
-  """What the run's token ids depend on (stage_api.Stage.fingerprints)."""
-  sha = text_tokenizer_sha256(config, ctx.workdir)
-  return {"text_tokenizer": sha} if sha else {}
+  """What the run's token ids depend on (stage_api.Stage.fingerprints): its text tokenizer file
+  ({} when there is none yet: the stage's first data read then says so)."""
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  found, _ = text_tokenizer_file(config, ctx.workdir)
+  return {"text_tokenizer": inference.file_sha256(found)} if found else {}
 
 
 def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None):
