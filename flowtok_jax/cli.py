@@ -474,11 +474,22 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{where}{message} (see {self.prog} --help)")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+  """Shows a flag's default where it has one and its help does not already say it."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (action.option_strings and "default" not in text and action.default not in
+        (None, False, [], argparse.SUPPRESS)):
+      text += " (default: %(default)s)"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="flowtok", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for name, (help_text, add_flags, _) in _COMMANDS.items():
-    add_flags(sub.add_parser(name, help=help_text))
+    add_flags(sub.add_parser(name, help=help_text, formatter_class=_HelpFormatter))
   return parser
 
 
@@ -524,11 +535,36 @@ def _cpu_unless_accelerator(nodes: Sequence[str] = _ACCELERATOR_NODES) -> bool:
   return True
 
 
+def _missing_dirs(args) -> list[str]:
+  """The output paths a command was given (--workdir, --out, --data_dir) that do not exist yet,
+  each with its missing parents, deepest first."""
+  missing = []
+  for name in ("workdir", "out", "data_dir"):
+    path = getattr(args, name, None)
+    if not isinstance(path, str) or not path or "://" in path:
+      continue
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+      missing.append(path)
+      path = os.path.dirname(path)
+  return missing
+
+
+def _remove_empty(dirs: Sequence[str]):
+  """A refused command leaves no empty directory behind (rmdir: never one that has a file)."""
+  for d in dirs:
+    try:
+      os.rmdir(d)
+    except OSError:
+      pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _cpu_unless_accelerator()
   logging.basicConfig(level=os.environ.get("FLOWTOK_LOG_LEVEL", "INFO"),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  created = []  # Output directories that did not exist before the command.
   try:
     rest, overrides = _split_overrides(argv)
     args, unknown = build_parser().parse_known_args(rest)
@@ -536,12 +572,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError(f"flowtok {args.command}: unrecognized arguments: {' '.join(unknown)} "
                       f"(see flowtok {args.command} --help)")
     _, _, fn = _COMMANDS[args.command]
+    created = _missing_dirs(args)
     code = fn(args, overrides)
   except UserError as e:
+    _remove_empty(created)
     print(f"flowtok: error: {e}", file=sys.stderr)
     sys.exit(2)
   except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
           PermissionError) as e:
+    _remove_empty(created)
     # A path the up-front checks did not foresee: still one line, not a traceback.
     where = f": {e.filename}" if e.filename else ""
     print(f"flowtok: error: {e.strerror or e}{where}", file=sys.stderr)

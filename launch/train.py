@@ -63,6 +63,13 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"flowtok: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except SystemExit as e:  # absl's --help / --helpshort / --helpfull print, then exit 1.
+    if e.code == 1 and _HELP_FLAGS.intersection(argv[1:]):
+      sys.exit(0)
+    raise
+
+
+_HELP_FLAGS = frozenset(f"--{h}" for h in ("help", "helpshort", "helpfull", "helpxml")) | {"-?"}
 
 
 if __name__ == "__main__":

@@ -60,3 +60,32 @@ def test_no_tpu_noise_without_a_tpu():
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "cpu" and not proc.stderr.strip(), proc.stderr
+
+
+def test_a_refused_command_leaves_no_empty_directory(tmp_path, capsys):
+  demo = f"{REPO}/configs/demo.py:runlocal"
+  # No text tokenizer for this workdir: refused after the loop made the workdir.
+  code, _, err = run_cli(["train", "--config", demo, "--workdir", str(tmp_path / "new" / "w")],
+                         capsys)
+  assert_one_error(code, err, "no text tokenizer model found")
+  # export refuses a missing workdir; its --out (and the missing parent) must not stay behind.
+  code, _, err = run_cli(["export", "--workdir", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "b" / "bundle")], capsys)
+  assert_one_error(code, err, "no workdir at")
+  assert sorted(os.listdir(tmp_path)) == []
+  # A directory that existed, or holds a file, is left alone.
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "notes.txt").write_text("mine")
+  code, _, err = run_cli(["train", "--config", demo, "--workdir", str(tmp_path / "old")], capsys)
+  assert_one_error(code, err, "no text tokenizer model found")
+  assert os.listdir(tmp_path / "old") == ["notes.txt"]
+
+
+def test_help_shows_defaults_once(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["probe", "--help"])
+  assert e.value.code == 0
+  out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines.
+  assert "examples probed (default: 128)" in out  # A default the help did not state.
+  assert "(default: the bundle's)" in out and "(default: the bundle's) (default" not in out
+  assert "(default: None)" not in out and "(default: False)" not in out

@@ -144,7 +144,18 @@ class _LocalInfo(tfds.core.DatasetInfo):
     pass
 
 
-class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder whose data is made here: TFDS's "Downloading and preparing dataset Unknown size"
+  (and "downloaded") lines would mislead, so it says what it does."""
+
+  def _log_download_bytes(self) -> None:
+    print(f"Building dataset {self.name} in {self.data_dir} ...")
+
+  def _log_download_done(self) -> None:
+    print(f"Dataset {self.name} built in {self.data_dir}.")
+
+
+class CaptionedShapes(_LocalBuilder):
   """Captioned shapes (DESIGN.md §6): images, captions, JSON ground truth per example."""
 
   VERSION = tfds.core.Version("1.2.0")
@@ -220,7 +231,7 @@ def _read_image(path: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(example_lib.pil_to_rgb_uint8(im))
 
 
-class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
+class ImageCaptionFolder(_LocalBuilder):
   """A user's folder of images with captions.jsonl, stored as RGB PNG + caption + file name."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -330,6 +341,13 @@ def _own_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder | None:
     return cls(config=config, data_dir=data_dir, file_format=_ARRAY_RECORD)
 
 
+def _is_prepared(builder) -> bool:
+  # ERROR: on a half-built or fresh folder tfds warns "Variant folder ... has no
+  # dataset_info.json", which is what "not prepared" means here.
+  with _absl_level(logging.ERROR):
+    return builder.is_prepared()
+
+
 def _tfds_build_hint(name: str, data_dir: str) -> str:
   return f"run `tfds build {name} --file_format=array_record --data_dir {data_dir}`"
 
@@ -343,7 +361,7 @@ def _prepared_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   builder = _own_builder(data_cfg, data_dir)
   name = data_cfg.name
   if builder is not None:
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
       raise UserError(f"dataset {name}/{builder.builder_config.name} not found in {data_dir}: run "
                       f"`flowtok data build --config <your config> --data_dir {data_dir}`")
     return builder
@@ -352,7 +370,7 @@ def _prepared_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"dataset {name} not found in {data_dir} ({type(e).__name__}): "
                     + _tfds_build_hint(name, data_dir)) from e
-  if not builder.is_prepared():
+  if not _is_prepared(builder):
     raise UserError(f"dataset {name} is not prepared in {data_dir}: "
                     + _tfds_build_hint(name, data_dir))
   return builder
@@ -382,11 +400,11 @@ def build(data_cfg, data_dir: str) -> str:
   builder = _own_builder(data_cfg, data_dir)
   if builder is None:
     return _summary(_prepared_builder(data_cfg, data_dir), "prepared")
-  if builder.is_prepared() and data_cfg.name == SHAPES_NAME:
+  if _is_prepared(builder) and data_cfg.name == SHAPES_NAME:
     return _summary(builder, "already built")
   inner = os.path.join(data_dir, "data")
   if (data_cfg.name == SHAPES_NAME and not os.path.isdir(os.path.join(data_dir, SHAPES_NAME))
-      and os.path.isdir(inner) and _own_builder(data_cfg, inner).is_prepared()):
+      and os.path.isdir(inner) and _is_prepared(_own_builder(data_cfg, inner))):
     # A demo's workdir W keeps its dataset in W/data: building a second copy into W is a slip.
     raise UserError(f"{data_dir} holds no {SHAPES_NAME} but {inner} does (a demo's workdir?): "
                     f"give --data_dir {inner}")
@@ -397,7 +415,9 @@ def build(data_cfg, data_dir: str) -> str:
   # TFDS prints its progress to stdout, which belongs to the commands' results (JSON, paths);
   # its bars only on a terminal (in a log or a pipe their carriage returns make one long line).
   tfds.display_progress_bar(sys.stderr.isatty())
-  with _absl_level(logging.WARNING), contextlib.redirect_stdout(sys.stderr):
+  # ERROR: tfds warns about its own half-written variant folder ("has no dataset_info.json")
+  # while it builds; our builders report through their own logger.
+  with _absl_level(logging.ERROR), contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode or tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
         compute_stats=tfds.download.ComputeStatsMode.SKIP))

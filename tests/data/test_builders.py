@@ -178,6 +178,10 @@ def test_cli_data_build_then_show(tmp_path, runlocal_config):
   assert res.returncode == 0, res.stderr
   assert "train=256 val=64 test=64 compositional=64" in res.stdout.splitlines()[-1]
   assert "\r" not in res.stderr  # No progress bars in a pipe.
+  # The data is made here: no "Downloading ... Unknown size", no tfds warning about its own
+  # half-built folder.
+  assert "Downloading" not in res.stderr and "WARNING" not in res.stderr, res.stderr
+  assert "Building dataset captioned_shapes in" in res.stderr
   out = str(tmp_path / "preview.png")
   assert cli.main(["data", "show", "--config", DEMO + ":runlocal", "--data_dir", data_dir,
                    "--split", "val", "--num", "4", "--out", out]) == 0

@@ -67,3 +67,11 @@ def test_train_entry_point_flag_errors_are_one_line_exit_2(argv, needle):
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert out.returncode == 2, out.stderr
   assert len(lines) == 1 and lines[0].startswith("flowtok: error:") and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+def test_train_entry_point_help_exits_0(flag):
+  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), flag],
+                       capture_output=True, text=True, cwd=REPO, check=False)
+  assert out.returncode == 0, out.stderr
+  assert "--workdir" in out.stdout and "--distributed" in out.stdout
