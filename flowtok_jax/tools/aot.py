@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Optional, Sequence
@@ -51,6 +52,22 @@ def chip_of(topology: str) -> Chip:
   return CHIPS[kind]
 
 
+# Cloud TPU accelerator-type names: (prefix, devices per chip in the name's count).
+_ACCELERATOR_NAMES = {"v4": ("v4", 2), "v5e": ("v5litepod", 1), "v5p": ("v5p", 2),
+                      "v6e": ("v6e", 1)}
+
+
+def accelerator_type(topology: str) -> str | None:
+  """'v5p:2x2x1' -> 'v5p-8' (the name a TPU VM of that slice reports); None if unreadable."""
+  kind, _, dims = topology.partition(":")
+  try:
+    chips = math.prod(int(d) for d in dims.split("x"))
+  except ValueError:
+    return None
+  prefix, per_chip = _ACCELERATOR_NAMES.get(kind, (kind, 1))
+  return f"{prefix}-{chips * per_chip}"
+
+
 def topology_devices(topology: str):
   """The abstract devices of `topology` (e.g. 'v5p:2x2x2'); UserError without libtpu."""
   try:
@@ -64,6 +81,12 @@ def topology_devices(topology: str):
   # No chip is opened, so several compiling processes (tests, sweeps) may share libtpu; without
   # this the second one fails on libtpu's lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
+    # Not a TPU VM: without these libtpu prints "could not determine TPU accelerator type" and
+    # "unexpected worker hostname" errors (the compile is the same either way).
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if accelerator_type(topology):
+      os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topology))
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices

@@ -51,6 +51,14 @@ def test_unknown_generation_is_a_user_error():
   assert aot.chip_of("v5p:2x2x1").hbm_gib == 95 and aot.chip_of("v5e:2x2").hbm_gib == 16
 
 
+def test_accelerator_type_names_the_slice():
+  assert aot.accelerator_type("v5p:2x2x1") == "v5p-8"  # v4 / v5p names count TensorCores.
+  assert aot.accelerator_type("v4:2x2x2") == "v4-16"
+  assert aot.accelerator_type("v5e:4x4") == "v5litepod-16"
+  assert aot.accelerator_type("v6e:2x2") == "v6e-4"
+  assert aot.accelerator_type("v5p:two") is None
+
+
 @needs_libtpu
 def test_mesh_must_fit_the_topology():
   config = config_lib.load(TOY_CONFIG, ["mesh.shape=(3, 1, 1)"])
@@ -80,6 +88,9 @@ def test_cli_compiles_the_loop_train_step_for_a_small_topology():
   assert train["alias_bytes"] > 0
   assert train["xla_flops_per_device"] > 0 and train["analytic_flops_per_device"] > 0
   assert "fits" in out.stdout and "v5e:2x2: 4 devices on 1 host(s)" in out.stdout
+  # libtpu's TPU-VM lookups (accelerator type, worker hostnames) print nothing on a CPU host.
+  assert "could not determine" not in out.stderr and "worker hostname" not in out.stderr, (
+      out.stderr[-2000:])
 
 
 @needs_libtpu
