@@ -123,6 +123,16 @@ def draw_curve(points: Sequence[tuple[float, float]], title: str, out: str,
   return out
 
 
+def _shown(key: str, value: Any, flat: dict[str, Any]) -> str:
+  """A value as the table shows it; a T2I accuracy whose split's `valid` flag is off (the
+  parser failed its ground-truth check, DESIGN §7) is marked void, not shown bare."""
+  text = format_value(value)
+  head, _, leaf = key.rpartition("/")
+  if leaf.startswith("accuracy") and head and not flat.get(f"{head}/valid", True):
+    text = f"void ({text}: the parser misreads the ground truth)"
+  return text
+
+
 def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
   body = "".join(f"<tr><td>{html.escape(k)}</td><td class=num>{html.escape(v)}</td></tr>"
                  for k, v in rows)
@@ -161,7 +171,7 @@ def write_report(path: str, metrics: dict[str, Any],
   flat = flatten(metrics)
   if flat:
     parts.append("<h2>Metrics</h2>")
-    parts.append(_table([(k, format_value(v)) for k, v in flat.items()], ("metric", "value")))
+    parts.append(_table([(k, _shown(k, v, flat)) for k, v in flat.items()], ("metric", "value")))
 
   if stage_times:
     rows = [(k, f"{float(v):.1f}") for k, v in stage_times.items()]

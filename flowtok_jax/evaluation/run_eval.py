@@ -209,7 +209,8 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
       d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
     summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
                     f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
-    for key in ("color", "shape", "size", "location", "relation", "count"):
+    for key in ("accuracy_lenient", "color", "shape", "size", "location", "pair_size",
+                "relation", "count"):
       summary[f"t2i/{split}/{key}"] = t2i[key]
     if feature_net is not None:
       summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
@@ -237,13 +238,14 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
     images, attrs, captions = shapes_eval.load_split(data_cfg, data_dir, recon_split, num)
     recon = reconstruct(b, images, captions, batch_size=batch_size,
                         compiler_options=compiler_options)
+    parsed = shapes_eval.t2i_accuracy(recon, attrs)
     tokenizer_details = {
         "split": recon_split, "num": len(images),
         "psnr": float(np.mean(image_metrics.psnr(images, recon))),
         "ssim": float(np.mean(image_metrics.ssim(images, recon))),
-        "parser_recon": shapes_eval.t2i_accuracy(recon, attrs)["accuracy"],
+        "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
         "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"]}
-    for key in ("psnr", "ssim", "parser_recon", "parser_gt"):
+    for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt"):
       summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
     g = min(GRID_SIZE, len(images))
     grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",

@@ -24,6 +24,12 @@ so every step tolerates blur, colour shifts, speckle and soft edges:
    fade) against `shapes.geometry`, taking the nearest word when a value falls between the
    rules' ranges (a generated object is rarely exact); the relation is the dominant axis of
    the centre offset.
+5. Scoring (`score_image`). An object's size or location, or a relation, is right only when
+   the word matches *and* the measured geometry obeys DESIGN §6's rule for that word, within
+   one pixel per 64 (measurement; ground truth reads 100 %): small 12–16 px, large 24–28 px,
+   each of two objects 12–22 px; `center` within 6 px of the middle, a corner at least 12 px
+   from it on both axes; a relation by at least 8 px on its axis. The nearest-word reading
+   alone is reported beside it as `accuracy_lenient`.
 
 `validate_parser` measures the parser on ground-truth renders: the T2I number is void unless
 that reaches 99 %.
@@ -85,6 +91,7 @@ class Detection:
   location: str
   center: tuple[float, float]  # (x, y) in pixels, bbox convention of shapes.render_example.
   bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive.
+  side: int  # Bounding-box side (a triangle's measured up from its base).
   area: int  # Object pixels in the component.
   fill: float  # Coverage mass / (longest row mass * longest column mass).
   skewness: float  # Of the vertical mass profile (triangle about -0.5, others 0).
@@ -148,6 +155,41 @@ def dominant_relation(center0, center1) -> str:
   if abs(dx) >= abs(dy):
     return "left of" if dx > 0 else "right of"
   return "above" if dy > 0 else "below"
+
+
+def tolerance(image_size: int) -> float:
+  """Pixels a measured length may miss a §6 rule by: one per 64 px (at least one)."""
+  return max(1.0, image_size / 64)
+
+
+def size_fits(side: float, word: str | None, image_size: int) -> bool:
+  """Whether a bounding-box side obeys the rule of `word` ('small', 'large'; None: one of two
+  objects, 12–22 px at 64 px), within `tolerance`."""
+  g = shapes.geometry(image_size)
+  lo, hi = {"small": g.small, "large": g.large, None: g.pair}[word]
+  tol = tolerance(image_size)
+  return lo - tol <= side <= hi + tol
+
+
+def location_fits(center, word: str, image_size: int) -> bool:
+  """Whether a one-object centre obeys the rule of location `word`, within `tolerance`."""
+  g = shapes.geometry(image_size)
+  tol = tolerance(image_size)
+  dx, dy = center[0] - g.mid, center[1] - g.mid
+  if word == "center":
+    return max(abs(dx), abs(dy)) <= g.center_tol + tol
+  want = ("top " if dy < 0 else "bottom ") + ("left" if dx < 0 else "right")
+  return want == word and min(abs(dx), abs(dy)) >= g.corner_min - tol
+
+
+def relation_fits(center0, center1, relation: str, image_size: int) -> bool:
+  """Whether `object0 relation object1` holds by §6's rule (the larger offset, by at least the
+  margin on its axis), within `tolerance`."""
+  g = shapes.geometry(image_size)
+  dx, dy = center1[0] - center0[0], center1[1] - center0[1]
+  offset = abs(dx) if relation in ("left of", "right of") else abs(dy)
+  return (dominant_relation(center0, center1) == relation
+          and offset >= g.relation_margin - tolerance(image_size))
 
 
 def _trimmed_extent(counts: np.ndarray) -> tuple[int, int]:
@@ -252,7 +294,7 @@ def detect_objects(image, cfg: ParserConfig = ParserConfig()) -> list[Detection]
     detections.append(Detection(
         color=color, shape=shape, size=nearest_size(side, size),
         location=nearest_location((cx, cy), size), center=(cx, cy), bbox=(x0, y0, x1, y1),
-        area=area, fill=fill, skewness=skew))
+        side=side, area=area, fill=fill, skewness=skew))
   detections.sort(key=lambda d: -d.area)
   return detections
 
@@ -311,7 +353,8 @@ def held_out_split(name: str, what: str = "evaluation") -> str:
 _ATTRS = ("color", "shape", "size", "location")
 
 
-def score_image(detections: Sequence[Detection], target: dict[str, Any]) -> dict[str, Any]:
+def score_image(detections: Sequence[Detection], target: dict[str, Any],
+                image_size: int | None = None) -> dict[str, Any]:
   """Checks one image's detections against the attributes its prompt asks for.
 
   The prompt's objects are matched to detections (the assignment agreeing on most colours and
@@ -320,10 +363,14 @@ def score_image(detections: Sequence[Detection], target: dict[str, Any]) -> dict
   Args:
     detections: from `detect_objects`.
     target: `parse_caption`-format attributes of the prompt.
+    image_size: side of the image the detections come from. Given, sizes, locations and the
+      relation must also obey §6's geometry (`size_fits`, `location_fits`, `relation_fits`),
+      and two objects must each be 12–22 px ('pair_size'); None: the nearest words only.
   Returns:
-    dict: 'correct' (count, every attribute and the relation right), 'count' (bool), per-object
-    lists 'color', 'shape', 'size', 'location' (bool or None when the prompt does not state it)
-    and 'relation' (bool, None for one-object prompts).
+    dict: 'correct' (count, every attribute and the relation right), 'correct_lenient' (the
+    same by the nearest words only), 'count' (bool), per-object lists 'color', 'shape', 'size',
+    'location' (bool or None when the prompt does not state it), 'pair_size' (two-object
+    prompts; else Nones), and 'relation' (bool, None for one-object prompts).
   """
   want = target["objects"]
   dets = list(detections)
@@ -342,12 +389,30 @@ def score_image(detections: Sequence[Detection], target: dict[str, Any]) -> dict
     out[key] = [None if w.get(key) is None else
                 (i < len(best) and getattr(dets[best[i]], key) == w[key])
                 for i, w in enumerate(want)]
+  out["pair_size"] = [None] * len(want)
   out["relation"] = None
   if len(want) == 2:
     out["relation"] = (len(best) == 2 and dominant_relation(
         dets[best[0]].center, dets[best[1]].center) == target["relation"])
-  checks = [v for key in _ATTRS for v in out[key] if v is not None]
-  out["correct"] = bool(out["count"] and all(checks) and out["relation"] in (None, True))
+
+  def correct(o):
+    checks = [v for key in _ATTRS + ("pair_size",) for v in o[key] if v is not None]
+    return bool(o["count"] and all(checks) and o["relation"] in (None, True))
+
+  out["correct_lenient"] = correct(out)
+  if image_size is not None:  # The words must also fit §6's rules.
+    matched = [dets[best[i]] if i < len(best) else None for i in range(len(want))]
+    for i, (w, d) in enumerate(zip(want, matched)):
+      if out["size"][i]:
+        out["size"][i] = size_fits(d.side, w["size"], image_size)
+      if out["location"][i]:
+        out["location"][i] = location_fits(d.center, w["location"], image_size)
+      if len(want) == 2:
+        out["pair_size"][i] = d is not None and size_fits(d.side, None, image_size)
+    if out["relation"]:
+      out["relation"] = relation_fits(matched[0].center, matched[1].center, target["relation"],
+                                      image_size)
+  out["correct"] = correct(out)
   return out
 
 
@@ -369,33 +434,36 @@ def t2i_accuracy(images, prompts, cfg: ParserConfig = ParserConfig()) -> dict[st
     prompts: N prompts, each a caption string or `parse_caption`-format attributes.
     cfg: parser thresholds.
   Returns:
-    Flat dict of floats: 'accuracy' (all attributes of every object and the relation right,
-    and no extra object), 'count', 'color', 'shape' (over prompted objects), 'size', 'location'
-    (over one-object prompts), 'relation' (over two-object prompts), 'accuracy_one' /
-    'accuracy_two' (accuracy by prompt kind; NaN if none), and 'num' (N).
+    Flat dict of floats: 'accuracy' (all attributes of every object and the relation right by
+    §6's rules, and no extra object; `score_image` with the image size), 'accuracy_lenient' (the
+    same by the nearest words alone), 'count', 'color', 'shape' (over prompted objects), 'size',
+    'location' (over one-object prompts), 'pair_size', 'relation' (over two-object prompts),
+    'accuracy_one' / 'accuracy_two' (accuracy by prompt kind; NaN if none), and 'num' (N).
   """
   if len(images) != len(prompts):
     raise UserError(f"{len(images)} images but {len(prompts)} prompts")
   if not len(prompts):
     raise UserError("t2i_accuracy needs at least one image")
-  sums: dict[str, list] = {k: [] for k in ("count", "relation") + _ATTRS}
-  correct = {1: [], 2: []}
+  sums: dict[str, list] = {k: [] for k in ("count", "relation", "pair_size") + _ATTRS}
+  correct, lenient = {1: [], 2: []}, []
   for image, prompt in zip(images, prompts):
     target = as_attributes(prompt)
-    s = score_image(detect_objects(image, cfg), target)
+    s = score_image(detect_objects(image, cfg), target, image_size=np.shape(image)[0])
     correct[len(target["objects"])].append(s["correct"])
+    lenient.append(s["correct_lenient"])
     sums["count"].append(s["count"])
     if s["relation"] is not None:
       sums["relation"].append(s["relation"])
-    for key in _ATTRS:
+    for key in _ATTRS + ("pair_size",):
       sums[key].extend(v for v in s[key] if v is not None)
 
   def mean(values):
     return float(np.mean(values)) if values else float("nan")
 
   out = {k: mean(v) for k, v in sums.items()}
-  out.update(accuracy=mean(correct[1] + correct[2]), accuracy_one=mean(correct[1]),
-             accuracy_two=mean(correct[2]), num=float(len(prompts)))
+  out.update(accuracy=mean(correct[1] + correct[2]), accuracy_lenient=mean(lenient),
+             accuracy_one=mean(correct[1]), accuracy_two=mean(correct[2]),
+             num=float(len(prompts)))
   return out
 
 

@@ -157,8 +157,9 @@ def _parser_scores(name: str, recons: np.ndarray, captions: list[str]) -> dict[s
   if not keep:
     return {}
   acc = shapes_eval.t2i_accuracy(recons[keep], [captions[i] for i in keep])
-  return {f"{name}/parser_recon": acc["accuracy"], f"{name}/parser_recon_shape": acc["shape"],
-          f"{name}/parser_recon_color": acc["color"]}
+  return {f"{name}/parser_recon": acc["accuracy"],
+          f"{name}/parser_recon_lenient": acc["accuracy_lenient"],
+          f"{name}/parser_recon_shape": acc["shape"], f"{name}/parser_recon_color": acc["color"]}
 
 
 # (trainable params, frozen params, images [B, S, S, 3], text ids [B, L]) ->

@@ -67,3 +67,14 @@ def test_float_images_are_converted(tmp_path):
   (png,) = files
   assert np.asarray(PIL.Image.open(tmp_path / "r_files" / png)).max() == 128
   assert os.path.isfile(path)
+
+
+def test_a_void_t2i_accuracy_is_marked(tmp_path):
+  path = str(tmp_path / "r.html")
+  metrics = {"eval/t2i/test/accuracy": 0.5, "eval/t2i/test/accuracy_lenient": 0.6,
+             "eval/t2i/test/valid": 0.0, "eval/t2i/compositional/accuracy": 0.25,
+             "eval/t2i/compositional/valid": 1.0}
+  page = open(report.write_report(path, metrics), encoding="utf-8").read()
+  assert "void (0.5: the parser misreads the ground truth)" in page
+  assert "void (0.6:" in page
+  assert "<td class=num>0.25</td>" in page  # A valid split's number is shown as it is.

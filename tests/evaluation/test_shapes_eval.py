@@ -139,3 +139,37 @@ def test_validate_parser_on_the_built_dataset(shapes_data_dir):
   images, attrs, captions = se.load_split(data_cfg, data_dir, "val", 5)
   assert images.shape == (5, data_cfg.image_size, data_cfg.image_size, 3)
   assert [shapes.parse_caption(c) for c in captions] == attrs
+
+
+def _one(shape, x0, y0, side, color="red"):
+  return shapes.render_objects([{"color": color, "shape": shape,
+                                 "bbox": [x0, y0, x0 + side, y0 + side]}], 64)
+
+
+@pytest.mark.parametrize("image, prompt", [
+    (_one("circle", 8, 8, 8), "a small red circle in the top left"),  # 8 px is not small.
+    (_one("square", 0, 0, 40), "a large red square in the top left"),  # 40 px is not large.
+    (_one("circle", 34, 34, 14), "a small red circle in the center"),  # Centre 9 px off.
+    (_one("square", 30, 4, 14), "a small red square in the top right"),  # 5 px right of 32.
+])
+def test_the_words_must_fit_the_rules_of_design_6(image, prompt):
+  # The nearest word is right, the geometry is not what §6 allows for it: wrong, strictly.
+  m = se.t2i_accuracy(image[None], [prompt])
+  assert m["accuracy_lenient"] == 1.0 and m["accuracy"] == 0.0, m
+
+
+def test_two_objects_must_fit_the_rules_too():
+  def scene(a, b):
+    return shapes.render_objects([{"color": "red", "shape": "square", "bbox": a},
+                                  {"color": "blue", "shape": "circle", "bbox": b}], 64)
+  prompt = "a red square to the left of a blue circle"
+  legal = scene([8, 20, 24, 36], [40, 22, 56, 38])  # 16 px each, 32 px apart.
+  too_big = scene([2, 10, 30, 38], [34, 10, 62, 38])  # 28 px: more than 22.
+  too_close = scene([16, 10, 32, 26], [22, 34, 38, 50])  # dx 6 < dy 24: 'above', not 'left of'.
+  m = se.t2i_accuracy(np.stack([legal, too_big]), [prompt, prompt])
+  assert m["accuracy_lenient"] == 1.0 and m["accuracy"] == 0.5 and m["pair_size"] == 0.5, m
+  assert se.t2i_accuracy(too_close[None], [prompt])["accuracy_lenient"] == 0.0
+  # A 'left of' by a 6-px offset that dominates a 3-px vertical one: under the 8-px margin.
+  margin = scene([14, 10, 30, 26], [20, 13, 36, 29])
+  assert se.score_image(se.detect_objects(margin), shapes.parse_caption(prompt),
+                        image_size=64)["relation"] is False
