@@ -232,11 +232,14 @@ def _train(args, overrides):
 # info
 
 
-@command("info", "print parameter counts per model component as one JSON object", _config_flags)
+@command("info", "print parameter counts and analytic FLOPs per model component as one JSON "
+                 "object", _config_flags)
 def _info(args, overrides):
   import json  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import flops  # pylint: disable=g-import-not-at-top
   from flowtok_jax.models import info  # pylint: disable=g-import-not-at-top
-  print(json.dumps(info.param_counts(load_config(args, overrides))))
+  config = load_config(args, overrides)
+  print(json.dumps({**info.param_counts(config), "flops": flops.summary(config)}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ adds the embedders and the final layer, so XL at 77 tokens is 69.9 GFLOPs.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from flowtok_jax import flow_matching as fm
 from flowtok_jax.models import flow as flow_lib
@@ -214,6 +214,23 @@ def sample_flops(config, *, steps: int = 20, cfg_scale=2.0, sampler: str = "eule
            "text_decoder": fwd["text_decoder"]}
   out["total"] = sum(out.values())
   out["function_evaluations"] = float(nfe)
+  return out
+
+
+def summary(config) -> dict[str, Any]:
+  """Analytic FLOPs of a config (`flowtok info`): forward per example per component, a FlowTok
+  train step per example, and one T2I image / I2T caption at the config's sampler settings."""
+  sc = config.get("sample") or {}
+  steps, cfg, sampler = sc.get("steps", 20), sc.get("cfg_scale", 2.0), sc.get("sampler", "euler")
+  out: dict[str, Any] = {
+      "forward_per_example": forward_flops(config),
+      "flowtok_train_step_per_example": train_step_flops(config, 1)["total"],
+      "sample": {"steps": steps, "cfg_scale": cfg, "sampler": sampler,
+                 "t2i_per_image": sample_flops(config, steps=steps, cfg_scale=cfg,
+                                               sampler=sampler)["total"]}}
+  if config.get("text_decoder") is not None:
+    out["sample"]["i2t_per_caption"] = sample_flops(config, steps=steps, cfg_scale=cfg,
+                                                    sampler=sampler, direction="i2t")["total"]
   return out
 
 

@@ -40,6 +40,15 @@ def test_info_command_prints_one_json_object_for_the_demo():
   assert all(isinstance(n, int) and n > 0 for n in params.values())
   assert result["flowtok"] == params["flow"] + params["text_vae"] + params["align_mlp"]
   assert result["total"] == sum(params.values())
+  # Analytic FLOPs (DESIGN §3: "parameter counts, FLOPs"), the numbers bench and aot use.
+  from flowtok_jax import flops  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:runlocal"))
+  f = result["flops"]
+  assert f["forward_per_example"] == flops.forward_flops(config)
+  assert f["flowtok_train_step_per_example"] == flops.train_step_flops(config, 1)["total"]
+  assert f["sample"]["steps"] == 20 and f["sample"]["cfg_scale"] == 2.0
+  assert f["sample"]["t2i_per_image"] == flops.sample_flops(config)["total"] > 0
+  assert f["sample"]["i2t_per_caption"] > 0
 
 
 def test_unknown_model_dtype_is_one_line(capsys):
