@@ -23,6 +23,7 @@ same image in any batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ import numpy as np
 
 from flowtok_jax import flow_matching as fm
 from flowtok_jax import paths
+from flowtok_jax import progress
 from flowtok_jax.errors import UserError
 
 FORMAT_NAME = "flowtok_bundle"
@@ -496,6 +498,13 @@ class _Server:
                              grid or (d.get("grid") if self.sampler == d.get("sampler") else None))
     self.params = jax.device_put(self.bundle.params)
     self._programs = {}
+    # Called with the number of examples after each compiled call (e.g. a progress bar's
+    # `update`); None: nothing.
+    self.progress: Optional[Callable[[int], Any]] = None
+
+  def _done(self, n: int):
+    if self.progress is not None:
+      self.progress(n)
 
   def knobs(self) -> dict:
     return {"steps": self.steps, "cfg_scale": self.cfg_scale, "sampler": self.sampler,
@@ -554,6 +563,7 @@ class Generator(_Server):
       images = run(self.params, pad_rows(ids[a:b], self.batch_size),
                    pad_rows(seeds[a:b], self.batch_size))
       out.append(np.asarray(jax.device_get(images))[: b - a])
+      self._done(b - a)
     return np.concatenate(out)
 
 
@@ -596,6 +606,7 @@ class Captioner(_Server):
     for a, b in _chunks(len(x), self.batch_size):
       out = run(self.params, pad_rows(x[a:b], self.batch_size))
       ids.append(np.asarray(jax.device_get(out))[: b - a])
+      self._done(b - a)
     return list(self.bundle.tokenizer.decode(np.concatenate(ids)))
 
 
@@ -635,7 +646,8 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
                     "generate` wrote there (its samples.json does not list it); choose another "
                     "--out or move the file")
   gen = Generator(bundle, batch_size=batch_size, **knobs)
-  images = gen.generate(all_prompts, seeds)
+  with _progress_of(gen, len(all_prompts), "generate"):
+    images = gen.generate(all_prompts, seeds)
   os.makedirs(out, exist_ok=True)
   records = []
   for name, prompt, s, image in zip(names, all_prompts, seeds, images):
@@ -670,4 +682,22 @@ def caption_files(bundle, paths: Sequence[str], *, batch_size: int = 8,
   if not paths:
     raise UserError("no image given")
   cap = Captioner(bundle, batch_size=batch_size, **knobs)
-  return [{"image": p, "caption": c} for p, c in zip(paths, cap.caption_files(list(paths)))]
+  with _progress_of(cap, len(paths), "caption"):
+    captions = cap.caption_files(list(paths))
+  return [{"image": p, "caption": c} for p, c in zip(paths, captions)]
+
+
+@contextlib.contextmanager
+def _progress_of(server: _Server, n: int, desc: str):
+  """A progress meter with ETA on `server` while it works through n images in more than one
+  compiled call (a single call gets none)."""
+  if n <= server.batch_size:
+    yield
+    return
+  bar = progress.meter(n, desc, unit="image")
+  server.progress = bar.update
+  try:
+    yield
+  finally:
+    server.progress = None
+    bar.close()

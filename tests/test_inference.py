@@ -48,6 +48,8 @@ def test_generate_cli_writes_pngs_and_samples_json(tiny_bundle_dir, tmp_path, ca
                                "--batch_size", "3", "--out", str(out)], capsys)
   assert code == 0, err
   assert json.loads(stdout.strip().splitlines()[-1])["images"] == 4
+  # Four images in two compiled calls: progress with an ETA, as whole lines off a terminal.
+  assert "generate: 100% 4/4 [" in err and "\r" not in err, err
   samples = json.loads((out / "samples.json").read_text())
   assert [(s["file"], s["prompt"], s["seed"]) for s in samples] == [
       ("0000.png", PROMPTS[0], 10), ("0001.png", PROMPTS[0], 11),
@@ -64,6 +66,7 @@ def test_generate_cli_writes_pngs_and_samples_json(tiny_bundle_dir, tmp_path, ca
   code, _, err = run_cli(["generate", "--bundle", tiny_bundle_dir, "--prompt", PROMPTS[0],
                           "--batch_size", "3", "--out", str(out)], capsys)
   assert code == 0, err
+  assert "generate:" not in err  # One compiled call: no progress lines.
   assert sorted(os.listdir(out)) == ["0000.png", "notes.txt", "samples.json"]
 
 

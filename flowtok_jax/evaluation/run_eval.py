@@ -26,13 +26,14 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
 from flowtok_jax import inference
 from flowtok_jax import paths
+from flowtok_jax import progress
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import caption_metrics, image_metrics, report, shapes_eval
@@ -96,8 +97,10 @@ def _reconstruct_program(bundle: inference.Bundle, compiler_options: Optional[di
 
 
 def reconstruct(bundle: inference.Bundle, images: np.ndarray, captions: Sequence[str], *,
-                batch_size: int = 8, compiler_options: Optional[dict] = None) -> np.ndarray:
-  """Tokenizer round trip (posterior mean) of uint8 images [N, S, S, 3] -> uint8 [N, S, S, 3]."""
+                batch_size: int = 8, compiler_options: Optional[dict] = None,
+                progress: Optional[Callable[[int], Any]] = None) -> np.ndarray:
+  """Tokenizer round trip (posterior mean) of uint8 images [N, S, S, 3] -> uint8 [N, S, S, 3];
+  `progress(n)` after each batch of n."""
   run = _reconstruct_program(bundle, compiler_options)
   ids, _ = bundle.tokenizer.encode(list(captions), bundle.models.text_len)
   x = images.astype(np.float32) * np.float32(1 / 255)
@@ -107,6 +110,8 @@ def reconstruct(bundle: inference.Bundle, images: np.ndarray, captions: Sequence
     b = min(a + batch_size, len(x))
     pad = lambda v: inference.pad_rows(v[a:b], batch_size)
     out.append(np.asarray(run(params, pad(x), pad(ids)))[: b - a])
+    if progress is not None:
+      progress(b - a)
   return np.concatenate(out)
 
 
@@ -191,10 +196,21 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   summary: dict[str, Any] = {}
   details: dict[str, Any] = {}
   grids: list[tuple[str, np.ndarray, list[str]]] = []
-  for split in names:
-    images, attrs, captions = shapes_eval.load_split(data_cfg, data_dir, split, num)
+  loaded = {split: shapes_eval.load_split(data_cfg, data_dir, split, num) for split in names}
+  for split, (images, _, _) in loaded.items():
     if not len(images):
       raise UserError(f"split {split!r} in {data_dir} has no examples")
+  recon_data = (shapes_eval.load_split(data_cfg, data_dir, recon_split, num) if recon_split
+                else None)
+  # One bar over every image generated, captioned or reconstructed, with its ETA.
+  total = (sum(len(v[0]) for v in loaded.values()) * (2 if cap is not None else 1)
+           + (len(recon_data[0]) if recon_data else 0))
+  bar = progress.meter(total, "eval", unit="image")
+  gen.progress = bar.update
+  if cap is not None:
+    cap.progress = bar.update
+  for split in names:
+    images, attrs, captions = loaded[split]
     d: dict[str, Any] = {"num": len(images)}
     parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
     valid = parser_gt >= PARSER_MIN_ACCURACY
@@ -235,9 +251,9 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
 
   tokenizer_details = None
   if recon_split:
-    images, attrs, captions = shapes_eval.load_split(data_cfg, data_dir, recon_split, num)
+    images, attrs, captions = recon_data
     recon = reconstruct(b, images, captions, batch_size=batch_size,
-                        compiler_options=compiler_options)
+                        compiler_options=compiler_options, progress=bar.update)
     parsed = shapes_eval.t2i_accuracy(recon, attrs)
     tokenizer_details = {
         "split": recon_split, "num": len(images),
@@ -251,6 +267,7 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
     grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",
                   recon[:g], captions[:g]))
 
+  bar.close()
   result = _clean({
       "bundle": b.path, "data_dir": os.path.abspath(data_dir), "splits": details,
       "tokenizer": tokenizer_details, "summary": summary,
@@ -312,11 +329,14 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   references = [_references(c, a) for c, a in zip(captions, attrs)]
   exact = {}
+  bar = progress.meter(len(counts) * len(images), f"I2T steps on {split}", unit="image")
   for steps in counts:
     cap = inference.Captioner(b, steps=steps, batch_size=batch_size,
                               compiler_options=compiler_options)
+    cap.progress = bar.update
     predicted = cap.caption_images(list(images))
     exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
+  bar.close()
   best = max(counts, key=lambda k: (exact[k], -k))
   why = "the best"
   if exact[best] == 0.0:

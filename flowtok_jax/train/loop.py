@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 import os
-import sys
 import time
 from typing import Mapping
 
@@ -33,6 +32,7 @@ from flowtok_jax import checkpoint as ckpt_lib
 from flowtok_jax import config_lib
 from flowtok_jax import metrics as metrics_lib
 from flowtok_jax import paths
+from flowtok_jax import progress
 from flowtok_jax import sharding
 from flowtok_jax.errors import UserError
 from flowtok_jax.train import stage_api
@@ -485,52 +485,9 @@ def _progress(start: int, total: int, tcfg, desc: str):
   """Process 0's progress: a tqdm bar on a terminal, else a line every PROGRESS_LOG_SEC."""
   if jax.process_index() != 0 or not tcfg.get("progress_bar", True):
     return None
-  if sys.stderr.isatty():
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-                smoothing=0.1)
-  return LineProgress(total, start, desc, sys.stderr, PROGRESS_LOG_SEC)
+  return progress.meter(total, desc, initial=start, interval=PROGRESS_LOG_SEC)
 
 
 PROGRESS_LOG_SEC = 30.0
-
-
-class LineProgress:
-  """tqdm's progress text as whole lines, for logs and pipes (a bar's carriage returns would
-  make one endless line there): after the first step, every `interval` seconds, and at the end.
-
-  The subset of tqdm's interface the loop uses: update, set_postfix, close.
-  """
-  FORMAT = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
-            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-
-  def __init__(self, total: int, initial: int, desc: str, file, interval: float):
-    self.total, self.initial, self.n, self.desc = total, initial, initial, desc
-    self.file, self.interval = file, interval
-    self.postfix = None
-    self.start = time.monotonic()
-    self.last_time, self.last_n = None, initial  # The last line written.
-
-  def update(self, n: int = 1):
-    self.n += n
-    now = time.monotonic()
-    if self.last_time is None or now - self.last_time >= self.interval:
-      self._write(now)
-
-  def set_postfix(self, refresh: bool = False, **kwargs):
-    del refresh
-    self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-
-  def close(self):
-    if self.n != self.last_n:
-      self._write(time.monotonic())
-
-  def _write(self, now: float):
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    self.file.write(tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc,
-                                      unit="step", postfix=self.postfix, initial=self.initial,
-                                      bar_format=self.FORMAT) + "\n")
-    self.file.flush()
-    self.last_time, self.last_n = now, self.n
 
 

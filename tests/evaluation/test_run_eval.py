@@ -82,8 +82,12 @@ def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir,
   shutil.copytree(tiny_bundle_dir, bundle)
   code = cli.main(["eval", "--bundle", str(bundle), "--data_dir", data_dir, "--split",
                    "test", "--num", str(NUM), "--batch_size", "3", "--frechet_steps", "0"])
-  stdout = capsys.readouterr().out
+  stdout, stderr = capsys.readouterr()
   assert code == 0
+  # Progress with an ETA over every image generated, captioned and reconstructed (whole lines
+  # off a terminal: the first batch and the end).
+  lines = [l for l in stderr.splitlines() if l.startswith("eval: ")]
+  assert lines and f"100% {3 * NUM}/{3 * NUM} [" in lines[-1] and "image/s" in lines[-1], stderr
   # Without --out it writes beside the bundle, not into it: a later re-export (which replaces
   # the bundle directory whole and refuses to delete files it does not own) is not blocked.
   out = tmp_path / "bundle-eval"
