@@ -5,6 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+TESTS ?= tests
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test venv clean
@@ -21,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/flowtok demo --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q tests $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 -q $(TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -330,6 +330,15 @@ def pin(path: str, step: int | None = None) -> str:
   return os.path.join(directory, str(step))
 
 
+def _saved_stage(mngr, step: int) -> str | None:
+  """The stage that wrote checkpoint `step` (None when its metadata does not say)."""
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return (restored["meta"] or {}).get("stage")
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def latest_meta(workdir: str) -> dict:
   """The metadata of `workdir`'s latest checkpoint ({} when it has none or it is unreadable)."""
   directory = os.path.join(paths.local(workdir, "--workdir"), "checkpoints")
@@ -376,7 +385,9 @@ def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: 
     sub = saved.get(field)
     for i, k in enumerate(select):
       if not isinstance(sub, dict) or k not in sub:
-        raise UserError(f"checkpoint {where} has no {'/'.join([field, *select[:i + 1]])}")
+        stage = _saved_stage(mngr, step)
+        raise UserError(f"checkpoint {where} has no {'/'.join([field, *select[:i + 1]])}"
+                        + (f": it is a {stage!r}-stage checkpoint" if stage else ""))
       sub = sub[k]
     prefix = "/".join([field, *select])
     missing = check_shapes(_flat_shapes(sub, prefix), _flat_shapes(target, prefix), where,

@@ -23,6 +23,8 @@ import os
 import time
 from typing import Callable
 
+import ml_collections
+
 from flowtok_jax import config_lib
 from flowtok_jax import paths
 from flowtok_jax.errors import UserError
@@ -186,6 +188,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
 
   started = time.time()
   workdir = paths.writable_dir(workdir, "--workdir")
+  _not_inside_a_run(workdir)
   config = demo_config(workdir, config_arg, overrides)
   candidates = _i2t_steps_candidates(config)
   # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
@@ -193,7 +196,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
   _check_scaling(config)
   _check_optimizers(config)
+  same_models(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  _record_models(config, workdir)
   host_peak(config, workdir)
   scale_steps(config, workdir, overrides)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
@@ -262,6 +267,68 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   timer.run("report", lambda: run_eval.demo_report(
       workdir, eval_dir, os.path.join(workdir, "report.html")) and None)
   return _read_metrics(workdir)
+
+
+# What a demo's stages are built from: another value in a re-run on the same workdir would meet
+# checkpoints, a dataset or a text tokenizer made for a different model. (Step counts, learning
+# rates and the budget may change between runs: a re-run trains on.)
+MODEL_KEYS = ("data.name", "data.image_size", "data.max_text_len", "data.shapes",
+              "data.folder", "text_tokenizer.vocab_size", "text_tokenizer.model_type",
+              "text_tokenizer.lowercase", "text_tokenizer.num_captions", "clip_text",
+              "clip_image", "tokenizer", "text_vae", "align_mlp", "text_decoder", "flow")
+MODELS_FILE = "demo_models.json"
+
+
+def _models_of(config) -> dict:
+  out = {}
+  for key in MODEL_KEYS:
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if node is not None else None
+    out[key] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+  return json.loads(json.dumps(out, sort_keys=True, default=str))  # Tuples as lists.
+
+
+def same_models(config, workdir: str):
+  """Refuses a re-run whose models or data differ from the ones W's stages were made with (e.g.
+  `configs/demo.py` on a workdir of `configs/demo.py:runlocal`), before any work."""
+  path = os.path.join(workdir, MODELS_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      before = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable ({e}); remove it to run on") from None
+  now = _models_of(config)
+  for key in MODEL_KEYS:
+    if before.get(key) != now.get(key):
+      was, new = before.get(key), now.get(key)
+      if isinstance(was, dict) and isinstance(new, dict):
+        sub = next(k for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k))
+        key, was, new = f"{key}.{sub}", was.get(sub), new.get(sub)
+      raise UserError(f"{workdir} was made with {key} = {was!r}, this config has {new!r} (another "
+                      "config, or :runlocal on one side?): re-run with the same config, or "
+                      "give another --workdir")
+
+
+def _record_models(config, workdir: str):
+  path = os.path.join(workdir, MODELS_FILE)
+  if not os.path.exists(path):
+    with open(path + ".tmp", "w") as f:
+      json.dump(_models_of(config), f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _not_inside_a_run(workdir: str):
+  """A demo's workdir is not a stage's run or a bundle: W/clip as W would nest a second demo
+  inside the first."""
+  from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"--workdir {workdir} is a training stage's run (it holds checkpoints/); "
+                    f"give the demo's own directory ({os.path.dirname(os.path.abspath(workdir))}?)")
+  if os.path.isfile(os.path.join(workdir, inference.BUNDLE_JSON)):
+    raise UserError(f"--workdir {workdir} is a bundle; give the demo's own directory")
 
 
 def budget_deadline(config, started: float) -> float | None:

@@ -634,6 +634,8 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
   if int(num) < 1:
     raise UserError(f"--num must be at least 1, got {num}")
   out = paths.writable_dir(out, "--out")
+  if os.path.isfile(os.path.join(out, BUNDLE_JSON)):  # Images inside a bundle: a slip.
+    raise UserError(f"--out {out} is a bundle; write the images elsewhere (e.g. {out}-samples)")
   all_prompts = [p for p in prompts for _ in range(int(num))]
   seeds = [int(seed) + j for j in range(len(all_prompts))]
   if int(seed) < 0 or seeds and seeds[-1] >= 2 ** 32:

@@ -26,6 +26,8 @@ class LineProgress:
   """
   FORMAT = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
             "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+  # The first line comes after one update, too early for a rate or an ETA worth printing.
+  FIRST_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [started{postfix}]"
 
   def __init__(self, total: int, initial: int, desc: str, file, interval: float,
                unit: str = "step"):
@@ -53,6 +55,7 @@ class LineProgress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self.file.write(tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc,
                                       unit=self.unit, postfix=self.postfix, initial=self.initial,
-                                      bar_format=self.FORMAT) + "\n")
+                                      bar_format=self.FORMAT if self.last_time is not None
+                                      else self.FIRST_FORMAT) + "\n")
     self.file.flush()
     self.last_time, self.last_n = now, self.n

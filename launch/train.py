@@ -51,7 +51,10 @@ def main(argv):
   except UserError as e:
     print(f"flowtok: error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"stopped at step {result.step}" + (f" ({result.stopped_by})" if result.stopped_by else ""))
+  if result.stopped_by:
+    print(f"stopped at step {result.step} ({result.stopped_by})")
+  else:
+    print(f"finished at step {result.step}")
   if result.exit_code:  # Stopped by a signal (preemption): the scheduler must see a failure.
     sys.exit(result.exit_code)
 

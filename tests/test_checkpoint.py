@@ -137,7 +137,7 @@ def test_load_params_subtree_and_missing(tmp_path):
   np.testing.assert_array_equal(got["head"]["kernel"], np.full((4, 2), 3.0))
   with pytest.raises(UserError, match=r"ema_params/enc/bias has shape \(4,\) in the checkpoint"):
     checkpoint.load_params(str(tmp_path), _abstract(_state(hidden=5).params), allow_missing=True)
-  with pytest.raises(UserError, match="has no ema_params/dec"):
+  with pytest.raises(UserError, match="has no ema_params/dec: it is a 'toy'-stage checkpoint"):
     checkpoint.load_params(str(tmp_path), target, select=("dec",))
 
 

@@ -330,3 +330,22 @@ def test_a_stage_reading_another_text_tokenizer_than_its_frozen_clip_is_refused(
   with pytest.raises(demo.UserError, match="frozen clip_text comes from .* another "
                      "text_tokenizer file"):
     loop.train_and_evaluate(config, str(tmp_path / "tok"), "tokenizer")
+
+
+def test_a_rerun_with_other_models_is_refused_before_any_work(demo_run, tmp_path):
+  """`configs/demo.py` on a `:runlocal` workdir would meet checkpoints of other shapes stages
+  later; it is refused up front, naming the first key that differs, and W stays as it was."""
+  workdir, _ = demo_run
+  assert os.path.isfile(os.path.join(workdir, demo.MODELS_FILE))
+  w = tmp_path / "w"
+  w.mkdir()
+  for name in (demo.MODELS_FILE, "metrics.json"):
+    shutil.copy(os.path.join(workdir, name), w / name)
+  before = {p.name: p.read_bytes() for p in w.iterdir()}
+  with pytest.raises(demo.UserError, match=r"data.shapes.num_compositional = 64, this config has 1000"):
+    demo.run_demo(str(w), demo.DEFAULT_CONFIG, [])
+  assert {p.name: p.read_bytes() for p in w.iterdir()} == before
+  # A stage's run or a bundle is not a demo's workdir.
+  for inner in ("clip", "bundle"):
+    with pytest.raises(demo.UserError, match="is a training stage's run|is a bundle"):
+      demo.run_demo(os.path.join(workdir, inner), demo.DEFAULT_CONFIG + ":runlocal", TINY)

@@ -72,7 +72,7 @@ def _run_single_and_multi(stage: str, tmp_path, timeout: int):
   rest = subprocess.run(launcher + _train_cmd(stage, two), env=env, capture_output=True,
                         text=True, timeout=timeout)
   _check(rest, "2-process run (resumed)")
-  assert f"stopped at step {STEPS}" in rest.stdout
+  assert f"finished at step {STEPS}" in rest.stdout
   return _losses(one), _losses(two), _evals(one), _evals(two)
 
 

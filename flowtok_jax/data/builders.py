@@ -66,6 +66,15 @@ def _absl_level(level: int):
     logger.setLevel(old)
 
 
+def _not_the_opencv_advice(record: logging.LogRecord) -> bool:
+  # tfds decodes images with PIL when OpenCV is absent and says so on every reading command;
+  # PIL is this project's decoder on purpose (no OpenCV dependency), so the advice is noise.
+  return not str(record.msg).startswith("OpenCV is not installed. We recommend")
+
+
+logging.getLogger("absl").addFilter(_not_the_opencv_advice)
+
+
 def _png(image: PIL.Image.Image) -> bytes:
   buf = io.BytesIO()
   image.save(buf, format="png")
@@ -381,6 +390,23 @@ def _summary(builder: tfds.core.DatasetBuilder, note: str = "") -> str:
   config = f"/{builder.builder_config.name}" if builder.builder_config else ""
   return (f"{builder.name}{config} {builder.version}: {splits} in {builder.data_path}"
           + (f" ({note})" if note else ""))
+
+
+def existing_data_dir(data_dir: str, flag: str = "--data_dir") -> str:
+  """`data_dir` if it is an existing directory and not a dataset's own folder inside a TFDS
+  data dir (a path one level too deep); else a UserError naming the fix. For commands that
+  read data another command prepared, where building into a mistyped path would hide the slip."""
+  path = os.path.normpath(data_dir)
+  parts = path.split(os.sep)
+  for name in (SHAPES_NAME, FOLDER_NAME):
+    if name in parts[1:]:
+      parent = os.sep.join(parts[:parts.index(name, 1)]) or os.sep
+      raise UserError(f"{flag} {data_dir} is inside the TFDS data dir {parent} (its {name} "
+                      f"folder): give {parent}")
+  if not os.path.isdir(path):
+    raise UserError(f"{flag} {data_dir} does not exist: give the demo's W/data, or build the "
+                    f"data with `flowtok data build --config CFG --data_dir {data_dir}`")
+  return data_dir
 
 
 def build(data_cfg, data_dir: str) -> str:

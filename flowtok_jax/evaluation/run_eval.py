@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flowtok_jax import inference
@@ -85,34 +86,37 @@ def _reconstruct_program(bundle: inference.Bundle, compiler_options: Optional[di
   models = bundle.models
 
   def recon(params, images, ids):
-    mean, _ = models.tokenizer.apply({"params": params["tokenizer"]}, images,
-                                     method=tok_lib.FlowTiTok.encode)
+    mean, logvar = models.tokenizer.apply({"params": params["tokenizer"]}, images,
+                                          method=tok_lib.FlowTiTok.encode)
     feats = None
     if models.text_aware:
       feats = models.clip_text.apply({"params": params["clip_text"]}, ids)
     out = models.tokenizer.apply({"params": params["tokenizer"]}, mean, feats,
                                  method=tok_lib.FlowTiTok.decode)
-    return inference.to_uint8(out)
+    return inference.to_uint8(out), jnp.exp(0.5 * logvar).mean(axis=(1, 2))
   return jax.jit(recon, compiler_options=compiler_options or None)
 
 
 def reconstruct(bundle: inference.Bundle, images: np.ndarray, captions: Sequence[str], *,
                 batch_size: int = 8, compiler_options: Optional[dict] = None,
-                progress: Optional[Callable[[int], Any]] = None) -> np.ndarray:
-  """Tokenizer round trip (posterior mean) of uint8 images [N, S, S, 3] -> uint8 [N, S, S, 3];
-  `progress(n)` after each batch of n."""
+                progress: Optional[Callable[[int], Any]] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenizer round trip (posterior mean) of uint8 images [N, S, S, 3] -> (uint8 [N, S, S, 3],
+  each image's mean posterior σ [N]); `progress(n)` after each batch of n."""
   run = _reconstruct_program(bundle, compiler_options)
   ids, _ = bundle.tokenizer.encode(list(captions), bundle.models.text_len)
   x = images.astype(np.float32) * np.float32(1 / 255)
   params = jax.device_put(bundle.params)
-  out = []
+  out, sigmas = [], []
   for a in range(0, len(x), batch_size):
     b = min(a + batch_size, len(x))
     pad = lambda v: inference.pad_rows(v[a:b], batch_size)
-    out.append(np.asarray(run(params, pad(x), pad(ids)))[: b - a])
+    images_ab, sigma_ab = jax.device_get(run(params, pad(x), pad(ids)))
+    out.append(np.asarray(images_ab)[: b - a])
+    sigmas.append(np.asarray(sigma_ab)[: b - a])
     if progress is not None:
       progress(b - a)
-  return np.concatenate(out)
+  return np.concatenate(out), np.concatenate(sigmas)
 
 
 # -- the evaluation -------------------------------------------------------------------------------
@@ -174,6 +178,7 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
                     f"{data_cfg.get('name')!r}")
   if not data_dir:
     raise UserError("--data_dir is required")
+  builders.existing_data_dir(data_dir)
   out = paths.writable_dir(out or default_out(b.path), "--out")
   try:
     logging.info("eval data: %s", builders.build(data_cfg, data_dir))
@@ -252,16 +257,19 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   tokenizer_details = None
   if recon_split:
     images, attrs, captions = recon_data
-    recon = reconstruct(b, images, captions, batch_size=batch_size,
-                        compiler_options=compiler_options, progress=bar.update)
+    recon, sigmas = reconstruct(b, images, captions, batch_size=batch_size,
+                                compiler_options=compiler_options, progress=bar.update)
     parsed = shapes_eval.t2i_accuracy(recon, attrs)
     tokenizer_details = {
         "split": recon_split, "num": len(images),
         "psnr": float(np.mean(image_metrics.psnr(images, recon))),
         "ssim": float(np.mean(image_metrics.ssim(images, recon))),
         "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
-        "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"]}
-    for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt"):
+        "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"],
+        # Posterior statistics (DESIGN §7): its σ, averaged per image and over the split.
+        "posterior_std": float(np.mean(sigmas))}
+    for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt",
+                "posterior_std"):
       summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
     g = min(GRID_SIZE, len(images))
     grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from flowtok_jax import paths
+from flowtok_jax import progress as progress_lib
 from flowtok_jax.errors import UserError
 
 META_FILE = "latents.json"
@@ -146,8 +147,7 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
     data_dir: TFDS data dir of `config.data`.
     out: directory to write (created; existing splits are replaced).
     splits: TFDS split specs.
-    batch_size: images per encoder call (one compiled shape; the last batch is padded).
-    progress: tqdm bar per split.
+    progress: progress with an ETA per split (a bar on a terminal, lines in a log).
   Returns:
     The metadata written to `latents.json`.
   """
@@ -186,6 +186,12 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
                                    abstract, select=select)
   encode = jax.jit(lambda x: encoder.apply({"params": params}, x))
 
+  # Every split is opened (and found non-empty) before anything is written.
+  sources = {split: builders.data_source(config.data, split, data_dir) for split in splits}
+  for split, source in sources.items():
+    if not len(source):
+      raise UserError(f"split {split!r} has no records")
+
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, META_FILE)
   meta = {"num_tokens": tc.num_tokens, "token_channels": tc.token_channels, "image_size": s,
@@ -209,20 +215,14 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
   # The splits being (re)made are absent from latents.json until their files are whole, so a
   # crash part-way leaves no description vouching for files of another tokenizer.
   write_meta()
-  for split in splits:
-    source = builders.data_source(config.data, split, data_dir)
+  for split, source in sources.items():
     n = len(source)
-    if not n:
-      raise UserError(f"split {split!r} has no records")
     files = {part: split_file(out, split, part) for part in ("mean", "logvar")}
     tmp = {part: path + ".tmp" for part, path in files.items()}
     arrays = {part: np.lib.format.open_memmap(tmp[part], mode="w+", dtype=DTYPE,
                                               shape=(n, tc.num_tokens, tc.token_channels))
               for part in files}
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      bar = tqdm(total=n, desc=f"pretokenize {split}", unit="image")
+    bar = progress_lib.meter(n, f"pretokenize {split}", unit="image") if progress else None
     for start in range(0, n, batch_size):
       rows = range(start, min(start + batch_size, n))
       images = np.zeros((batch_size, s, s, 3), np.float32)

@@ -307,3 +307,13 @@ def test_a_rebuilt_folder_dataset_has_a_new_identity(runlocal_config, image_fold
   (image_folder / "captions.jsonl").write_text("\n".join(lines[::-1]) + "\n")
   builders.build(cfg, data_dir)
   assert pretokenize.dataset_id(cfg, data_dir) != first
+
+
+def test_tfds_opencv_advice_is_not_printed(caplog):
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  with caplog.at_level("WARNING"):
+    absl_logging.warning("OpenCV is not installed. We recommend using OpenCV because it is "
+                         "faster according to our benchmarks. Defaulting to PIL to decode "
+                         "images...")
+    absl_logging.warning("some other tfds warning")
+  assert [r.getMessage() for r in caplog.records] == ["some other tfds warning"]

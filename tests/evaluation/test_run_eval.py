@@ -14,6 +14,7 @@ from flowtok_jax import export
 from flowtok_jax import inference
 from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import image_metrics, run_eval, shapes_eval
+from tests.cli_run import assert_one_error, run_cli
 
 FAST = tiny_bundle.FAST_COMPILE
 NUM = 4
@@ -100,6 +101,8 @@ def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir,
               "tokenizer/val/psnr", "tokenizer/val/ssim", "tokenizer/val/parser_recon"):
     assert 0.0 <= summary[key] < 100.0, key
   assert summary["t2i/test/parser_gt"] == 1.0
+  assert summary["tokenizer/val/posterior_std"] > 0.0  # Posterior statistics (DESIGN §7).
+  assert 0.0 <= summary["tokenizer/val/parser_recon_lenient"] <= 1.0
   assert "t2i/test/frechet_shapes_net" not in summary  # --frechet_steps 0
   assert not any(k.startswith(("t2i/compositional", "t2i/train")) for k in summary)
   # The grid holds exactly what the Generator makes from those prompts and seeds.
@@ -153,3 +156,15 @@ def test_select_i2t_steps_picks_the_best_on_val_and_ties_to_fewer(tiny_bundle_di
                                           compiler_options=FAST)
   assert set(exact.values()) == {0.0} and best == inference.load_bundle(
       tiny_bundle_dir).meta["defaults"]["i2t"]["steps"]
+
+
+def test_eval_refuses_a_mistyped_data_dir(tiny_bundle_dir, shapes_data_dir, tmp_path, capsys):
+  # A path that does not exist, or one level too deep, would otherwise get a new dataset built.
+  _, data_dir = shapes_data_dir
+  for bad, needle in ((str(tmp_path / "dat"), "does not exist"),
+                      (os.path.join(data_dir, "captioned_shapes"), "inside the TFDS data dir")):
+    code, _, err = run_cli(["eval", "--bundle", tiny_bundle_dir, "--data_dir", bad,
+                            "--out", str(tmp_path / "e")], capsys)
+    assert_one_error(code, err, needle)
+    assert not os.path.exists(bad) or bad.startswith(data_dir)
+  assert os.listdir(tmp_path) == []

@@ -171,6 +171,12 @@ def test_cli_pretokenize_needs_its_inputs(stored, tmp_path):
   r = subprocess.run(base + [f"--tokenizer={work}", f"--out={a_file}"], capture_output=True,
                      text=True, env=env, timeout=300)
   assert r.returncode != 0 and "is a file" in r.stderr.strip().splitlines()[-1]
+  # A mistyped split is refused before anything is written: no latents.json, no directory.
+  config = make()
+  with pytest.raises(UserError, match="trian"):
+    pretokenize.pretokenize(config, work, data_dir, str(tmp_path / "lat"), ["train", "trian"],
+                            progress=False)
+  assert not (tmp_path / "lat").exists()
 
 
 def test_another_stages_workdir_as_the_tokenizer_is_named(stored, tmp_path, monkeypatch):
