@@ -42,7 +42,8 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
   monkeypatch.setattr(inference.Generator, "generate", generate)
   monkeypatch.setattr(inference.Captioner, "caption_images",
                       lambda self, images: [truth[_key(im)] for im in images])
-  monkeypatch.setattr(run_eval, "reconstruct", lambda b, images, *a, **k: images.copy())
+  monkeypatch.setattr(run_eval, "reconstruct",
+                      lambda b, images, *a, **k: (images.copy(), np.full(len(images), 0.1)))
 
   class PooledFeatures:
     """Stands in for the trained shapes net (H7's tests cover it): 8x8-pooled colours."""
@@ -73,6 +74,8 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
   assert s["tokenizer/val/ssim"] == pytest.approx(1.0)
   assert s["tokenizer/val/psnr"] is None  # Identical images: infinite PSNR, stored as null.
   assert s["tokenizer/val/parser_recon"] == s["tokenizer/val/parser_gt"] == 1.0
+  assert s["tokenizer/val/parser_recon_lenient"] == 1.0
+  assert s["tokenizer/val/posterior_std"] == pytest.approx(0.1)
 
 
 def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir, monkeypatch,
