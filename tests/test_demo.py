@@ -342,7 +342,8 @@ def test_a_rerun_with_other_models_is_refused_before_any_work(demo_run, tmp_path
   for name in (demo.MODELS_FILE, "metrics.json"):
     shutil.copy(os.path.join(workdir, name), w / name)
   before = {p.name: p.read_bytes() for p in w.iterdir()}
-  with pytest.raises(demo.UserError, match=r"data.shapes.num_compositional = 64, this config has 1000"):
+  with pytest.raises(demo.UserError,
+                     match=r"data.shapes.num_compositional = 64, this config has 1000"):
     demo.run_demo(str(w), demo.DEFAULT_CONFIG, [])
   assert {p.name: p.read_bytes() for p in w.iterdir()} == before
   # A stage's run or a bundle is not a demo's workdir.
