@@ -374,11 +374,19 @@ def _prepared_builder(data_cfg, data_dir: str) -> tfds.core.DatasetBuilder:
       raise UserError(f"dataset {name}/{builder.builder_config.name} not found in {data_dir}: run "
                       f"`flowtok data build --config <your config> --data_dir {data_dir}`")
     return builder
+  # tfds prints a banner when a dataset's code needs TensorFlow (absent here by design); the
+  # error below says what to do instead.
+  banner = io.StringIO()
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with contextlib.redirect_stdout(banner), contextlib.redirect_stderr(banner):
+      builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
+    needs_tf = isinstance(e, ImportError) and "tensorflow" in (str(e) + banner.getvalue()).lower()
     raise UserError(f"dataset {name} not found in {data_dir} ({type(e).__name__}): "
-                    + _tfds_build_hint(name, data_dir)) from e
+                    + _tfds_build_hint(name, data_dir)
+                    + (" in an environment with TensorFlow (TFDS prepares this dataset with it; "
+                       "reading it here does not need it)" if needs_tf else "")) from e
+  sys.stderr.write(banner.getvalue())  # Whatever tfds printed on success is its own business.
   if not _is_prepared(builder):
     raise UserError(f"dataset {name} is not prepared in {data_dir}: "
                     + _tfds_build_hint(name, data_dir))

@@ -1,4 +1,5 @@
 """TFDS builders: captioned_shapes round trip, config naming, image folders, `flowtok data`."""
+import importlib.util
 import json
 import logging
 import os
@@ -71,7 +72,8 @@ def test_config_name_follows_the_knobs_and_variants_coexist(shapes_data_dir):
     builders.data_source(small, "test", data_dir)
 
 
-def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path, monkeypatch):
+def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path, monkeypatch,
+                                                        capsys):
   data_cfg, data_dir = shapes_data_dir
   # A builder for an unprepared directory does not look for (or make a temporary directory
   # for) metadata on the TFDS bucket: ours are built locally.
@@ -86,6 +88,13 @@ def test_missing_datasets_and_bad_keys_are_user_errors(shapes_data_dir, tmp_path
              lambda: builders.build(other, str(tmp_path))):
     with pytest.raises(UserError, match="tfds build no_such_dataset_xyz --file_format=array_rec"):
       fn()
+  # A TFDS dataset whose code needs TensorFlow (not installed here): one line that says where to
+  # prepare it, and no TFDS banner on the way.
+  if importlib.util.find_spec("tensorflow") is None:  # The project never installs it.
+    coco = _data_cfg(data_cfg, name="coco_captions")
+    with pytest.raises(UserError, match="in an environment with TensorFlow"):
+      builders.data_source(coco, "train", str(tmp_path))
+    assert "Failed to import TensorFlow" not in capsys.readouterr().out
   with pytest.raises(UserError, match="caption_key='text'"):
     builders.data_source(_data_cfg(data_cfg, caption_key="text"), "train", data_dir)
   a_file = tmp_path / "a_file"
