@@ -330,13 +330,14 @@ def pin(path: str, step: int | None = None) -> str:
   return os.path.join(directory, str(step))
 
 
-def _saved_stage(mngr, step: int) -> str | None:
-  """The stage that wrote checkpoint `step` (None when its metadata does not say)."""
+def _saved_meta(mngr, step: int) -> dict:
+  """The metadata saved with checkpoint `step` ({} when it is unreadable: the restore proper
+  reports what is wrong)."""
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return (restored["meta"] or {}).get("stage")
+    return dict(restored["meta"] or {})
   except Exception:  # pylint: disable=broad-except
-    return None
+    return {}
 
 
 def latest_meta(workdir: str) -> dict:
@@ -348,10 +349,7 @@ def latest_meta(workdir: str) -> dict:
   mngr = _manager(directory, read_only=True)
   try:
     step = mngr.latest_step()
-    if step is None:
-      return {}
-    restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"] or {})
+    return {} if step is None else _saved_meta(mngr, step)
   except Exception:  # pylint: disable=broad-except
     return {}  # The restore proper reports what is wrong.
   finally:
@@ -385,7 +383,7 @@ def load_params(path: str, target: Any, *, select: Sequence[str] = (), use_ema: 
     sub = saved.get(field)
     for i, k in enumerate(select):
       if not isinstance(sub, dict) or k not in sub:
-        stage = _saved_stage(mngr, step)
+        stage = _saved_meta(mngr, step).get("stage")
         raise UserError(f"checkpoint {where} has no {'/'.join([field, *select[:i + 1]])}"
                         + (f": it is a {stage!r}-stage checkpoint" if stage else ""))
       sub = sub[k]

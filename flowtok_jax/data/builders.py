@@ -404,7 +404,7 @@ def existing_data_dir(data_dir: str, flag: str = "--data_dir") -> str:
   """`data_dir` if it is an existing directory and not a dataset's own folder inside a TFDS
   data dir (a path one level too deep); else a UserError naming the fix. For commands that
   read data another command prepared, where building into a mistyped path would hide the slip."""
-  path = os.path.normpath(data_dir)
+  path = paths.local(data_dir, flag)  # Absolute and normalised; a URL gets the mount hint.
   parts = path.split(os.sep)
   for name in (SHAPES_NAME, FOLDER_NAME):
     if name in parts[1:]:

@@ -161,6 +161,11 @@ def geometry(image_size: int) -> Geometry:
                   relation_margin=s(8), gap=s(2))
 
 
+def corner_of(dx: float, dy: float) -> str:
+  """The corner word of the quadrant of a centre offset (dx, dy) from the middle (y down)."""
+  return ("top " if dy < 0 else "bottom ") + ("left" if dx < 0 else "right")
+
+
 def location_of(center, image_size: int) -> str | None:
   """The location word of a one-object centre `(x, y)`, or None if it fits none."""
   g = geometry(image_size)
@@ -168,7 +173,7 @@ def location_of(center, image_size: int) -> str | None:
   if abs(dx) <= g.center_tol and abs(dy) <= g.center_tol:
     return "center"
   if min(abs(dx), abs(dy)) >= g.corner_min:
-    return ("top " if dy < 0 else "bottom ") + ("left" if dx < 0 else "right")
+    return corner_of(dx, dy)
   return None
 
 

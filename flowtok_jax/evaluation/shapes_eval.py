@@ -140,7 +140,7 @@ def nearest_location(center, image_size: int) -> str:
   to_corner = g.corner_min - min(abs(dx), abs(dy))
   if to_center <= to_corner or dx == 0 or dy == 0:
     return "center"
-  return ("top " if dy < 0 else "bottom ") + ("left" if dx < 0 else "right")
+  return shapes.corner_of(dx, dy)
 
 
 def nearest_size(side: float, image_size: int) -> str:
@@ -178,8 +178,7 @@ def location_fits(center, word: str, image_size: int) -> bool:
   dx, dy = center[0] - g.mid, center[1] - g.mid
   if word == "center":
     return max(abs(dx), abs(dy)) <= g.center_tol + tol
-  want = ("top " if dy < 0 else "bottom ") + ("left" if dx < 0 else "right")
-  return want == word and min(abs(dx), abs(dy)) >= g.corner_min - tol
+  return shapes.corner_of(dx, dy) == word and min(abs(dx), abs(dy)) >= g.corner_min - tol
 
 
 def relation_fits(center0, center1, relation: str, image_size: int) -> bool:
