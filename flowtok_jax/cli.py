@@ -247,10 +247,13 @@ def _info(args, overrides):
 
 
 def _convert_flags(p):
-  p.add_argument("--kind", required=True, choices=("flowtok", "flowtitok", "clip_text"),
+  p.add_argument("--kind", required=True,
+                 choices=("flowtok", "flowtitok", "clip_text", "inception"),
                  help="flowtok: FlowTok-XL/H.pth (DiT + text VAE + alignment MLP); flowtitok: "
-                      "FlowTiTok_512.bin; clip_text: an open_clip ViT-L-14-336 state dict")
-  _config_flags(p)
+                      "FlowTiTok_512.bin; clip_text: an open_clip ViT-L-14-336 state dict; "
+                      "inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for "
+                      "`flowtok fid`; takes no --config)")
+  _config_flags(p, required=False)
   p.add_argument("--src", required=True, help="PyTorch checkpoint (.pth/.bin/.pt; needs torch) "
                                               "or a state dict saved as .npz")
   p.add_argument("--out", required=True, help="output directory: <tree>.msgpack + convert.json")
@@ -259,7 +262,15 @@ def _convert_flags(p):
 @command("convert", "import released PyTorch weights into our parameter trees", _convert_flags)
 def _convert(args, overrides):
   from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
-  result = convert.convert(args.kind, load_config(args, overrides), args.src, args.out)
+  if args.kind == "inception":
+    if args.config or overrides:
+      raise UserError("--kind inception takes no --config: the FID network has one fixed shape")
+    config = None
+  elif not args.config:
+    raise UserError(f"--kind {args.kind} needs --config (the model the weights are mapped onto)")
+  else:
+    config = load_config(args, overrides)
+  result = convert.convert(args.kind, config, args.src, args.out)
   print(json.dumps(result, sort_keys=True))
 
 
@@ -461,6 +472,38 @@ def _probe(args, overrides):
     result = i2t_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
                              steps=args.steps, cfg_scale=args.cfg,
                              blend_captions=args.blend_captions)
+  print(json.dumps(result, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# fid: real FID (the FID Inception-v3, weights from a local file)
+
+
+def _fid_flags(p):
+  p.add_argument("sources", nargs="+", metavar="SOURCE",
+                 help="two image folders or statistics .npz files (FID between them), or one "
+                      "folder with --save_stats")
+  p.add_argument("--inception", required=True,
+                 help="the FID Inception weights: pytorch-fid's "
+                      "pt_inception-2015-12-05-6726825d.pth (reading it needs torch), that state "
+                      "dict as .npz, or the directory `flowtok convert --kind inception` wrote")
+  p.add_argument("--save_stats", default=None,
+                 help="write the one SOURCE folder's statistics (mu, sigma) to this .npz")
+  p.add_argument("--num", type=_int_at_least(2), default=None,
+                 help="at most this many images of each folder, the first by file name "
+                      "(default: all)")
+  p.add_argument("--batch_size", type=_int_at_least(1), default=50,
+                 help="images per Inception call")
+
+
+@command("fid", "real FID between image folders / statistics files (the FID Inception-v3 from "
+         "a local file; for real data, not the shapes world)", _fid_flags)
+def _fid(args, overrides):
+  if overrides:
+    raise UserError(f"fid takes no config; --config.{overrides[0]} does not apply")
+  from flowtok_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  result = inception.fid(args.sources, args.inception, batch_size=args.batch_size, num=args.num,
+                         save_stats_to=args.save_stats)
   print(json.dumps(result, sort_keys=True))
 
 

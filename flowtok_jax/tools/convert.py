@@ -7,6 +7,8 @@ Three kinds of source, each mapped onto the trees of the modules the config buil
                                                   align_mlp (`context_projector` + τ)
   flowtitok   FlowTiTok_512.bin                   tokenizer ({'encoder', 'decoder'}: FlowTiTok)
   clip_text   open_clip ViT-L-14-336 (OpenAI)     clip_text (the text tower; `visual.*` ignored)
+  inception   pytorch-fid's FID Inception-v3      inception ({'params', 'batch_stats'}: the
+              (pt_inception-2015-12-05-*.pth)     network of evaluation/inception.py; no config)
 
 Every target leaf gets exactly one rule (source keys + a layout transform); the rules come from
 the target tree (`jax.eval_shape` of the module init), so a config that disagrees with the
@@ -36,7 +38,7 @@ import numpy as np
 
 from flowtok_jax.errors import UserError
 
-KINDS = ("flowtok", "flowtitok", "clip_text")
+KINDS = ("flowtok", "flowtitok", "clip_text", "inception")
 Shape = tuple[int, ...]
 StateDict = Mapping[str, np.ndarray]
 
@@ -467,6 +469,10 @@ def convert_state_dict(kind: str, sd: StateDict, config, src_name: str = "state 
   return trees, report
 
 
+def _leaves(tree: Mapping) -> list:
+  return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, Mapping) else [v])]
+
+
 def _summarise(keys: Sequence[str]) -> list[str]:
   """Collapses 'visual.*'-style runs so the report stays short."""
   out, seen = [], set()
@@ -537,11 +543,22 @@ def load_converted(out_dir: str, names: Optional[Sequence[str]] = None) -> dict[
 
 
 def convert(kind: str, config, src: str, out_dir: str) -> dict[str, Any]:
-  """`flowtok convert`: read SRC, map it onto the configured model, write OUT (see module doc)."""
+  """`flowtok convert`: read SRC, map it onto the configured model, write OUT (see module doc).
+
+  `config` is unused (may be None) for kind 'inception', whose network has one fixed shape.
+  """
   if kind not in KINDS:
     raise UserError(f"unknown convert kind {kind!r} (known: {', '.join(KINDS)})")
   sd = load_state_dict(src)
-  trees, report = convert_state_dict(kind, sd, config, src_name=os.path.basename(src))
+  if kind == "inception":
+    from flowtok_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    tree = inception.variables_from_state_dict(sd, src_name=os.path.basename(src))
+    trees = {"inception": tree}
+    report = {"kind": kind,
+              "params": {"inception": int(sum(np.size(a) for a in _leaves(tree["params"])))},
+              "ignored_keys": inception.ignored_summary(sd)}
+  else:
+    trees, report = convert_state_dict(kind, sd, config, src_name=os.path.basename(src))
   del sd
   files = save_converted(trees, out_dir, dict(report, source=os.path.abspath(src)))
   return dict(report, files=files)

@@ -1,0 +1,473 @@
+"""Real FID: the FID Inception-v3 in Flax, its weights from a local file, and `flowtok fid`.
+
+FID (Heusel et al. 2017) compares the Gaussian fits of Inception-v3 pool features (2048-d, the
+global average pool after Mixed_7c) of two image sets. The network is the TensorFlow graph of
+2015-12-05 that every published FID uses; its weights are read from a local file, never
+downloaded:
+
+  * pytorch-fid's port `pt_inception-2015-12-05-6726825d.pth` (a state dict; reading a .pth
+    needs torch), the same state dict saved as .npz (name -> array), or
+  * the directory that `flowtok convert --kind inception --src FILE --out DIR` writes from
+    either (DIR/inception.msgpack; no torch needed afterwards).
+
+Parity quirks of that graph, kept here exactly as pytorch-fid keeps them (a feature-level parity
+test against pytorch-fid runs in the suite from a stored fixture, tests/data/):
+  * Mixed_5b-d, 6b-e and 7b pool their branch with a 3x3 *average that ignores the padding*;
+    Mixed_7c pools it with a 3x3 *max* (a quirk of that graph, not of the paper's network).
+  * BatchNorm epsilon 1e-3, in inference form (running statistics), convolutions without bias.
+  * Input: RGB in [0, 1], resized to 299x299 bilinearly *without antialiasing* and with
+    half-pixel centres (torch's `interpolate(..., align_corners=False)`), then mapped to [-1, 1].
+    The resize runs on the host (`resize`), so any mix of image sizes meets one compiled
+    network.
+
+The Fréchet distance itself is `image_metrics.frechet_distance`. Statistics files are .npz with
+`mu` [2048] and `sigma` [2048, 2048], the format pytorch-fid reads and writes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowtok_jax.errors import UserError
+
+FEATURES = 2048
+INPUT_SIZE = 299
+BN_EPS = 1e-3
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name for the weights.
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# State-dict keys the pool features do not use: the 1008-way classifier and BN step counters.
+_UNUSED = ("fc.weight", "fc.bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# The network. Module and parameter names follow the reference state dict's, so the weight map
+# is mechanical: 'Mixed_5b/branch1x1/conv/kernel' <- 'Mixed_5b.branch1x1.conv.weight'.
+
+
+class BasicConv(nn.Module):
+  """Conv (no bias) -> BatchNorm (running statistics, eps 1e-3) -> ReLU."""
+  features: int
+  kernel: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[int, int] = (0, 0)
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    ph, pw = self.padding
+    x = nn.Conv(self.features, self.kernel, self.strides, padding=((ph, ph), (pw, pw)),
+                use_bias=False, precision=self.precision, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
+    return nn.relu(x)
+
+
+def _avg3(x):
+  """3x3 stride-1 average over the valid neighbours only (TF's pool; padding not counted)."""
+  return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max3_s2(x):
+  return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
+
+
+class InceptionA(nn.Module):
+  pool_features: int
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
+                                                    name=name)
+    b1 = c(64, (1, 1), name="branch1x1")(x)
+    b5 = c(48, (1, 1), name="branch5x5_1")(x)
+    b5 = c(64, (5, 5), (2, 2), name="branch5x5_2")(b5)
+    b3 = c(64, (1, 1), name="branch3x3dbl_1")(x)
+    b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_2")(b3)
+    b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_3")(b3)
+    bp = c(self.pool_features, (1, 1), name="branch_pool")(_avg3(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+  """The grid reduction 35 -> 17 (Mixed_6a)."""
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    b3 = BasicConv(384, (3, 3), (2, 2), precision=self.precision, name="branch3x3")(x)
+    bd = BasicConv(64, (1, 1), precision=self.precision, name="branch3x3dbl_1")(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision,
+                   name="branch3x3dbl_2")(bd)
+    bd = BasicConv(96, (3, 3), (2, 2), precision=self.precision, name="branch3x3dbl_3")(bd)
+    return jnp.concatenate([b3, bd, _max3_s2(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+  """Factorised 7x7 convolutions (Mixed_6b-e)."""
+  channels_7x7: int
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    c7 = self.channels_7x7
+    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
+                                                    name=name)
+    row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of 1x7 and 7x1.
+    b1 = c(192, (1, 1), name="branch1x1")(x)
+    b7 = c(c7, (1, 1), name="branch7x7_1")(x)
+    b7 = c(c7, *row, name="branch7x7_2")(b7)
+    b7 = c(192, *col, name="branch7x7_3")(b7)
+    bd = c(c7, (1, 1), name="branch7x7dbl_1")(x)
+    bd = c(c7, *col, name="branch7x7dbl_2")(bd)
+    bd = c(c7, *row, name="branch7x7dbl_3")(bd)
+    bd = c(c7, *col, name="branch7x7dbl_4")(bd)
+    bd = c(192, *row, name="branch7x7dbl_5")(bd)
+    bp = c(192, (1, 1), name="branch_pool")(_avg3(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+  """The grid reduction 17 -> 8 (Mixed_7a)."""
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    c = lambda f, k, s=(1, 1), p=(0, 0), name=None: BasicConv(f, k, s, p, self.precision,
+                                                              name=name)
+    b3 = c(192, (1, 1), name="branch3x3_1")(x)
+    b3 = c(320, (3, 3), (2, 2), name="branch3x3_2")(b3)
+    b7 = c(192, (1, 1), name="branch7x7x3_1")(x)
+    b7 = c(192, (1, 7), p=(0, 3), name="branch7x7x3_2")(b7)
+    b7 = c(192, (7, 1), p=(3, 0), name="branch7x7x3_3")(b7)
+    b7 = c(192, (3, 3), (2, 2), name="branch7x7x3_4")(b7)
+    return jnp.concatenate([b3, b7, _max3_s2(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+  """Expanded filter banks (Mixed_7b with an average pool, Mixed_7c with the graph's max pool)."""
+  max_pool: bool = False
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
+                                                    name=name)
+    b1 = c(320, (1, 1), name="branch1x1")(x)
+    b3 = c(384, (1, 1), name="branch3x3_1")(x)
+    b3 = jnp.concatenate([c(384, (1, 3), (0, 1), name="branch3x3_2a")(b3),
+                          c(384, (3, 1), (1, 0), name="branch3x3_2b")(b3)], axis=-1)
+    bd = c(448, (1, 1), name="branch3x3dbl_1")(x)
+    bd = c(384, (3, 3), (1, 1), name="branch3x3dbl_2")(bd)
+    bd = jnp.concatenate([c(384, (1, 3), (0, 1), name="branch3x3dbl_3a")(bd),
+                          c(384, (3, 1), (1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
+    if self.max_pool:  # Mixed_7c of the FID graph: a max pool where the paper has an average.
+      pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+    else:
+      pooled = _avg3(x)
+    bp = c(192, (1, 1), name="branch_pool")(pooled)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] bilinear weights: half-pixel centres, no antialiasing, edges clamped.
+
+  Output i reads the source at s = (i + 0.5) * in / out - 0.5 (clamped below at 0), mixing
+  pixels floor(s) and floor(s) + 1 (clamped to the last) with weights 1 - frac(s), frac(s):
+  torch's `interpolate(mode='bilinear', align_corners=False)`, which pytorch-fid uses.
+  """
+  s = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  lo = np.minimum(np.floor(s).astype(np.int64), in_size - 1)
+  frac = s - lo
+  m = np.zeros((out_size, in_size), np.float64)
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), np.minimum(lo + 1, in_size - 1)), frac)
+  return m
+
+
+def resize(image: np.ndarray, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> np.ndarray:
+  """One image [H, W, C] -> float32 [*size, C] by `resize_matrix` along H, then W.
+
+  On the host, so that images of every size feed one compiled network (a folder of photos
+  would otherwise compile once per distinct size).
+  """
+  image = np.asarray(image, np.float32)
+  if image.shape[:2] == tuple(size):
+    return image
+  h, w, c = image.shape
+  x = resize_matrix(h, size[0]).astype(np.float32) @ image.reshape(h, w * c)
+  x = x.reshape(size[0], w, c).transpose(1, 0, 2).reshape(w, size[0] * c)
+  x = resize_matrix(w, size[1]).astype(np.float32) @ x
+  return x.reshape(size[1], size[0], c).transpose(1, 0, 2)
+
+
+class FIDInceptionV3(nn.Module):
+  """Images [B, 299, 299, 3] in [0, 1] (`resize` first) -> pool features [B, 2048]."""
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, images):
+    x = 2.0 * images.astype(jnp.float32) - 1.0
+    p = self.precision
+    x = BasicConv(32, (3, 3), (2, 2), precision=p, name="Conv2d_1a_3x3")(x)    # 149
+    x = BasicConv(32, (3, 3), precision=p, name="Conv2d_2a_3x3")(x)            # 147
+    x = BasicConv(64, (3, 3), padding=(1, 1), precision=p, name="Conv2d_2b_3x3")(x)
+    x = _max3_s2(x)                                                            # 73
+    x = BasicConv(80, (1, 1), precision=p, name="Conv2d_3b_1x1")(x)
+    x = BasicConv(192, (3, 3), precision=p, name="Conv2d_4a_3x3")(x)           # 71
+    x = _max3_s2(x)                                                            # 35
+    for name, pool in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
+      x = InceptionA(pool, p, name=name)(x)
+    x = InceptionB(p, name="Mixed_6a")(x)                                      # 17
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+      x = InceptionC(c7, p, name=name)(x)
+    x = InceptionD(p, name="Mixed_7a")(x)                                      # 8
+    x = InceptionE(False, p, name="Mixed_7b")(x)
+    x = InceptionE(True, p, name="Mixed_7c")(x)
+    return x.mean(axis=(1, 2))
+
+
+def abstract_variables() -> dict:
+  """{'params', 'batch_stats'} of `FIDInceptionV3` as ShapeDtypeStructs (nothing computed)."""
+  return jax.eval_shape(FIDInceptionV3().init, jax.random.key(0),
+                        jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+# Our leaf name -> (collection, the reference state dict's suffix).
+_LEAVES = {"kernel": ("params", "weight"), "scale": ("params", "weight"),
+           "bias": ("params", "bias"), "mean": ("batch_stats", "running_mean"),
+           "var": ("batch_stats", "running_var")}
+
+
+def ignored_key(key: str) -> bool:
+  """A reference key the pool features do not use (the classifier, BatchNorm step counters)."""
+  return key in _UNUSED or key.endswith(".num_batches_tracked")
+
+
+def ignored_summary(sd: Mapping[str, Any]) -> list[str]:
+  """What of `sd` the features leave out, in short: ['fc.*', '*.num_batches_tracked']."""
+  keys = [k for k in sd if ignored_key(k)]
+  return (["fc.*"] if any(k.startswith("fc.") for k in keys) else []) + (
+      ["*.num_batches_tracked"] if any(k.endswith(".num_batches_tracked") for k in keys) else [])
+
+
+def variables_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "state dict"):
+  """Maps pytorch-fid's Inception state dict onto `FIDInceptionV3`'s variables.
+
+  Every target leaf takes exactly one source key (conv weights OIHW -> HWIO); the source may
+  also hold the classifier (`fc.*`) and BatchNorm step counters, which are ignored. Anything
+  else missing, extra or mis-shaped is a `UserError` naming the key and both shapes.
+  Returns:
+    {'params': ..., 'batch_stats': ...} as nested dicts of float32 numpy arrays.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  out, used = {}, set()
+  for path, leaf in traverse_util.flatten_dict(abstract_variables()).items():
+    collection, *modules, name = path
+    key = ".".join(modules) + "." + _LEAVES[name][1]
+    if key not in sd:
+      raise UserError(f"{src_name}: missing '{key}' (expected by {'/'.join(path)}; is this the "
+                      f"FID Inception state dict, {WEIGHTS_FILE}?)")
+    arr = np.asarray(sd[key], np.float32)
+    if name == "kernel":
+      arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
+    if arr.shape != tuple(leaf.shape):
+      raise UserError(f"{src_name}: '{key}' has shape {tuple(np.shape(sd[key]))}, expected "
+                      f"{tuple(leaf.shape)} for {'/'.join(path)}")
+    out[path] = arr
+    used.add(key)
+  extra = [k for k in sd if k not in used and not ignored_key(k)]
+  if extra:
+    raise UserError(f"{src_name}: unexpected key '{extra[0]}' ({len(extra)} unexpected in all): "
+                    "not the FID Inception state dict?")
+  return traverse_util.unflatten_dict(out)
+
+
+def load_variables(path: str) -> dict:
+  """Weights from a state dict file (.pth / .npz / .safetensors) or a `flowtok convert` dir."""
+  from flowtok_jax import paths  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
+  path = paths.local(path, "--inception")
+  if os.path.isdir(path):
+    tree = convert.load_converted(path, ["inception"])["inception"]
+    variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+    convert.check_tree(abstract_variables(), variables, f"{path} (inception)")
+    return variables
+  if not os.path.exists(path):
+    raise UserError(f"--inception {path} does not exist (the FID Inception weights: "
+                    f"{WEIGHTS_FILE}, its .npz, or a `flowtok convert --kind inception` dir)")
+  return variables_from_state_dict(convert.load_state_dict(path), os.path.basename(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Features and statistics.
+
+
+# One jitted function for every `InceptionFeatures`: its compiles (one per batch shape) are shared.
+_apply = jax.jit(FIDInceptionV3().apply)
+
+
+class InceptionFeatures:
+  """Pool features of images of any sizes: resized on the host, one compiled batch shape.
+
+  Args:
+    variables: {'params', 'batch_stats'} (`load_variables`).
+    batch_size: images per call; the last batch of a size is padded to it (rows dropped).
+  """
+
+  def __init__(self, variables, batch_size: int = 50):
+    self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    self.batch_size = batch_size
+
+  def __call__(self, images) -> np.ndarray:
+    """Images [N, H, W, 3], or a list of [H_i, W_i, 3] (uint8, or float in [0, 1]) ->
+    float32 [N, 2048]."""
+    outs = []
+    for i in range(0, len(images), self.batch_size):
+      chunk = [resize(_unit_rgb(im)) for im in images[i:i + self.batch_size]]
+      # The last batch is padded to the same shape (one compile); its padding rows are dropped.
+      chunk += [np.zeros_like(chunk[0])] * (self.batch_size - len(chunk))
+      feats = np.asarray(_apply(self.variables, np.stack(chunk)))
+      outs.append(feats[:min(self.batch_size, len(images) - i)])
+    return np.concatenate(outs) if outs else np.zeros((0, FEATURES), np.float32)
+
+
+def _unit_rgb(image) -> np.ndarray:
+  x = np.asarray(image)
+  if x.ndim != 3 or x.shape[-1] != 3:
+    raise UserError(f"expected an RGB image [H, W, 3], got shape {x.shape}")
+  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files directly in `folder` (sorted); a UserError if there are none."""
+  if not os.path.isdir(folder):
+    raise UserError(f"{folder} is not a directory of images or a statistics .npz")
+  files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                 if n.lower().endswith(IMAGE_EXTS))
+  if not files:
+    raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
+  return files
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 RGB [H, W, 3] (greyscale and RGBA converted as PIL converts them)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def folder_features(folder: str, net: InceptionFeatures, num: Optional[int] = None,
+                    progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+  """Features [N, 2048] of the images in `folder` (the first `num` by name)."""
+  files = list_images(folder)[:num]
+  outs = []
+  for start in range(0, len(files), net.batch_size):
+    batch = files[start:start + net.batch_size]
+    outs.append(net([read_image(f) for f in batch]))
+    if progress is not None:
+      progress(len(batch))
+  return np.concatenate(outs)
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num: int) -> None:
+  """Writes `path` (.npz: mu, sigma, num_images) whole or not at all."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num))
+  os.replace(tmp, path)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mu [2048], sigma [2048, 2048]) from a statistics .npz (ours or pytorch-fid's)."""
+  try:
+    with np.load(path) as f:
+      mu, sigma = f["mu"], f["sigma"]
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{path} is not a statistics file (.npz with 'mu' and 'sigma'): {e}") from None
+  if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
+    raise UserError(f"{path}: statistics of shape mu {mu.shape}, sigma {sigma.shape}; FID "
+                    f"needs mu [{FEATURES}] and sigma [{FEATURES}, {FEATURES}]")
+  return mu, sigma
+
+
+def _is_stats_file(source: str) -> bool:
+  return source.endswith(".npz") and os.path.isfile(source)
+
+
+def folder_stats(folder: str, net: Callable[[], InceptionFeatures], num: Optional[int] = None,
+                 meter: Optional[Callable[[int, str], Any]] = None):
+  """(mu, sigma, n) of the first `num` images (by name) of `folder`; `net` builds the network."""
+  from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
+  n = len(list_images(folder)[:num])
+  if n < 2:
+    raise UserError(f"{folder}: FID needs at least 2 images, found {n}")
+  bar = meter(n, os.path.basename(os.path.normpath(folder))) if meter else None
+  try:
+    feats = folder_features(folder, net(), num, bar.update if bar else None)
+  finally:
+    if bar is not None:
+      bar.close()
+  mu, sigma = image_metrics.gaussian_stats(feats)
+  return mu, sigma, n
+
+
+def fid(sources: Sequence[str], weights: str, batch_size: int = 50, num: Optional[int] = None,
+        save_stats_to: Optional[str] = None, show_progress: bool = True) -> dict[str, Any]:
+  """`flowtok fid`: FID between two sources, or the statistics of one.
+
+  Args:
+    sources: one or two paths, each an image folder or a statistics .npz.
+    weights: the Inception weights (`load_variables`).
+    batch_size: images per Inception call.
+    num: use at most this many images of each folder (the first by file name).
+    save_stats_to: with one source, write its statistics here (required then).
+  Returns:
+    {'fid': float, 'num_images': [n_a, n_b]} for two sources; {'stats': path, 'num_images'}.
+  """
+  from flowtok_jax import paths, progress  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
+  if len(sources) not in (1, 2):
+    raise UserError(f"fid takes one source (with --save_stats) or two, got {len(sources)}")
+  if len(sources) == 1 and not save_stats_to:
+    raise UserError("with one source, pass --save_stats OUT.npz (or give two sources)")
+  if save_stats_to:
+    if len(sources) != 1 or _is_stats_file(sources[0]):
+      raise UserError("--save_stats takes exactly one source, an image folder")
+    save_stats_to = paths.writable_file(save_stats_to, "--save_stats")
+    if not save_stats_to.endswith(".npz"):
+      raise UserError(f"--save_stats {save_stats_to}: the statistics file must end in .npz")
+  # Refuse a bad source before loading weights or reading images.
+  loaded = {s: load_stats(s) for s in sources if _is_stats_file(s)}
+  for s in sources:
+    if s not in loaded:
+      list_images(s)
+  cache: dict[str, InceptionFeatures] = {}
+
+  def net() -> InceptionFeatures:
+    if "net" not in cache:
+      cache["net"] = InceptionFeatures(load_variables(weights), batch_size)
+    return cache["net"]
+
+  meter = None
+  if show_progress:
+    meter = lambda total, desc: progress.meter(total, f"inception {desc}", unit="img")
+  stats = [(*loaded[s], None) if s in loaded else folder_stats(s, net, num, meter)
+           for s in sources]
+  if save_stats_to:
+    mu, sigma, n = stats[0]
+    save_stats(save_stats_to, mu, sigma, n)
+    return {"stats": save_stats_to, "num_images": n}
+  (mu_a, s_a, n_a), (mu_b, s_b, n_b) = stats
+  return {"fid": image_metrics.frechet_distance(mu_a, s_a, mu_b, s_b), "num_images": [n_a, n_b]}
