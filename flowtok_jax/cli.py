@@ -137,10 +137,11 @@ def _data(args, overrides):
 
 
 def _bench_flags(p):
-  p.add_argument("what", choices=("pipeline", "train", "sample"),
+  p.add_argument("what", choices=("pipeline", "train", "sample", "fid"),
                  help="pipeline: input pipeline; train: train step (compile, step time, MFU, "
-                      "memory); sample: images/s and captions/s")
-  _config_flags(p)
+                      "memory); sample: images/s and captions/s; fid: the FID Inception's "
+                      "images/s (no --config)")
+  _config_flags(p, required=False)
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: config.data.data_dir)")
   p.add_argument("--batch_size", type=_int_at_least(1), default=None,
                  help="examples per batch (pipeline: 64; train: config.train.batch_size; "
@@ -158,12 +159,23 @@ def _bench_flags(p):
                  help="batches timed after the first")
   p.add_argument("--num_workers", type=_int_at_least(0), default=None,
                  help="grain worker processes (default: config.data.num_workers)")
+  p.add_argument("--image_size", type=_int_at_least(1), default=256,
+                 help="fid: side of the images resized to 299 before the network")
 
 
 @command("bench", "measure speed: input pipeline, train step (MFU), sampling", _bench_flags)
 def _bench(args, overrides):
   import json  # pylint: disable=g-import-not-at-top
   from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  if args.what == "fid":
+    if args.config or overrides:
+      raise UserError("bench fid takes no --config: the FID network has one fixed shape")
+    result = bench.bench_fid(batch_size=args.batch_size or 50, repeats=args.steps,
+                             image_size=args.image_size)
+    print(json.dumps({"bench": args.what, **result}))
+    return
+  if not args.config:
+    raise UserError(f"bench {args.what} needs --config")
   config = load_config(args, overrides)
   if args.what == "pipeline":
     result = bench.bench_pipeline(config, args.data_dir, num_batches=args.num_batches,
@@ -416,8 +428,10 @@ def _eval_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--data_dir", required=True,
                  help="TFDS data dir of captioned_shapes (built there if missing)")
-  p.add_argument("--split", default="test,compositional",
-                 help="comma-separated evaluation splits (never train)")
+  p.add_argument("--split", default=None,
+                 help="comma-separated evaluation splits, never train (default: "
+                      "test,compositional; with --inception one split, default the bundle's "
+                      "data.eval_split)")
   p.add_argument("--num", type=_int_at_least(1), default=None,
                  help="examples per split (default: all)")
   p.add_argument("--out", default=None, help="directory for eval.json + report.html "
@@ -427,16 +441,37 @@ def _eval_flags(p):
                  help="guidance scale of the captions (default: the bundle's, 1.0)")
   p.add_argument("--frechet_steps", type=_int_at_least(0), default=300,
                  help="training steps of the shapes feature net (0: no Fréchet distance)")
+  p.add_argument("--inception", default=None,
+                 help="real data (a bundle not trained on captioned-shapes): FID of T2I, rFID "
+                      "of the tokenizer and BLEU-4 / CIDEr-D of I2T instead of the pixel "
+                      "parser, with these FID Inception weights (see `flowtok fid`)")
   _sampler_flags(p, "2.0 for the images")
   p.set_defaults(batch_size=32)
 
 
-@command("eval", "T2I / I2T / tokenizer metrics of a bundle on captioned-shapes",
+@command("eval", "T2I / I2T / tokenizer metrics of a bundle: the pixel parser on captioned-shapes; "
+         "with --inception, FID / rFID / BLEU-4 / CIDEr-D on real data",
          _eval_flags)
 def _eval(args, overrides):
   _no_config(overrides, "eval")
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
-  results = run_eval.evaluate(args.bundle, args.data_dir, splits=args.split, num=args.num,
+  if args.inception:
+    from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
+    from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
+    from flowtok_jax.evaluation import real_eval  # pylint: disable=g-import-not-at-top
+    bundle = inference.load_bundle(args.bundle)
+    if bundle.config.data.get("name") == builders.SHAPES_NAME:
+      raise UserError("a captioned-shapes bundle is measured by the pixel parser (and the shapes "
+                      "feature net's Fréchet distance); --inception (real FID) is for real data")
+    results = real_eval.evaluate_real(bundle, args.data_dir, args.inception, split=args.split,
+                                      num=args.num, out=args.out, batch_size=args.batch_size,
+                                      steps=args.steps, cfg_scale=args.cfg,
+                                      sampler=args.sampler, grid=args.grid,
+                                      caption_cfg_scale=args.caption_cfg, seed=args.seed)
+    print(json.dumps(results["summary"], sort_keys=True))
+    return
+  results = run_eval.evaluate(args.bundle, args.data_dir,
+                              splits=args.split or "test,compositional", num=args.num,
                               out=args.out, batch_size=args.batch_size, steps=args.steps,
                               cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid,
                               caption_cfg_scale=args.caption_cfg, seed=args.seed,

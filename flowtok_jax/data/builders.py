@@ -548,7 +548,7 @@ def read_captions(data_cfg, split: str, data_dir: str, limit: int | None = None)
   n = len(source) if limit is None else min(limit, len(source))
   captions = []
   for i in range(n):  # Every caption of an example that holds several (COCO: about five).
-    captions.extend(_text(c) for c in example_lib.captions_of(
+    captions.extend(example_lib.text(c) for c in example_lib.captions_of(
         example_lib.feature(source[i], data_cfg.caption_key)))
   return captions
 
@@ -564,10 +564,6 @@ def _has_feature(features, key: str) -> bool:
     except (KeyError, TypeError, AttributeError):
       return False
   return True
-
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def write_preview(data_cfg, data_dir: str, split: str = "train", num: int = 16,
@@ -600,7 +596,7 @@ def write_preview(data_cfg, data_dir: str, split: str = "train", num: int = 16,
     else:
       image.thumbnail((192, 192))
     caption = example_lib.pick_caption(example_lib.feature(ex, caption_key), None)
-    tiles.append((image, _text(caption)))
+    tiles.append((image, example_lib.text(caption)))
   font = PIL.ImageFont.load_default()
   cell_w = max(192, max(im.size[0] for im, _ in tiles)) + 8
   chars = max(8, int(cell_w / max(1.0, font.getlength("x"))) - 2)

@@ -62,6 +62,11 @@ def feature(element: dict[str, Any], key: str) -> Any:
   return value
 
 
+def text(value: Any) -> str:
+  """A string feature as str (records hold UTF-8 bytes)."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def captions_of(value: Any) -> list:
   """The captions a caption feature holds: [itself], or its sequence (COCO: about five)."""
   if isinstance(value, (str, bytes, np.bytes_, np.str_)):

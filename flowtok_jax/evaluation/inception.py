@@ -315,11 +315,11 @@ _apply = jax.jit(FIDInceptionV3().apply)
 
 
 class InceptionFeatures:
-  """Pool features of images of any sizes: resized on the host, one compiled batch shape.
+  """Pool features of images of any sizes: resized on the host, batches of a few fixed shapes.
 
   Args:
     variables: {'params', 'batch_stats'} (`load_variables`).
-    batch_size: images per call; the last batch of a size is padded to it (rows dropped).
+    batch_size: images per call.
   """
 
   def __init__(self, variables, batch_size: int = 50):
@@ -332,10 +332,12 @@ class InceptionFeatures:
     outs = []
     for i in range(0, len(images), self.batch_size):
       chunk = [resize(_unit_rgb(im)) for im in images[i:i + self.batch_size]]
-      # The last batch is padded to the same shape (one compile); its padding rows are dropped.
-      chunk += [np.zeros_like(chunk[0])] * (self.batch_size - len(chunk))
-      feats = np.asarray(_apply(self.variables, np.stack(chunk)))
-      outs.append(feats[:min(self.batch_size, len(images) - i)])
+      n = len(chunk)
+      # A short batch is padded to a power of two (at most batch_size): a handful of compiled
+      # shapes in all, and little work on padding rows, which are dropped.
+      rows = min(self.batch_size, 1 << (n - 1).bit_length())
+      chunk += [np.zeros_like(chunk[0])] * (rows - n)
+      outs.append(np.asarray(_apply(self.variables, np.stack(chunk)))[:n])
     return np.concatenate(outs) if outs else np.zeros((0, FEATURES), np.float32)
 
 

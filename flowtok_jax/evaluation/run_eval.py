@@ -69,11 +69,12 @@ def _finite(value):
   return value
 
 
-def _clean(tree):
+def clean_json(tree):
+  """JSON-safe copy: numpy scalars as Python numbers, NaN / inf as None."""
   if isinstance(tree, dict):
-    return {k: _clean(v) for k, v in tree.items()}
+    return {k: clean_json(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
-    return [_clean(v) for v in tree]
+    return [clean_json(v) for v in tree]
   if isinstance(tree, (np.floating, np.integer)):
     tree = tree.item()
   return _finite(tree)
@@ -174,8 +175,9 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
     raise UserError("the Fréchet distance needs --num 2 or more (or --frechet_steps 0)")
   data_cfg = b.config.data
   if data_cfg.get("name") != builders.SHAPES_NAME:
-    raise UserError(f"flowtok eval measures captioned-shapes bundles; this bundle was trained on "
-                    f"{data_cfg.get('name')!r}")
+    raise UserError(f"this bundle was trained on {data_cfg.get('name')!r}, not captioned-shapes: "
+                    "measure it by FID with --inception (the FID Inception weights, "
+                    "pt_inception-2015-12-05-6726825d.pth)")
   if not data_dir:
     raise UserError("--data_dir is required")
   builders.existing_data_dir(data_dir)
@@ -276,7 +278,7 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
                   recon[:g], captions[:g]))
 
   bar.close()
-  result = _clean({
+  result = clean_json({
       "bundle": b.path, "data_dir": os.path.abspath(data_dir), "splits": details,
       "tokenizer": tokenizer_details, "summary": summary,
       "knobs": {"t2i": gen.knobs(), "i2t": cap.knobs() if cap else None, "seed": seed},
@@ -285,11 +287,11 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
       "feature_net_val_accuracy": feature_net.val_accuracy if feature_net is not None else None,
       "grids": [{"title": t, "texts": list(texts)} for t, _, texts in grids],
   })
-  _write(out, result, grids)
+  write_eval(out, result, grids)
   return result
 
 
-def _write(out: str, result: dict, grids: Sequence[tuple[str, np.ndarray, list[str]]]):
+def write_eval(out: str, result: dict, grids: Sequence[tuple[str, np.ndarray, list[str]]]):
   os.makedirs(out, exist_ok=True)
   np.savez_compressed(os.path.join(out, "grids.npz"),
                       **{f"grid{i}": np.asarray(images) for i, (_, images, _) in enumerate(grids)})

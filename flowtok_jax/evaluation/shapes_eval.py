@@ -46,7 +46,7 @@ import numpy as np
 import PIL.Image
 import scipy.ndimage
 
-from flowtok_jax.data import shapes
+from flowtok_jax.data import examples, shapes
 from flowtok_jax.errors import UserError
 
 _PALETTE = np.array([shapes.PALETTE[c] for c in shapes.COLORS], np.float32)  # [6, 3]
@@ -469,10 +469,6 @@ def t2i_accuracy(images, prompts, cfg: ParserConfig = ParserConfig()) -> dict[st
 # --- Ground truth and its validation ---------------------------------------------------------
 
 
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def load_split(data_cfg, data_dir: str, split: str, n: int | None = None):
   """The first n examples of a built captioned_shapes split.
 
@@ -489,9 +485,9 @@ def load_split(data_cfg, data_dir: str, split: str, n: int | None = None):
   for i in range(n):
     ex = source[i]  # A damaged record is a UserError (builders.CheckedSource).
     images.append(np.asarray(ex["image"], np.uint8))
-    attrs.append(shapes.scene_attributes(json.loads(_text(ex["objects"])),
-                                         _text(ex["relation"])))
-    captions.append(_text(ex["caption"]))
+    attrs.append(shapes.scene_attributes(json.loads(examples.text(ex["objects"])),
+                                         examples.text(ex["relation"])))
+    captions.append(examples.text(ex["caption"]))
   size = data_cfg.image_size
   return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), attrs, captions
 

@@ -252,3 +252,54 @@ def bench_sample(config, *, batch_size: int | None = None, steps: int | None = N
   out["cfg_scale"] = cfg_scale if cfg_scale is not None else sc.get("cfg_scale", 2.0)
   out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   return out
+
+
+def bench_fid(*, batch_size: int = 50, repeats: int = 3, image_size: int = 256) -> dict:
+  """Times the FID Inception-v3 (`evaluation/inception.py`) on random weights and images.
+
+  `network_*` is one compiled call on a [B, 299, 299, 3] batch; `resize_ms_per_image` is the
+  host resize of one image_size² image to 299² that `flowtok fid` does before it; `images_per_sec`
+  counts both, serially, as `flowtok fid` runs them (image decoding not included).
+
+  Returns:
+    {'images_per_sec', 'network_images_per_sec', 'network_call_s', 'compile_s',
+     'flops_per_image', 'mfu', 'resize_ms_per_image', 'batch_size', 'image_size', ...}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  if repeats < 1:
+    raise UserError(f"repeats must be >= 1, got {repeats}")
+  size = inception.INPUT_SIZE
+  module = inception.FIDInceptionV3()
+  rng = np.random.default_rng(0)
+  # Random weights without compiling an init: the speed does not depend on the values.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: (np.ones if path[-1].key == "var" else np.zeros)(leaf.shape, np.float32)
+      if path[0].key == "batch_stats" else rng.normal(0, 0.05, leaf.shape).astype(np.float32),
+      inception.abstract_variables())
+  x = rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
+  peak = _peak_flops_per_device()
+  t = time.perf_counter()
+  compiled = jax.jit(module.apply).lower(variables, x).compile()
+  compile_s = time.perf_counter() - t
+  _time_calls(lambda: compiled(variables, x), 1)
+  call_s = statistics.median(_time_calls(lambda: compiled(variables, x), repeats))
+  peak = _peak_flops_per_device(peak)
+  image = np.random.default_rng(1).integers(0, 256, (image_size, image_size, 3), np.uint8)
+  t = time.perf_counter()
+  for _ in range(20):
+    inception.resize(image.astype(np.float32) / 255.0)
+  resize_s = (time.perf_counter() - t) / 20
+  flops = _flops.xla_flops(compiled)
+  out = {"batch_size": batch_size, "image_size": image_size, "compile_s": round(compile_s, 2),
+         "network_call_s": round(call_s, 4),
+         "network_images_per_sec": round(batch_size / call_s, 3),
+         "resize_ms_per_image": round(resize_s * 1e3, 2),
+         "images_per_sec": round(batch_size / (call_s + batch_size * resize_s), 3),
+         "peak_flops_per_device": peak,
+         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  if flops:
+    out["flops_per_image"] = flops / batch_size
+    out["mfu"] = round(flops / call_s / peak, 4)
+  return out

@@ -176,3 +176,21 @@ def test_fid_command(tmp_path, capsys, state_dict, net):
                           "--src", str(src), "--out", str(tmp_path / "w2")], capsys)
   assert_one_error(code, err, "takes no --config")
   assert not os.path.exists(tmp_path / "w2")
+
+
+def test_bench_fid_reports_rate_and_flops(capsys, monkeypatch):
+  from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE_CPU", 512)  # A quicker peak measurement.
+  code, out, err = run_cli(["bench", "fid", "--batch_size", "1", "--steps", "1",
+                            "--image_size", "64"], capsys)
+  assert code == 0, err
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["bench"] == "fid" and r["batch_size"] == 1 and r["image_size"] == 64
+  assert r["network_images_per_sec"] == pytest.approx(1 / r["network_call_s"], abs=2e-3)
+  assert 0 < r["images_per_sec"] <= r["network_images_per_sec"] and r["resize_ms_per_image"] > 0
+  # Inception-v3 to its pool: ~5.5 GMAC per 299² image (XLA's count).
+  assert 1.0e10 < r["flops_per_image"] < 1.2e10 and r["mfu"] > 0
+  code, _, err = run_cli(["bench", "fid", "--config", "configs/demo.py"], capsys)
+  assert_one_error(code, err, "takes no --config")
+  code, _, err = run_cli(["bench", "train"], capsys)
+  assert_one_error(code, err, "needs --config")
