@@ -240,10 +240,9 @@ def abstract_variables() -> dict:
 # ---------------------------------------------------------------------------------------------
 # Weights.
 
-# Our leaf name -> (collection, the reference state dict's suffix).
-_LEAVES = {"kernel": ("params", "weight"), "scale": ("params", "weight"),
-           "bias": ("params", "bias"), "mean": ("batch_stats", "running_mean"),
-           "var": ("batch_stats", "running_var")}
+# Our leaf name -> the reference state dict's (params: kernel, scale, bias; batch_stats: mean, var).
+_SOURCE_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                "var": "running_var"}
 
 
 def ignored_key(key: str) -> bool:
@@ -270,8 +269,8 @@ def variables_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "sta
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   out, used = {}, set()
   for path, leaf in traverse_util.flatten_dict(abstract_variables()).items():
-    collection, *modules, name = path
-    key = ".".join(modules) + "." + _LEAVES[name][1]
+    *modules, name = path[1:]  # path[0]: the collection.
+    key = ".".join(modules) + "." + _SOURCE_NAME[name]
     if key not in sd:
       raise UserError(f"{src_name}: missing '{key}' (expected by {'/'.join(path)}; is this the "
                       f"FID Inception state dict, {WEIGHTS_FILE}?)")
