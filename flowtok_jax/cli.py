@@ -439,8 +439,9 @@ def _eval_flags(p):
   p.add_argument("--seed", type=int, default=0, help="seed of each split's first image")
   p.add_argument("--caption_cfg", type=float, default=None,
                  help="guidance scale of the captions (default: the bundle's, 1.0)")
-  p.add_argument("--frechet_steps", type=_int_at_least(0), default=300,
-                 help="training steps of the shapes feature net (0: no Fréchet distance)")
+  p.add_argument("--frechet_steps", type=_int_at_least(0), default=None,
+                 help="training steps of the shapes feature net (0: no Fréchet distance; "
+                      "default 300; captioned-shapes only)")
   p.add_argument("--inception", default=None,
                  help="real data (a bundle not trained on captioned-shapes): FID of T2I, rFID "
                       "of the tokenizer and BLEU-4 / CIDEr-D of I2T instead of the pixel "
@@ -463,6 +464,9 @@ def _eval(args, overrides):
     if bundle.config.data.get("name") == builders.SHAPES_NAME:
       raise UserError("a captioned-shapes bundle is measured by the pixel parser (and the shapes "
                       "feature net's Fréchet distance); --inception (real FID) is for real data")
+    if args.frechet_steps is not None:
+      raise UserError("--frechet_steps is for captioned-shapes bundles (the shapes feature net); "
+                      "with --inception the distance is real FID")
     results = real_eval.evaluate_real(bundle, args.data_dir, args.inception, split=args.split,
                                       num=args.num, out=args.out, batch_size=args.batch_size,
                                       steps=args.steps, cfg_scale=args.cfg,
@@ -475,7 +479,8 @@ def _eval(args, overrides):
                               out=args.out, batch_size=args.batch_size, steps=args.steps,
                               cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid,
                               caption_cfg_scale=args.caption_cfg, seed=args.seed,
-                              frechet_steps=args.frechet_steps)
+                              frechet_steps=300 if args.frechet_steps is None
+                              else args.frechet_steps)
   print(json.dumps(results["summary"], sort_keys=True))
 
 

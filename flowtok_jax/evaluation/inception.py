@@ -11,7 +11,7 @@ downloaded:
     either (DIR/inception.msgpack; no torch needed afterwards).
 
 Parity quirks of that graph, kept here exactly as pytorch-fid keeps them (a feature-level parity
-test against pytorch-fid runs in the suite from a stored fixture, tests/data/):
+test against pytorch-fid runs in the suite from a stored fixture, tests/evaluation/):
   * Mixed_5b-d, 6b-e and 7b pool their branch with a 3x3 *average that ignores the padding*;
     Mixed_7c pools it with a 3x3 *max* (a quirk of that graph, not of the paper's network).
   * BatchNorm epsilon 1e-3, in inference form (running statistics), convolutions without bias.
@@ -39,8 +39,10 @@ FEATURES = 2048
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name for the weights.
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-# State-dict keys the pool features do not use: the 1008-way classifier and BN step counters.
+# The files of a folder that count, as pytorch-fid picks them: these extensions, lower case
+# only (so both tools see the same images in the same folder).
+IMAGE_EXTS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
+# The 1008-way classifier: in the state dict, not in the pool features.
 _UNUSED = ("fc.weight", "fc.bias")
 
 
@@ -302,7 +304,8 @@ def load_variables(path: str) -> dict:
   if not os.path.exists(path):
     raise UserError(f"--inception {path} does not exist (the FID Inception weights: "
                     f"{WEIGHTS_FILE}, its .npz, or a `flowtok convert --kind inception` dir)")
-  return variables_from_state_dict(convert.load_state_dict(path), os.path.basename(path))
+  return variables_from_state_dict(convert.load_state_dict(path, "--inception"),
+                                   os.path.basename(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +328,9 @@ class InceptionFeatures:
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.batch_size = batch_size
 
-  def __call__(self, images) -> np.ndarray:
+  def __call__(self, images, progress: Optional[Callable[[int], Any]] = None) -> np.ndarray:
     """Images [N, H, W, 3], or a list of [H_i, W_i, 3] (uint8, or float in [0, 1]) ->
-    float32 [N, 2048]."""
+    float32 [N, 2048]; `progress(n)` after each batch of n."""
     outs = []
     for i in range(0, len(images), self.batch_size):
       chunk = [resize(_unit_rgb(im)) for im in images[i:i + self.batch_size]]
@@ -337,24 +340,33 @@ class InceptionFeatures:
       rows = min(self.batch_size, 1 << (n - 1).bit_length())
       chunk += [np.zeros_like(chunk[0])] * (rows - n)
       outs.append(np.asarray(_apply(self.variables, np.stack(chunk)))[:n])
+      if progress is not None:
+        progress(n)
     return np.concatenate(outs) if outs else np.zeros((0, FEATURES), np.float32)
 
 
 def _unit_rgb(image) -> np.ndarray:
+  """uint8 [H, W, 3], or float already in [0, 1], as float32 in [0, 1]."""
   x = np.asarray(image)
   if x.ndim != 3 or x.shape[-1] != 3:
     raise UserError(f"expected an RGB image [H, W, 3], got shape {x.shape}")
-  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  if x.dtype == np.uint8:
+    return x.astype(np.float32) / 255.0
+  if x.dtype.kind != "f" or x.size and not 0.0 <= x.min() <= x.max() <= 1.0:
+    raise UserError(f"expected uint8 images or floats in [0, 1], got {x.dtype} in "
+                    f"[{x.min()}, {x.max()}]")
+  return x.astype(np.float32)
 
 
-def list_images(folder: str) -> list[str]:
-  """Image files directly in `folder` (sorted); a UserError if there are none."""
+def list_images(folder: str, num: Optional[int] = None) -> list[str]:
+  """The image files directly in `folder`, sorted, the first `num`; at least 2 (FID's minimum)."""
   if not os.path.isdir(folder):
     raise UserError(f"{folder} is not a directory of images or a statistics .npz")
   files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                 if n.lower().endswith(IMAGE_EXTS))
-  if not files:
-    raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
+                 if n.rsplit(".", 1)[-1] in IMAGE_EXTS and "." in n)[:num]
+  if len(files) < 2:
+    raise UserError(f"{folder} holds {len(files)} image(s) (.{', .'.join(IMAGE_EXTS)}; "
+                    "lower-case extensions, as pytorch-fid reads them); FID needs at least 2")
   return files
 
 
@@ -368,25 +380,20 @@ def read_image(path: str) -> np.ndarray:
     raise UserError(f"cannot read image {path}: {e}") from None
 
 
-def folder_features(folder: str, net: InceptionFeatures, num: Optional[int] = None,
-                    progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-  """Features [N, 2048] of the images in `folder` (the first `num` by name)."""
-  files = list_images(folder)[:num]
-  outs = []
-  for start in range(0, len(files), net.batch_size):
-    batch = files[start:start + net.batch_size]
-    outs.append(net([read_image(f) for f in batch]))
-    if progress is not None:
-      progress(len(batch))
+def files_features(files: Sequence[str], net: InceptionFeatures,
+                   progress: Optional[Callable[[int], Any]] = None) -> np.ndarray:
+  """Features [N, 2048] of image files, read one batch at a time."""
+  outs = [net([read_image(f) for f in files[a:a + net.batch_size]], progress)
+          for a in range(0, len(files), net.batch_size)]
   return np.concatenate(outs)
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num: int) -> None:
-  """Writes `path` (.npz: mu, sigma, num_images) whole or not at all."""
+  """Writes `path` (compressed .npz: mu, sigma, num_images) whole or not at all."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num))
+    np.savez_compressed(f, mu=mu, sigma=sigma, num_images=np.int64(num))
   os.replace(tmp, path)
 
 
@@ -407,21 +414,17 @@ def _is_stats_file(source: str) -> bool:
   return source.endswith(".npz") and os.path.isfile(source)
 
 
-def folder_stats(folder: str, net: Callable[[], InceptionFeatures], num: Optional[int] = None,
-                 meter: Optional[Callable[[int, str], Any]] = None):
-  """(mu, sigma, n) of the first `num` images (by name) of `folder`; `net` builds the network."""
+def files_stats(files: Sequence[str], net: InceptionFeatures, desc: str, show_progress: bool):
+  """(mu, sigma, n) of image files, with a progress bar named `desc`."""
+  from flowtok_jax import progress  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
-  n = len(list_images(folder)[:num])
-  if n < 2:
-    raise UserError(f"{folder}: FID needs at least 2 images, found {n}")
-  bar = meter(n, os.path.basename(os.path.normpath(folder))) if meter else None
+  bar = progress.meter(len(files), f"inception {desc}", unit="img") if show_progress else None
   try:
-    feats = folder_features(folder, net(), num, bar.update if bar else None)
+    feats = files_features(files, net, bar.update if bar else None)
   finally:
     if bar is not None:
       bar.close()
-  mu, sigma = image_metrics.gaussian_stats(feats)
-  return mu, sigma, n
+  return (*image_metrics.gaussian_stats(feats), len(files))
 
 
 def fid(sources: Sequence[str], weights: str, batch_size: int = 50, num: Optional[int] = None,
@@ -437,7 +440,7 @@ def fid(sources: Sequence[str], weights: str, batch_size: int = 50, num: Optiona
   Returns:
     {'fid': float, 'num_images': [n_a, n_b]} for two sources; {'stats': path, 'num_images'}.
   """
-  from flowtok_jax import paths, progress  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import paths  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import image_metrics  # pylint: disable=g-import-not-at-top
   if len(sources) not in (1, 2):
     raise UserError(f"fid takes one source (with --save_stats) or two, got {len(sources)}")
@@ -449,22 +452,14 @@ def fid(sources: Sequence[str], weights: str, batch_size: int = 50, num: Optiona
     save_stats_to = paths.writable_file(save_stats_to, "--save_stats")
     if not save_stats_to.endswith(".npz"):
       raise UserError(f"--save_stats {save_stats_to}: the statistics file must end in .npz")
+    if os.path.exists(save_stats_to):
+      raise UserError(f"--save_stats {save_stats_to} exists (delete it to write new statistics)")
   # Refuse a bad source before loading weights or reading images.
   loaded = {s: load_stats(s) for s in sources if _is_stats_file(s)}
-  for s in sources:
-    if s not in loaded:
-      list_images(s)
-  cache: dict[str, InceptionFeatures] = {}
-
-  def net() -> InceptionFeatures:
-    if "net" not in cache:
-      cache["net"] = InceptionFeatures(load_variables(weights), batch_size)
-    return cache["net"]
-
-  meter = None
-  if show_progress:
-    meter = lambda total, desc: progress.meter(total, f"inception {desc}", unit="img")
-  stats = [(*loaded[s], None) if s in loaded else folder_stats(s, net, num, meter)
+  listed = {s: list_images(s, num) for s in sources if s not in loaded}
+  net = InceptionFeatures(load_variables(weights), batch_size) if listed else None
+  stats = [(*loaded[s], None) if s in loaded else
+           files_stats(listed[s], net, os.path.basename(os.path.normpath(s)), show_progress)
            for s in sources]
   if save_stats_to:
     mu, sigma, n = stats[0]

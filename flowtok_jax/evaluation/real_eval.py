@@ -100,7 +100,7 @@ def evaluate_real(bundle, data_dir: str, weights: str, *, split: Optional[str] =
                               grid=grid, **server_args)
   n = len(images)
   # Reconstruct, generate, caption, then Inception features of real, reconstructed, generated.
-  bar = progress.meter(n * (5 if cap is not None else 4), "eval", unit="image")
+  bar = progress.meter(n * (6 if cap is not None else 5), "eval", unit="image")
   gen.progress = bar.update
   if cap is not None:
     cap.progress = bar.update
@@ -111,12 +111,7 @@ def evaluate_real(bundle, data_dir: str, weights: str, *, split: Optional[str] =
   predicted = cap.caption_images(list(images)) if cap is not None else None
   net = inception.InceptionFeatures(variables, inception_batch_size)
 
-  def stats(x):
-    feats = []
-    for a in range(0, len(x), inception_batch_size):
-      feats.append(net(x[a:a + inception_batch_size]))
-      bar.update(len(feats[-1]))
-    return image_metrics.gaussian_stats(np.concatenate(feats))
+  stats = lambda x: image_metrics.gaussian_stats(net(x, bar.update))
 
   real_stats = stats(images)
   summary: dict[str, Any] = {

@@ -71,16 +71,17 @@ def _is_torchscript(path: str) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a .pth/.bin/.pt checkpoint (also an OpenAI TorchScript archive) as float32 numpy."""
+def load_torch_state_dict(path: str, flag: str = "--src") -> dict[str, np.ndarray]:
+  """Reads a .pth/.bin/.pt checkpoint (also an OpenAI TorchScript archive) as float32 numpy;
+  errors name the file as `flag`."""
   try:
     with open(path, "rb") as f:
       head = f.read(2)
   except OSError as e:
-    raise UserError(f"cannot read --src {path}: {e.strerror or e}") from None
+    raise UserError(f"cannot read {flag} {path}: {e.strerror or e}") from None
   # torch.save writes a zip archive (b"PK"), older versions a pickle (protocol 2+: b"\x80").
   if not (head == b"PK" or head[:1] == b"\x80"):
-    raise UserError(f"--src {path} is not a PyTorch checkpoint (neither a torch.save zip archive "
+    raise UserError(f"{flag} {path} is not a PyTorch checkpoint (neither a torch.save zip archive "
                     "nor a pickle)")
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -104,13 +105,17 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+def load_state_dict(path: str, flag: str = "--src") -> dict[str, np.ndarray]:
   """Reads a state dict from .npz (no torch needed), .safetensors, or a torch checkpoint."""
   if not os.path.exists(path):
     raise UserError(f"checkpoint not found: {path}")
   if path.endswith(".npz"):
-    with np.load(path) as f:
-      return _unwrap({k: f[k] for k in f.files})
+    try:
+      with np.load(path) as f:
+        return _unwrap({k: f[k] for k in f.files})
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise UserError(f"{flag} {path} is not a readable .npz state dict: "
+                      f"{str(e).splitlines()[0]}") from None
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -119,7 +124,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                       "safetensors") from e
     return _unwrap({k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
                     for k, v in load_file(path).items()})
-  return load_torch_state_dict(path)
+  return load_torch_state_dict(path, flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,10 +474,6 @@ def convert_state_dict(kind: str, sd: StateDict, config, src_name: str = "state 
   return trees, report
 
 
-def _leaves(tree: Mapping) -> list:
-  return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, Mapping) else [v])]
-
-
 def _summarise(keys: Sequence[str]) -> list[str]:
   """Collapses 'visual.*'-style runs so the report stays short."""
   out, seen = [], set()
@@ -537,8 +538,13 @@ def load_converted(out_dir: str, names: Optional[Sequence[str]] = None) -> dict[
   for name in names:
     if name not in available:
       raise UserError(f"{out_dir} has no tree {name!r} (has: {', '.join(available)})")
-    with open(os.path.join(out_dir, f"{name}.msgpack"), "rb") as f:
-      out[name] = serialization.msgpack_restore(f.read())
+    path = os.path.join(out_dir, f"{name}.msgpack")
+    try:
+      with open(path, "rb") as f:
+        out[name] = serialization.msgpack_restore(f.read())
+    except Exception as e:  # pylint: disable=broad-except  # msgpack's errors vary by version.
+      raise UserError(f"{path} is damaged or unreadable ({type(e).__name__}); convert the "
+                      "weights again") from None
   return out
 
 
@@ -549,13 +555,17 @@ def convert(kind: str, config, src: str, out_dir: str) -> dict[str, Any]:
   """
   if kind not in KINDS:
     raise UserError(f"unknown convert kind {kind!r} (known: {', '.join(KINDS)})")
+  from flowtok_jax import paths  # pylint: disable=g-import-not-at-top
+  out_dir = paths.writable_dir(out_dir, "--out")  # Before reading a large source.
   sd = load_state_dict(src)
   if kind == "inception":
+    import jax  # pylint: disable=g-import-not-at-top
     from flowtok_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
     tree = inception.variables_from_state_dict(sd, src_name=os.path.basename(src))
     trees = {"inception": tree}
     report = {"kind": kind,
-              "params": {"inception": int(sum(np.size(a) for a in _leaves(tree["params"])))},
+              "params": {"inception": int(sum(np.size(a) for a in
+                                              jax.tree_util.tree_leaves(tree["params"])))},
               "ignored_keys": inception.ignored_summary(sd)}
   else:
     trees, report = convert_state_dict(kind, sd, config, src_name=os.path.basename(src))

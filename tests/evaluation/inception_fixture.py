@@ -72,13 +72,8 @@ def main(out: str) -> None:
 
   # The keys and shapes of the FID network's state dict (the .pth's): its torchvision trunk
   # with the FID blocks swapped in, as `fid_inception_v3` builds it before loading weights.
-  model_sd_spec = {}
-
-  def fake_load(url, progress=True):  # pylint: disable=unused-argument
-    return {k: torch.from_numpy(v) for k, v in model_sd_spec["sd"].items()}
-
-  # Then the network itself, its weight download replaced by our synthetic state dict.
-  probe = pfid._inception_v3(num_classes=1008, aux_logits=False, weights=None)  # pylint: disable=protected-access
+  probe = pfid._inception_v3(  # pylint: disable=protected-access
+      num_classes=1008, aux_logits=False, weights=None)
   for name, block in (("Mixed_5b", pfid.FIDInceptionA(192, pool_features=32)),
                       ("Mixed_5c", pfid.FIDInceptionA(256, pool_features=64)),
                       ("Mixed_5d", pfid.FIDInceptionA(288, pool_features=64)),
@@ -90,8 +85,10 @@ def main(out: str) -> None:
                       ("Mixed_7c", pfid.FIDInceptionE_2(2048))):
     setattr(probe, name, block)
   spec = [(k, tuple(v.shape)) for k, v in probe.state_dict().items()]
-  model_sd_spec["sd"] = synthetic_state_dict(spec)
-  pfid.load_state_dict_from_url = fake_load
+  sd = synthetic_state_dict(spec)
+  # Then pytorch-fid's network itself, its weight download replaced by that state dict.
+  pfid.load_state_dict_from_url = lambda url, progress=True: {k: torch.from_numpy(v)
+                                                              for k, v in sd.items()}
   net = pfid.InceptionV3([3]).eval()
   feats = []
   with torch.no_grad():

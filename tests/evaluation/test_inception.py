@@ -1,4 +1,4 @@
-"""Real FID: the FID Inception-v3 against pytorch-fid (stored fixture), its weight map, `flowtok fid`.
+"""Real FID: the FID Inception-v3 against pytorch-fid (a stored fixture), its weights, `flowtok fid`.
 
 The parity fixture (inception_fixture.py says how it was made) holds pytorch-fid 0.3.0's pool
 features for a seeded state dict and seeded images; a wrong pooling quirk, BatchNorm epsilon or
@@ -130,8 +130,10 @@ def test_fid_command(tmp_path, capsys, state_dict, net):
   a, b = tmp_path / "a", tmp_path / "b"
   _write_images(str(a), 3, (40, 40), seed=1)
   _write_images(str(b), 2, (40, 40), seed=2)
-  # One image of another size in b.
+  # One image of another size in b; files pytorch-fid would not read are left out here too.
   Image.fromarray(np.full((24, 56, 3), 200, np.uint8)).save(b / "zz.png")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(b / "UPPER.PNG", format="PNG")
+  (b / "notes.txt").write_text("not an image")
 
   code, out, err = run_cli(["fid", str(a), str(b), "--inception", str(wdir), "--batch_size",
                             "2"], capsys)
@@ -155,11 +157,16 @@ def test_fid_command(tmp_path, capsys, state_dict, net):
   assert json.loads(out)["fid"] == pytest.approx(result["fid"], rel=1e-4)
   code, out, err = run_cli(["fid", str(stats), str(stats), "--inception", str(wdir)], capsys)
   assert json.loads(out)["fid"] == pytest.approx(0.0, abs=1e-3)
+  code, _, err = run_cli(["fid", str(a), "--inception", str(src), "--save_stats", str(stats)],
+                         capsys)
+  assert_one_error(code, err, "exists")  # Statistics are never overwritten.
 
-  empty = tmp_path / "empty"
+  empty, single = tmp_path / "empty", tmp_path / "single"
   empty.mkdir()
+  _write_images(str(single), 1, (40, 40), seed=3)
   for argv, needles in (
-      ([str(a), str(empty)], ("holds no images",)),
+      ([str(a), str(empty)], ("holds 0 image(s)",)),
+      ([str(a), str(single)], ("holds 1 image(s)", "at least 2")),
       ([str(a), str(tmp_path / "nope")], ("not a directory of images",)),
       ([str(a)], ("--save_stats",)),
       ([str(a), str(b), str(a)], ("one source", "got 3")),
@@ -172,6 +179,19 @@ def test_fid_command(tmp_path, capsys, state_dict, net):
   code, _, err = run_cli(["fid", str(a), str(b), "--inception", str(tmp_path / "none.pth")],
                          capsys)
   assert_one_error(code, err, "does not exist")
+  # Damaged weights: one line naming the flag or the file, never a traceback.
+  bad_npz, not_ckpt = tmp_path / "bad.npz", tmp_path / "w.pth"
+  bad_npz.write_bytes(b"PK\x03\x04 truncated")
+  not_ckpt.write_text("not a checkpoint")
+  with open(wdir / "inception.msgpack", "r+b") as f:
+    f.truncate(1000)
+  for weights, needle in ((bad_npz, "--inception"), (not_ckpt, "--inception"),
+                          (wdir, "damaged")):
+    code, _, err = run_cli(["fid", str(a), str(b), "--inception", str(weights)], capsys)
+    assert_one_error(code, err, needle)
+  code, _, err = run_cli(["convert", "--kind", "inception", "--src", str(src), "--out",
+                          str(src / "sub")], capsys)
+  assert_one_error(code, err, "--out", "is a file")
   code, _, err = run_cli(["convert", "--kind", "inception", "--config", "configs/demo.py",
                           "--src", str(src), "--out", str(tmp_path / "w2")], capsys)
   assert_one_error(code, err, "takes no --config")
