@@ -1,4 +1,4 @@
-"""Real FID: the FID Inception-v3 against pytorch-fid (a stored fixture), its weights, `flowtok fid`.
+"""Real FID: the FID Inception-v3 against pytorch-fid (stored fixture), its weights, `flowtok fid`.
 
 The parity fixture (inception_fixture.py says how it was made) holds pytorch-fid 0.3.0's pool
 features for a seeded state dict and seeded images; a wrong pooling quirk, BatchNorm epsilon or
