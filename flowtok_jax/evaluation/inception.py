@@ -77,101 +77,99 @@ def _max3_s2(x):
   return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
 
 
-class InceptionA(nn.Module):
-  pool_features: int
+class _Block(nn.Module):
+  """An Inception block: `conv` builds its named conv-BN-ReLU units."""
   precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.nowrap
+  def conv(self, features: int, kernel: tuple[int, int], name: str,
+           padding: tuple[int, int] = (0, 0), strides: tuple[int, int] = (1, 1)) -> BasicConv:
+    return BasicConv(features, kernel, strides, padding, self.precision, name=name)
+
+
+# (kernel, padding) of the factorised 1x7 / 7x1 and 1x3 / 3x1 convolutions.
+_ROW7, _COL7, _ROW3, _COL3 = ((1, 7), (0, 3)), ((7, 1), (3, 0)), ((1, 3), (0, 1)), ((3, 1), (1, 0))
+
+
+class InceptionA(_Block):
+  pool_features: int = 32
 
   @nn.compact
   def __call__(self, x):
-    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
-                                                    name=name)
-    b1 = c(64, (1, 1), name="branch1x1")(x)
-    b5 = c(48, (1, 1), name="branch5x5_1")(x)
-    b5 = c(64, (5, 5), (2, 2), name="branch5x5_2")(b5)
-    b3 = c(64, (1, 1), name="branch3x3dbl_1")(x)
-    b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_2")(b3)
-    b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_3")(b3)
-    bp = c(self.pool_features, (1, 1), name="branch_pool")(_avg3(x))
+    c = self.conv
+    b1 = c(64, (1, 1), "branch1x1")(x)
+    b5 = c(64, (5, 5), "branch5x5_2", (2, 2))(c(48, (1, 1), "branch5x5_1")(x))
+    b3 = c(64, (1, 1), "branch3x3dbl_1")(x)
+    b3 = c(96, (3, 3), "branch3x3dbl_2", (1, 1))(b3)
+    b3 = c(96, (3, 3), "branch3x3dbl_3", (1, 1))(b3)
+    bp = c(self.pool_features, (1, 1), "branch_pool")(_avg3(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
-class InceptionB(nn.Module):
+class InceptionB(_Block):
   """The grid reduction 35 -> 17 (Mixed_6a)."""
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
-    b3 = BasicConv(384, (3, 3), (2, 2), precision=self.precision, name="branch3x3")(x)
-    bd = BasicConv(64, (1, 1), precision=self.precision, name="branch3x3dbl_1")(x)
-    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision,
-                   name="branch3x3dbl_2")(bd)
-    bd = BasicConv(96, (3, 3), (2, 2), precision=self.precision, name="branch3x3dbl_3")(bd)
+    c = self.conv
+    b3 = c(384, (3, 3), "branch3x3", strides=(2, 2))(x)
+    bd = c(64, (1, 1), "branch3x3dbl_1")(x)
+    bd = c(96, (3, 3), "branch3x3dbl_2", (1, 1))(bd)
+    bd = c(96, (3, 3), "branch3x3dbl_3", strides=(2, 2))(bd)
     return jnp.concatenate([b3, bd, _max3_s2(x)], axis=-1)
 
 
-class InceptionC(nn.Module):
+class InceptionC(_Block):
   """Factorised 7x7 convolutions (Mixed_6b-e)."""
-  channels_7x7: int
-  precision: Any = jax.lax.Precision.HIGHEST
+  channels_7x7: int = 128
 
   @nn.compact
   def __call__(self, x):
-    c7 = self.channels_7x7
-    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
-                                                    name=name)
-    row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of 1x7 and 7x1.
-    b1 = c(192, (1, 1), name="branch1x1")(x)
-    b7 = c(c7, (1, 1), name="branch7x7_1")(x)
-    b7 = c(c7, *row, name="branch7x7_2")(b7)
-    b7 = c(192, *col, name="branch7x7_3")(b7)
-    bd = c(c7, (1, 1), name="branch7x7dbl_1")(x)
-    bd = c(c7, *col, name="branch7x7dbl_2")(bd)
-    bd = c(c7, *row, name="branch7x7dbl_3")(bd)
-    bd = c(c7, *col, name="branch7x7dbl_4")(bd)
-    bd = c(192, *row, name="branch7x7dbl_5")(bd)
-    bp = c(192, (1, 1), name="branch_pool")(_avg3(x))
+    c, c7 = self.conv, self.channels_7x7
+    b1 = c(192, (1, 1), "branch1x1")(x)
+    b7 = c(c7, (1, 1), "branch7x7_1")(x)
+    b7 = c(c7, _ROW7[0], "branch7x7_2", _ROW7[1])(b7)
+    b7 = c(192, _COL7[0], "branch7x7_3", _COL7[1])(b7)
+    bd = c(c7, (1, 1), "branch7x7dbl_1")(x)
+    for i, (features, (kernel, pad)) in enumerate(
+        [(c7, _COL7), (c7, _ROW7), (c7, _COL7), (192, _ROW7)], start=2):
+      bd = c(features, kernel, f"branch7x7dbl_{i}", pad)(bd)
+    bp = c(192, (1, 1), "branch_pool")(_avg3(x))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
-class InceptionD(nn.Module):
+class InceptionD(_Block):
   """The grid reduction 17 -> 8 (Mixed_7a)."""
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
-    c = lambda f, k, s=(1, 1), p=(0, 0), name=None: BasicConv(f, k, s, p, self.precision,
-                                                              name=name)
-    b3 = c(192, (1, 1), name="branch3x3_1")(x)
-    b3 = c(320, (3, 3), (2, 2), name="branch3x3_2")(b3)
-    b7 = c(192, (1, 1), name="branch7x7x3_1")(x)
-    b7 = c(192, (1, 7), p=(0, 3), name="branch7x7x3_2")(b7)
-    b7 = c(192, (7, 1), p=(3, 0), name="branch7x7x3_3")(b7)
-    b7 = c(192, (3, 3), (2, 2), name="branch7x7x3_4")(b7)
+    c = self.conv
+    b3 = c(320, (3, 3), "branch3x3_2", strides=(2, 2))(c(192, (1, 1), "branch3x3_1")(x))
+    b7 = c(192, (1, 1), "branch7x7x3_1")(x)
+    b7 = c(192, _ROW7[0], "branch7x7x3_2", _ROW7[1])(b7)
+    b7 = c(192, _COL7[0], "branch7x7x3_3", _COL7[1])(b7)
+    b7 = c(192, (3, 3), "branch7x7x3_4", strides=(2, 2))(b7)
     return jnp.concatenate([b3, b7, _max3_s2(x)], axis=-1)
 
 
-class InceptionE(nn.Module):
+class InceptionE(_Block):
   """Expanded filter banks (Mixed_7b with an average pool, Mixed_7c with the graph's max pool)."""
   max_pool: bool = False
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
-    c = lambda f, k, p=(0, 0), name=None: BasicConv(f, k, padding=p, precision=self.precision,
-                                                    name=name)
-    b1 = c(320, (1, 1), name="branch1x1")(x)
-    b3 = c(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([c(384, (1, 3), (0, 1), name="branch3x3_2a")(b3),
-                          c(384, (3, 1), (1, 0), name="branch3x3_2b")(b3)], axis=-1)
-    bd = c(448, (1, 1), name="branch3x3dbl_1")(x)
-    bd = c(384, (3, 3), (1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([c(384, (1, 3), (0, 1), name="branch3x3dbl_3a")(bd),
-                          c(384, (3, 1), (1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
+    c = self.conv
+    split = lambda y, name: jnp.concatenate([c(384, _ROW3[0], name + "a", _ROW3[1])(y),
+                                             c(384, _COL3[0], name + "b", _COL3[1])(y)], axis=-1)
+    b1 = c(320, (1, 1), "branch1x1")(x)
+    b3 = split(c(384, (1, 1), "branch3x3_1")(x), "branch3x3_2")
+    bd = c(384, (3, 3), "branch3x3dbl_2", (1, 1))(c(448, (1, 1), "branch3x3dbl_1")(x))
+    bd = split(bd, "branch3x3dbl_3")
     if self.max_pool:  # Mixed_7c of the FID graph: a max pool where the paper has an average.
       pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
     else:
       pooled = _avg3(x)
-    bp = c(192, (1, 1), name="branch_pool")(pooled)
+    bp = c(192, (1, 1), "branch_pool")(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -223,13 +221,13 @@ class FIDInceptionV3(nn.Module):
     x = BasicConv(192, (3, 3), precision=p, name="Conv2d_4a_3x3")(x)           # 71
     x = _max3_s2(x)                                                            # 35
     for name, pool in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
-      x = InceptionA(pool, p, name=name)(x)
-    x = InceptionB(p, name="Mixed_6a")(x)                                      # 17
+      x = InceptionA(precision=p, pool_features=pool, name=name)(x)
+    x = InceptionB(precision=p, name="Mixed_6a")(x)                                      # 17
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-      x = InceptionC(c7, p, name=name)(x)
-    x = InceptionD(p, name="Mixed_7a")(x)                                      # 8
-    x = InceptionE(False, p, name="Mixed_7b")(x)
-    x = InceptionE(True, p, name="Mixed_7c")(x)
+      x = InceptionC(precision=p, channels_7x7=c7, name=name)(x)
+    x = InceptionD(precision=p, name="Mixed_7a")(x)                                      # 8
+    x = InceptionE(precision=p, name="Mixed_7b")(x)
+    x = InceptionE(precision=p, max_pool=True, name="Mixed_7c")(x)
     return x.mean(axis=(1, 2))
 
 

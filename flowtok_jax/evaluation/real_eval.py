@@ -91,13 +91,9 @@ def evaluate_real(bundle, data_dir: str, weights: str, *, split: Optional[str] =
     raise UserError(f"split {split!r} in {data_dir} has {len(images)} examples; FID needs 2")
   prompts = [c[0] for c in captions]
 
-  server_args = dict(batch_size=batch_size, compiler_options=compiler_options)
-  gen = inference.Generator(b, steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid,
-                            **server_args)
-  cap = None
-  if b.can_caption:
-    cap = inference.Captioner(b, steps=steps, cfg_scale=caption_cfg_scale, sampler=sampler,
-                              grid=grid, **server_args)
+  gen, cap = run_eval.servers(b, batch_size=batch_size, steps=steps, cfg_scale=cfg_scale,
+                              sampler=sampler, grid=grid, caption_cfg_scale=caption_cfg_scale,
+                              compiler_options=compiler_options)
   n = len(images)
   # Reconstruct, generate, caption, then Inception features of real, reconstructed, generated.
   bar = progress.meter(n * (6 if cap is not None else 5), "eval", unit="image")

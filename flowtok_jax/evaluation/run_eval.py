@@ -136,6 +136,21 @@ def _timed(fn):
   return out, time.perf_counter() - t
 
 
+def servers(b: inference.Bundle, *, batch_size: int, steps: Optional[int],
+            cfg_scale: Optional[float], sampler: Optional[str], grid: Optional[str],
+            caption_cfg_scale: Optional[float], compiler_options: Optional[dict]):
+  """The evaluation's (Generator, Captioner or None): the T2I knobs given, I2T the bundle's
+  defaults with `steps` / `sampler` / `grid` when given and its own guidance scale."""
+  server_args = dict(batch_size=batch_size, compiler_options=compiler_options)
+  gen = inference.Generator(b, steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid,
+                            **server_args)
+  cap = None
+  if b.can_caption:
+    cap = inference.Captioner(b, steps=steps, cfg_scale=caption_cfg_scale, sampler=sampler,
+                              grid=grid, **server_args)
+  return gen, cap
+
+
 def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compositional",
              num: Optional[int] = None, out: Optional[str] = None, batch_size: int = 32,
              steps: Optional[int] = None, cfg_scale: Optional[float] = None,
@@ -186,13 +201,9 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
     logging.info("eval data: %s", builders.build(data_cfg, data_dir))
   except OSError as e:
     raise UserError(f"cannot prepare the evaluation data in {data_dir}: {e}") from None
-  server_args = dict(batch_size=batch_size, compiler_options=compiler_options)
-  gen = inference.Generator(b, steps=steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid,
-                            **server_args)
-  cap = None
-  if b.can_caption:
-    cap = inference.Captioner(b, steps=steps, cfg_scale=caption_cfg_scale, sampler=sampler,
-                              grid=grid, **server_args)
+  gen, cap = servers(b, batch_size=batch_size, steps=steps, cfg_scale=cfg_scale,
+                     sampler=sampler, grid=grid, caption_cfg_scale=caption_cfg_scale,
+                     compiler_options=compiler_options)
   feature_net = None
   if frechet_steps:
     # A few thousand one-object scenes train it to ~99 % colour / ~96 % shape on val; rendering
