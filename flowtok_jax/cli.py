@@ -427,7 +427,8 @@ def _caption(args, overrides):
 def _eval_flags(p):
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--data_dir", required=True,
-                 help="TFDS data dir of captioned_shapes (built there if missing)")
+                 help="TFDS data dir of the bundle's dataset (captioned_shapes is built there if "
+                      "missing; other datasets must be built)")
   p.add_argument("--split", default=None,
                  help="comma-separated evaluation splits, never train (default: "
                       "test,compositional; with --inception one split, default the bundle's "
@@ -457,21 +458,14 @@ def _eval(args, overrides):
   _no_config(overrides, "eval")
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
   if args.inception:
-    from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
-    from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
     from flowtok_jax.evaluation import real_eval  # pylint: disable=g-import-not-at-top
-    bundle = inference.load_bundle(args.bundle)
-    if bundle.config.data.get("name") == builders.SHAPES_NAME:
-      raise UserError("a captioned-shapes bundle is measured by the pixel parser (and the shapes "
-                      "feature net's Fréchet distance); --inception (real FID) is for real data")
     if args.frechet_steps is not None:
       raise UserError("--frechet_steps is for captioned-shapes bundles (the shapes feature net); "
                       "with --inception the distance is real FID")
-    results = real_eval.evaluate_real(bundle, args.data_dir, args.inception, split=args.split,
-                                      num=args.num, out=args.out, batch_size=args.batch_size,
-                                      steps=args.steps, cfg_scale=args.cfg,
-                                      sampler=args.sampler, grid=args.grid,
-                                      caption_cfg_scale=args.caption_cfg, seed=args.seed)
+    results = real_eval.evaluate_real(
+        args.bundle, args.data_dir, args.inception, split=args.split, num=args.num,
+        out=args.out, batch_size=args.batch_size, steps=args.steps, cfg_scale=args.cfg,
+        sampler=args.sampler, grid=args.grid, caption_cfg_scale=args.caption_cfg, seed=args.seed)
     print(json.dumps(results["summary"], sort_keys=True))
     return
   results = run_eval.evaluate(args.bundle, args.data_dir,

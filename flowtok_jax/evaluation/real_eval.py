@@ -73,6 +73,9 @@ def evaluate_real(bundle, data_dir: str, weights: str, *, split: Optional[str] =
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   b = inference.as_bundle(bundle)
   data_cfg = b.config.data
+  if data_cfg.get("name") == builders.SHAPES_NAME:
+    raise UserError("a captioned-shapes bundle is measured by the pixel parser (and the shapes "
+                    "feature net's Fréchet distance); --inception (real FID) is for real data")
   split = split or data_cfg.get("eval_split") or "val"
   if "," in split:
     raise UserError(f"--split takes one split for FID evaluation, got {split!r}")
