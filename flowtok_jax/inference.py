@@ -372,7 +372,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], text_len: int,
       full, _ = tokenizer.encode([p], max_len=max(4 * text_len, len(p) + 2))
       n = int(np.argmax(full[0] == tokenizer.eos_id))
       specials = int(tokenizer.bos_id == full[0, 0]) + 1  # Start token (CLIP), end token.
-      raise UserError(f"prompt is too long: {p!r} is {n + 1 - specials} tokens, this model "
+      shown = p if len(p) <= 60 else p[:57] + "..."
+      raise UserError(f"prompt is too long: {shown!r} is {n + 1 - specials} tokens, this model "
                       f"reads at most {text_len - specials} (text length L = {text_len} "
                       "including its special tokens)")
   # What is left of each prompt once its unknown pieces are dropped (empty: nothing known).

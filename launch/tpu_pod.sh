@@ -4,12 +4,13 @@
 #
 # Usage: launch/tpu_pod.sh {create|install|run|logs|ssh|delete|all} --name NAME --zone ZONE
 #          [--project P] [--type v5p-32] [--version RUNTIME] [--queued] [--spot]
-#          [--worker N|all] [--wait] [--keep] [--dry_run] [-- COMMAND...]
+#          [--worker N|all] [--python PY] [--wait] [--keep] [--dry_run] [-- COMMAND...]
 #
 #   create    gcloud compute tpus tpu-vm create (or queued-resources create with --queued, then
 #             wait until the slice is ACTIVE)
-#   install   copy `git archive HEAD` to every worker, make ~/flowtok_jax/.venv, pip install
-#             -e '.[tpu]'
+#   install   copy `git archive HEAD` to every worker, make ~/flowtok_jax/.venv with --python
+#             (default python3.11, the oldest Python setup.py accepts; the TPU VM images ship
+#             3.10, so it is installed with apt where missing), pip install -e '.[tpu]'
 #   run       start COMMAND on all workers from ~/flowtok_jax (default: launch/train.py
 #             --distributed ... must be given after --); output to ~/flowtok_run.log on each;
 #             --wait blocks until every worker finishes
@@ -40,7 +41,7 @@ action="$1"
 shift
 
 name="" zone="" project="" type="v5p-8" version="v2-alpha-tpuv5" queued=0 spot=0
-worker="" wait_run=0 keep=0 dry_run=0
+worker="" wait_run=0 keep=0 dry_run=0 python="python3.11"
 cmd=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -50,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --type) type="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --worker) worker="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
     --queued) queued=1; shift ;;
     --spot) spot=1; shift ;;
     --wait) wait_run=1; shift ;;
@@ -113,7 +115,9 @@ install() {
   x gcloud compute tpus tpu-vm scp "$archive" "$name:flowtok_src.tar.gz" "${common[@]}" \
     --worker=all
   local steps="set -e; mkdir -p ~/$remote_dir; tar -xzf ~/flowtok_src.tar.gz -C ~/$remote_dir;"
-  steps+=" cd ~/$remote_dir; python3 -m venv .venv; .venv/bin/pip install -q --upgrade pip;"
+  steps+=" cd ~/$remote_dir; command -v $python >/dev/null || { sudo apt-get update -qq &&"
+  steps+=" sudo apt-get install -y -qq $python $python-venv; };"
+  steps+=" $python -m venv .venv; .venv/bin/pip install -q --upgrade pip;"
   steps+=" .venv/bin/pip install -q -e '.[tpu]'"
   tpu_ssh all "$steps"
   rm -rf "$tmpdir"

@@ -124,6 +124,7 @@ def test_bad_prompts_and_flags_are_one_line_errors(tiny_bundle_dir, tmp_path, ca
                      "tokenizer knows")
   code, _, err = run_cli(gen + ["--prompt", PROMPTS[0], "--prompt", "a red circle " * 8], capsys)
   assert_one_error(code, err, "too long", "tokens", "at most 15")
+  assert "'a red circle a red circle a red circle a red circle a red...'" in err  # Shortened.
   for flags, needle in ((["--num", "0"], "--num"), (["--steps", "0"], "--steps"),
                         (["--seed", "-1"], "--seed"), (["--config.seed=1"], "does not apply"),
                         (["--cfg", "1e30"], "guidance scale must be in [0, 100]"),

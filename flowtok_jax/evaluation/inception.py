@@ -25,6 +25,7 @@ The Fréchet distance itself is `image_metrics.frechet_distance`. Statistics fil
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -379,10 +380,29 @@ def read_image(path: str) -> np.ndarray:
 
 
 def files_features(files: Sequence[str], net: InceptionFeatures,
-                   progress: Optional[Callable[[int], Any]] = None) -> np.ndarray:
-  """Features [N, 2048] of image files, read one batch at a time."""
-  outs = [net([read_image(f) for f in files[a:a + net.batch_size]], progress)
-          for a in range(0, len(files), net.batch_size)]
+                   progress: Optional[Callable[[int], Any]] = None,
+                   workers: Optional[int] = None) -> np.ndarray:
+  """Features [N, 2048] of image files.
+
+  On an accelerator, decoding and resizing (PIL and numpy release the GIL) run in `workers`
+  threads (default: the host's cores, at most 32), one batch ahead of the network, so the chip
+  does not wait on one decoding core; at most two batches of images are in memory. Where the
+  network itself runs on the CPU it already uses every core and threads gain nothing (2 cores,
+  200 PNGs: 32.3-35.2 s threaded against 32.6-32.9 s in line), so decoding stays in line.
+  """
+  load = lambda f: resize(_unit_rgb(read_image(f)))
+  batches = [files[a:a + net.batch_size] for a in range(0, len(files), net.batch_size)]
+  if workers is None:
+    workers = 0 if jax.devices()[0].platform == "cpu" else min(32, os.cpu_count() or 1)
+  if not workers:
+    return np.concatenate([net([load(f) for f in batch], progress) for batch in batches])
+  outs = []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    ahead = [pool.submit(load, f) for f in batches[0]] if batches else []
+    for k in range(len(batches)):
+      images = [job.result() for job in ahead]
+      ahead = [pool.submit(load, f) for f in batches[k + 1]] if k + 1 < len(batches) else []
+      outs.append(net(images, progress))
   return np.concatenate(outs)
 
 

@@ -214,3 +214,14 @@ def test_bench_fid_reports_rate_and_flops(capsys, monkeypatch):
   assert_one_error(code, err, "takes no --config")
   code, _, err = run_cli(["bench", "train"], capsys)
   assert_one_error(code, err, "needs --config")
+
+
+def test_threaded_decoding_gives_the_same_features(tmp_path, net):
+  folder = tmp_path / "imgs"
+  _write_images(str(folder), 5, (30, 44), seed=4)
+  files = inc.list_images(str(folder))
+  seen = []
+  inline = inc.files_features(files, net, seen.append, workers=0)
+  threaded = inc.files_features(files, net, workers=2)  # Batches of 2: two ahead, one short.
+  np.testing.assert_array_equal(inline, threaded)
+  assert seen == [2, 2, 1] and inline.shape == (5, inc.FEATURES)

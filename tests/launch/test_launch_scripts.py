@@ -27,10 +27,23 @@ def test_tpu_pod_all_creates_installs_runs_on_every_worker_and_deletes():
   assert lines[2][3:5] == ["tpu-vm", "scp"] and "--worker=all" in lines[2]
   install, run = lines[3][-1], lines[4][-1]
   assert "pip install -q -e '.[tpu]'" in install and "--worker=all" in lines[3]
+  # The venv's Python is one setup.py accepts (>= 3.11; TPU VM images ship 3.10), apt-installed
+  # where the image lacks it.
+  assert "python3.11 -m venv .venv" in install
+  assert "command -v python3.11 >/dev/null || {" in install
+  assert "sudo apt-get install -y -qq python3.11 python3.11-venv" in install
   # The same command on all workers, with the repository's venv python.
   assert "--worker=all" in lines[4]
   assert ".venv/bin/python launch/train.py --distributed --config configs/flowtok_xl.py" in run
   assert lines[5][:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+
+
+def test_tpu_pod_install_with_another_python():
+  out = _run("tpu_pod.sh", "install", "--name", "ft", "--zone", "z", "--python", "python3.12",
+             "--dry_run")
+  assert out.returncode == 0, out.stderr
+  install = shlex.split(out.stdout.splitlines()[-1])[-1]
+  assert "python3.12 -m venv .venv" in install and "python3.11" not in install
 
 
 def test_tpu_pod_usage_errors():
