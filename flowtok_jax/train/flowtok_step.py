@@ -155,7 +155,10 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   metrics = {"loss_fm": l_fm, "kl": kl, "align": align, "logit_scale": tau,
              "null_frac": null.astype(jnp.float32).mean(),
              "text_std": jnp.std(z_text), "image_std": jnp.std(z_image)}
-  directions = [("t2i", w_t2i)] + ([("i2t", 1.0 - w_t2i)] if lc.two_way else [])
+  # Only the directions this run draws: a T2I loss of 0.0 from a run that never draws T2I
+  # (p_i2t 1, I2T only) would read as a perfect one.
+  directions = ([("t2i", w_t2i)] if not lc.two_way or lc.p_i2t < 1.0 else []) + (
+      [("i2t", 1.0 - w_t2i)] if lc.two_way else [])
   for name, w in directions:
     loss_dir = _masked_mean(per_ex, w)
     metrics[f"loss_{name}"] = loss_dir

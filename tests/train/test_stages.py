@@ -284,7 +284,10 @@ def test_i2t_examples_read_the_i2t_caption():
   for k in ("loss_fm", "loss_i2t", "dec_ce", "kl", "align"):
     np.testing.assert_allclose(all_i2t[k], want[k], rtol=1e-6, err_msg=k)
   assert not np.isclose(all_i2t["dec_ce"], plain["dec_ce"])
+  # A direction the run never draws reports no loss (not a 0.0 that reads as perfect).
+  assert "loss_t2i" not in all_i2t and "rel_loss_t2i" not in all_i2t
   t2i_only, t2i_plain = metrics(0.0, mixed), metrics(0.0, base)
+  assert "loss_t2i" in t2i_only and "loss_i2t" not in t2i_only
   for k in ("loss_fm", "dec_ce", "kl"):
     np.testing.assert_allclose(t2i_only[k], t2i_plain[k], rtol=1e-6, err_msg=k)
 
