@@ -369,6 +369,16 @@ def list_images(folder: str, num: Optional[int] = None) -> list[str]:
   return files
 
 
+def check_image(path: str) -> None:
+  """A UserError unless PIL recognises the file as an image (its header only: cheap)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path):
+      pass
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read image {path}: {e}") from None
+
+
 def read_image(path: str) -> np.ndarray:
   """An image file as uint8 RGB [H, W, 3] (greyscale and RGBA converted as PIL converts them)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -475,6 +485,9 @@ def fid(sources: Sequence[str], weights: str, batch_size: int = 50, num: Optiona
   # Refuse a bad source before loading weights or reading images.
   loaded = {s: load_stats(s) for s in sources if _is_stats_file(s)}
   listed = {s: list_images(s, num) for s in sources if s not in loaded}
+  for files in listed.values():  # A file that is no image at all, before hours of features.
+    for f in files:
+      check_image(f)
   net = InceptionFeatures(load_variables(weights), batch_size) if listed else None
   stats = [(*loaded[s], None) if s in loaded else
            files_stats(listed[s], net, os.path.basename(os.path.normpath(s)), show_progress)

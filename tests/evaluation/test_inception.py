@@ -179,6 +179,13 @@ def test_fid_command(tmp_path, capsys, state_dict, net):
   code, _, err = run_cli(["fid", str(a), str(b), "--inception", str(tmp_path / "none.pth")],
                          capsys)
   assert_one_error(code, err, "does not exist")
+  # A file that is no image: refused before the weights load or any image is computed.
+  broken = tmp_path / "broken"
+  _write_images(str(broken), 2, (40, 40), seed=5)
+  (broken / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+  code, _, err = run_cli(["fid", str(a), str(broken), "--inception", str(tmp_path / "none.pth")],
+                         capsys)
+  assert_one_error(code, err, "cannot read image", "zz.png")
   # Damaged weights: one line naming the flag or the file, never a traceback.
   bad_npz, not_ckpt = tmp_path / "bad.npz", tmp_path / "w.pth"
   bad_npz.write_bytes(b"PK\x03\x04 truncated")
