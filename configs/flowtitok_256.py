@@ -7,8 +7,11 @@ The models are those of configs/flowtok.py (ViT-B encoder, text-aware ViT-L deco
 tokens); this file sets the `tokenizer` stage's recipe: AdamW 1e-4, betas (0.9, 0.999), wd 1e-4
 (not on norms, biases, embeddings, latent/mask tokens), cosine with 10k warm-up to 1e-5,
 clipping 1.0, EMA 0.999, L2 + 1e-6·KL + 0.1·hinge GAN from step 200k with LeCam 0.001.
-The reference adds 1.1 × (LPIPS + ConvNeXt) perceptual loss; that needs a perceptual network
-registered in `train/stages.PERCEPTUAL_LOSSES` (weights from a local file), so it is off here.
+The reference adds 1.1 × (LPIPS + ConvNeXt) perceptual loss. LPIPS is available (models/lpips.py,
+weights from local files) and off by default, as the files must be supplied:
+`--config.tokenizer_stage.perceptual=lpips --config.tokenizer_stage.perceptual_weight=1.1
+--config.tokenizer_stage.perceptual_path=vgg16-397923af.pth,vgg.pth` (torchvision's VGG16, the
+lpips package's heads); the ConvNeXt term is not implemented.
 
 Arguments (after a colon): `res=256|512` (configs/flowtitok_512.py sets 512), `batch=256`,
 `runlocal`, `sweep=lr` for get_sweep.
@@ -61,8 +64,9 @@ def get_config(arg=None):
       gan_start_step=10 if arg.runlocal else 200_000,  # GAN terms start here.
       lecam_weight=0.001,  # LeCam regulariser of the discriminator.
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
-      perceptual="",  # Registered perceptual loss name ("" = none available here).
+      perceptual="",  # Registered perceptual loss: "lpips", or "" (off; needs weight files).
       perceptual_weight=0.0,  # Reference: 1.1 (LPIPS + 0.1 ConvNeXt-S), see the docstring.
+      perceptual_path="",  # Comma-separated weight files of the perceptual network.
       disc_optim=disc_optim.to_dict(),  # Discriminator AdamW.
   ))
   return config

@@ -189,7 +189,14 @@ def load_frozen(stage: stage_api.Stage, batch1, mesh, rules, seed: int,
     if clash:  # A frozen part that read other token ids than this run.
       raise UserError(f"frozen {part.name} comes from {part.checkpoint}, which trained with "
                       f"another text_tokenizer file ({clash}): every stage must read the same one")
-    if part.checkpoint:
+    if part.load is not None:
+      from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
+      target, sh = sharding.abstract_with_shardings(init, mesh, rules, rng)
+      loaded = part.load()
+      convert.check_tree(target, loaded, f"frozen {part.name}")
+      params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s), loaded, sh)
+      logging.info("frozen %s: loaded from its weight files", part.name)
+    elif part.checkpoint:
       step = (pinned or {}).get(part.name)
       source = ckpt_lib.pin(part.checkpoint, step)
       if step is not None and not os.path.isdir(source):

@@ -92,12 +92,16 @@ class FrozenPart:
       `config.init.<part>_from`), or None to initialise randomly (tests; a warning is logged).
     select: path inside the saved parameter tree, e.g. `('text_tower',)`; `()` takes it whole.
     use_ema: take the checkpoint's EMA parameters (True) or its raw parameters.
+    load: `() -> params` (plain arrays) for a part that comes from weight files rather than a
+      stage's checkpoint (a perceptual network); checked against `init`'s shapes. Takes
+      precedence over `checkpoint`.
   """
   name: str
   init: Callable[[jax.Array, Batch], Params]
   checkpoint: str | None = None
   select: tuple[str, ...] = ()
   use_ema: bool = True
+  load: Callable[[], Params] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

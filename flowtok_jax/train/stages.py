@@ -38,9 +38,25 @@ from flowtok_jax.models import text as text_lib
 from flowtok_jax.models import tokenizer as tok_lib
 from flowtok_jax.train import evaluators, flowtok_step, optim, stage_api
 
-# name -> factory(config) -> (images [B,H,W,3], recon [B,H,W,3]) -> scalar. Empty by default: a
-# perceptual network (e.g. LPIPS from a local weights file) registers itself here.
-PERCEPTUAL_LOSSES: dict[str, Callable[[ml_collections.ConfigDict], Callable]] = {}
+# name -> factory(config) -> (frozen part holding the network's weights, fn(params, images,
+# recon) -> scalar), images [B, H, W, 3] in [0, 1]. The weights reach the step as `frozen[name]`
+# (arguments of the compiled step, not constants baked into it).
+PERCEPTUAL_LOSSES: dict[str, Callable[[ml_collections.ConfigDict], tuple]] = {}
+
+
+def _lpips_loss(config) -> tuple:
+  """LPIPS (VGG16, v0.1) from `tokenizer_stage.perceptual_path` (models/lpips.py)."""
+  from flowtok_jax.models import lpips  # pylint: disable=g-import-not-at-top
+  path = _section(config, "tokenizer_stage").perceptual_path
+  lpips.load_params(path)  # Refuse a bad file list when the stage is built, not at step 0.
+  net = lpips.LPIPS()
+  part = stage_api.FrozenPart(
+      "perceptual", init=lambda rng, b: net.init(rng, b["image"][:1], b["image"][:1])["params"],
+      load=lambda: lpips.load_params(path))
+  return part, lambda params, images, recon: net.apply({"params": params}, images, recon).mean()
+
+
+PERCEPTUAL_LOSSES["lpips"] = _lpips_loss
 
 
 def stage_defaults() -> ml_collections.ConfigDict:
@@ -58,8 +74,11 @@ def stage_defaults() -> ml_collections.ConfigDict:
       gan_start_step=0,  # First step of the GAN terms (generator and discriminator).
       lecam_weight=0.0,  # LeCam regulariser of the discriminator; 0 disables it.
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
-      perceptual="",  # Name in stages.PERCEPTUAL_LOSSES, or "" for none.
+      perceptual="",  # Name in stages.PERCEPTUAL_LOSSES ("lpips"), or "" for none.
       perceptual_weight=0.0,  # Weight of the perceptual term.
+      # Its weight files, comma-separated (lpips: torchvision's VGG16 + the lpips package's
+      # vgg.pth heads; .pth needs torch, .npz / .safetensors do not).
+      perceptual_path="",
       # Share of examples whose text-aware decoder sees zeroed text features, so that the image
       # tokens must carry what a caption would supply (colour): I2T reads the tokens alone.
       text_drop_prob=0.0,
@@ -288,7 +307,8 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     if sc.perceptual not in PERCEPTUAL_LOSSES:
       raise UserError(f"tokenizer_stage.perceptual {sc.perceptual!r} is not a registered "
                       f"perceptual loss (known: {', '.join(PERCEPTUAL_LOSSES) or 'none'})")
-    perceptual = PERCEPTUAL_LOSSES[sc.perceptual](config)
+    part, perceptual = PERCEPTUAL_LOSSES[sc.perceptual](config)
+    frozen_parts.append(part)
   if not 0.0 <= sc.text_drop_prob <= 1.0:
     raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   use_gan = bool(sc.gan_weight)
@@ -323,7 +343,7 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     metrics = {"recon_loss": rec, "kl": kl, "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
                "posterior_std": jnp.mean(jnp.exp(0.5 * logvar)), "latent_std": jnp.std(mean)}
     if perceptual is not None:
-      p = perceptual(images, recon)
+      p = perceptual(frozen["perceptual"], images, recon)
       total = total + sc.perceptual_weight * p
       metrics["perceptual_loss"] = p
     if use_gan:
