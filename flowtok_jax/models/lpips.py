@@ -14,6 +14,7 @@ over layers. Parity with the package: tests/models/test_lpips.py (a stored fixtu
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping
 
@@ -110,14 +111,24 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "state 
   return out
 
 
-def load_params(paths: str) -> dict:
-  """`LPIPS` params from comma-separated state-dict files (their keys merged)."""
-  from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
+def weight_files(paths: str) -> list[str]:
+  """The comma-separated weight files, each existing (a cheap check; reading them is
+  `load_params`'s)."""
   files = [p.strip() for p in str(paths or "").split(",") if p.strip()]
   if not files:
     raise UserError("tokenizer_stage.perceptual=lpips needs tokenizer_stage.perceptual_path: "
                     "torchvision's VGG16 weights and the lpips package's vgg.pth, "
                     "comma-separated")
+  for f in files:
+    if not os.path.isfile(f):
+      raise UserError(f"tokenizer_stage.perceptual_path: {f} does not exist")
+  return files
+
+
+def load_params(paths: str) -> dict:
+  """`LPIPS` params from comma-separated state-dict files (their keys merged)."""
+  from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
+  files = weight_files(paths)
   sd = {}
   for f in files:
     sd.update(convert.load_state_dict(f, "tokenizer_stage.perceptual_path"))

@@ -48,7 +48,7 @@ def _lpips_loss(config) -> tuple:
   """LPIPS (VGG16, v0.1) from `tokenizer_stage.perceptual_path` (models/lpips.py)."""
   from flowtok_jax.models import lpips  # pylint: disable=g-import-not-at-top
   path = _section(config, "tokenizer_stage").perceptual_path
-  lpips.load_params(path)  # Refuse a bad file list when the stage is built, not at step 0.
+  lpips.weight_files(path)  # Refuse a bad file list when the stage is built; read them once.
   net = lpips.LPIPS()
   part = stage_api.FrozenPart(
       "perceptual", init=lambda rng, b: net.init(rng, b["image"][:1], b["image"][:1])["params"],

@@ -99,3 +99,6 @@ def test_tokenizer_stage_adds_lpips_from_weight_files(state_dict, tmp_path):
   with pytest.raises(UserError, match="perceptual_path"):
     stage_api.get_builder("tokenizer")(_tokenizer_config(perceptual="lpips",
                                                          perceptual_weight=1.0), ctx)
+  with pytest.raises(UserError, match="does not exist"):
+    stage_api.get_builder("tokenizer")(_tokenizer_config(
+        perceptual="lpips", perceptual_weight=1.0, perceptual_path=f"{vgg},{tmp_path}/no.pth"), ctx)
