@@ -147,6 +147,7 @@ def pretokenize(config, tokenizer_workdir: str, data_dir: str, out: str,
     data_dir: TFDS data dir of `config.data`.
     out: directory to write (created; existing splits are replaced).
     splits: TFDS split specs.
+    batch_size: images per encoder call (one compiled shape; the last batch is padded).
     progress: progress with an ETA per split (a bar on a terminal, lines in a log).
   Returns:
     The metadata written to `latents.json`.

@@ -489,12 +489,9 @@ def _run_evaluator(ev: stage_api.Evaluator, state: TrainState, frozen, step: int
 
 
 def _progress(start: int, total: int, tcfg, desc: str):
-  """Process 0's progress: a tqdm bar on a terminal, else a line every PROGRESS_LOG_SEC."""
+  """Process 0's progress: a tqdm bar on a terminal, else a line every progress.LOG_SEC."""
   if jax.process_index() != 0 or not tcfg.get("progress_bar", True):
     return None
-  return progress.meter(total, desc, initial=start, interval=PROGRESS_LOG_SEC)
-
-
-PROGRESS_LOG_SEC = 30.0
+  return progress.meter(total, desc, initial=start)
 
 

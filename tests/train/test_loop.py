@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowtok_jax import cli, metrics
+from flowtok_jax import cli, metrics, progress
 from flowtok_jax.errors import UserError
 from flowtok_jax.train import loop
 
@@ -106,7 +106,7 @@ def test_stop_at_time_checkpoints_and_resumes_exactly(straight_run, tmp_path):
 def test_progress_off_a_terminal_is_whole_lines_naming_the_stage(tmp_path, capsys, monkeypatch):
   """Logs and pipes get newline-terminated progress (first step, every interval, the end) with
   the stage's name, the step count and the ETA; never a bar's carriage returns."""
-  monkeypatch.setattr(loop, "PROGRESS_LOG_SEC", 3600.0)
+  monkeypatch.setattr(progress, "LOG_SEC", 3600.0)
   result = loop.train_and_evaluate(_config(progress_bar=True), str(tmp_path / "w"), "toy")
   assert result.step == STEPS
   err = capsys.readouterr().err
