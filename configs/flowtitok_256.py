@@ -7,11 +7,12 @@ The models are those of configs/flowtok.py (ViT-B encoder, text-aware ViT-L deco
 tokens); this file sets the `tokenizer` stage's recipe: AdamW 1e-4, betas (0.9, 0.999), wd 1e-4
 (not on norms, biases, embeddings, latent/mask tokens), cosine with 10k warm-up to 1e-5,
 clipping 1.0, EMA 0.999, L2 + 1e-6·KL + 0.1·hinge GAN from step 200k with LeCam 0.001.
-The reference adds 1.1 × (LPIPS + ConvNeXt) perceptual loss. LPIPS is available (models/lpips.py,
-weights from local files) and off by default, as the files must be supplied:
-`--config.tokenizer_stage.perceptual=lpips --config.tokenizer_stage.perceptual_weight=1.1
---config.tokenizer_stage.perceptual_path=vgg16-397923af.pth,vgg.pth` (torchvision's VGG16, the
-lpips package's heads); the ConvNeXt term is not implemented.
+The reference adds the perceptual loss "lpips-convnext_s-1.0-0.1" × 1.1, i.e. LPIPS + 0.1 ×
+ConvNeXt-S logit MSE (train/perceptual.py; models/lpips.py, models/convnext.py). It is named here
+and off (weight 0) until its weight files, which are never downloaded, are given:
+`--config.tokenizer_stage.perceptual_weight=1.1 --config.tokenizer_stage.perceptual_path=
+lpips=vgg16-397923af.pth,lpips=vgg.pth,convnext_s=convnext_small-0c510722.pth` (torchvision's
+VGG16 and ConvNeXt-S, the lpips package's heads).
 
 Arguments (after a colon): `res=256|512` (configs/flowtitok_512.py sets 512), `batch=256`,
 `runlocal`, `sweep=lr` for get_sweep.
@@ -64,9 +65,9 @@ def get_config(arg=None):
       gan_start_step=10 if arg.runlocal else 200_000,  # GAN terms start here.
       lecam_weight=0.001,  # LeCam regulariser of the discriminator.
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
-      perceptual="",  # Registered perceptual loss: "lpips", or "" (off; needs weight files).
-      perceptual_weight=0.0,  # Reference: 1.1 (LPIPS + 0.1 ConvNeXt-S), see the docstring.
-      perceptual_path="",  # Comma-separated weight files of the perceptual network.
+      perceptual="lpips-convnext_s-1.0-0.1",  # The reference's networks and their weights.
+      perceptual_weight=0.0,  # Reference: 1.1; 0 (off) until perceptual_path is given.
+      perceptual_path="",  # NAME=FILE, comma-separated (see the docstring).
       disc_optim=disc_optim.to_dict(),  # Discriminator AdamW.
   ))
   return config

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowtok_jax.errors import UserError
+from flowtok_jax.models import layers
 
 FEATURES = 2048
 INPUT_SIZE = 299
@@ -174,24 +175,9 @@ class InceptionE(_Block):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] bilinear weights: half-pixel centres, no antialiasing, edges clamped.
-
-  Output i reads the source at s = (i + 0.5) * in / out - 0.5 (clamped below at 0), mixing
-  pixels floor(s) and floor(s) + 1 (clamped to the last) with weights 1 - frac(s), frac(s):
-  torch's `interpolate(mode='bilinear', align_corners=False)`, which pytorch-fid uses.
-  """
-  s = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-  lo = np.minimum(np.floor(s).astype(np.int64), in_size - 1)
-  frac = s - lo
-  m = np.zeros((out_size, in_size), np.float64)
-  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(m, (np.arange(out_size), np.minimum(lo + 1, in_size - 1)), frac)
-  return m
-
-
 def resize(image: np.ndarray, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> np.ndarray:
-  """One image [H, W, C] -> float32 [*size, C] by `resize_matrix` along H, then W.
+  """One image [H, W, C] -> float32 [*size, C], torch's bilinear resize without antialiasing
+  (`layers.bilinear_matrix`, as pytorch-fid), along H, then W.
 
   On the host, so that images of every size feed one compiled network (a folder of photos
   would otherwise compile once per distinct size).
@@ -200,9 +186,9 @@ def resize(image: np.ndarray, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) 
   if image.shape[:2] == tuple(size):
     return image
   h, w, c = image.shape
-  x = resize_matrix(h, size[0]).astype(np.float32) @ image.reshape(h, w * c)
+  x = layers.bilinear_matrix(h, size[0]).astype(np.float32) @ image.reshape(h, w * c)
   x = x.reshape(size[0], w, c).transpose(1, 0, 2).reshape(w, size[0] * c)
-  x = resize_matrix(w, size[1]).astype(np.float32) @ x
+  x = layers.bilinear_matrix(w, size[1]).astype(np.float32) @ x
   return x.reshape(size[1], size[0], c).transpose(1, 0, 2)
 
 

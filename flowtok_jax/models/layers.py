@@ -190,6 +190,35 @@ class ParityLayerNorm(nn.Module):
 # Fixed tables (numpy, float32): no parameters.
 
 
+def bilinear_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
+  """[out, in] float64 weights of torch's `interpolate(mode='bilinear', align_corners=False)`
+  along one axis (half-pixel centres).
+
+  Output i is centred on source coordinate c = (i + 0.5) · in / out. Without antialiasing it
+  mixes the two nearest pixels, 1 - frac and frac, at s = c - 0.5 (clamped to the image). With
+  it (`antialias=True`; the same as without when enlarging), a shrink by r = in / out widens the
+  triangle filter to r pixels: pixel j gets max(0, 1 - |j + 0.5 - c| / r) over j in
+  [int(c - r + 0.5), int(c + r + 0.5)) within the image, normalised to sum to 1 (torch's
+  `_compute_indices_min_size_weights_aa`).
+  """
+  scale = in_size / out_size
+  centre = (np.arange(out_size) + 0.5) * scale
+  m = np.zeros((out_size, in_size), np.float64)
+  if antialias and scale > 1.0:
+    for i, c in enumerate(centre):
+      lo, hi = max(int(c - scale + 0.5), 0), min(int(c + scale + 0.5), in_size)
+      j = np.arange(lo, hi)
+      w = np.maximum(0.0, 1.0 - np.abs(j + 0.5 - c) / scale)
+      m[i, lo:hi] = w / w.sum()
+    return m
+  s = np.maximum(centre - 0.5, 0.0)
+  lo = np.minimum(np.floor(s).astype(np.int64), in_size - 1)
+  frac = s - lo
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), np.minimum(lo + 1, in_size - 1)), frac)
+  return m
+
+
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding of t, ordered [cos | sin] (DiT); t is used raw (no ×1000).
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -111,25 +111,22 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "state 
   return out
 
 
-def weight_files(paths: str) -> list[str]:
-  """The comma-separated weight files, each existing (a cheap check; reading them is
-  `load_params`'s)."""
-  files = [p.strip() for p in str(paths or "").split(",") if p.strip()]
+def weight_files(files: Sequence[str]) -> list[str]:
+  """The weight files, each existing (a cheap check; reading them is `load_params`'s)."""
+  files = list(files)
   if not files:
-    raise UserError("tokenizer_stage.perceptual=lpips needs tokenizer_stage.perceptual_path: "
-                    "torchvision's VGG16 weights and the lpips package's vgg.pth, "
-                    "comma-separated")
+    raise UserError("the lpips perceptual network needs weight files: torchvision's VGG16 and "
+                    "the lpips package's vgg.pth heads (or one LPIPS state dict)")
   for f in files:
     if not os.path.isfile(f):
       raise UserError(f"tokenizer_stage.perceptual_path: {f} does not exist")
   return files
 
 
-def load_params(paths: str) -> dict:
-  """`LPIPS` params from comma-separated state-dict files (their keys merged)."""
+def load_params(files: Sequence[str]) -> dict:
+  """`LPIPS` params from state-dict files (their keys merged)."""
   from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
-  files = weight_files(paths)
   sd = {}
-  for f in files:
+  for f in weight_files(files):
     sd.update(convert.load_state_dict(f, "tokenizer_stage.perceptual_path"))
   return params_from_state_dict(sd, " + ".join(files))

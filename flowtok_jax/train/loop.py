@@ -347,9 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise UserError(f"{workdir} holds a checkpoint of stage {other!r}, "
                         f"not {stage_name!r}: use another workdir")
       clash = fingerprint_clash(stage.fingerprints, resumed_meta)
-      if clash:  # Training on would go on, silently, with other token ids.
-        raise UserError(f"{workdir} trained with another text_tokenizer file ({clash}): put the "
-                        "run's own back, or train in a new workdir")
+      if clash:  # Training would go on, silently, with other token ids (or loss weights).
+        raise UserError(f"{workdir} trained with another {clash.split(':')[0]} file ({clash}): "
+                        "put the run's own back, or train in a new workdir")
       state, _ = ckpt.restore(abstract, train_iter)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:

@@ -221,8 +221,9 @@ class Stage:
     flops_per_step: analytic FLOPs of one training step on the global batch (forward + backward),
       for `perf/mfu`; None: XLA's count of the compiled step.
     fingerprints: name -> sha256 of an input file the run's meaning depends on (the text
-      tokenizer model: the token ids). Written into checkpoint metadata; resuming with another
-      file is refused, and export checks the one it ships.
+      tokenizer model: the token ids; a perceptual network's weights: the loss). Written into
+      checkpoint metadata; resuming with another file is refused, and export checks the text
+      tokenizer it ships.
   """
   name: str
   init: Callable[[jax.Array, Batch], Params]

@@ -6,7 +6,7 @@ Each builder turns its config sections into the models' small frozen dataclasses
   clip       contrastive pretraining of the tiny CLIP (text tower + image tower) for the demo;
              its `params['text']` is the frozen text tower of the later stages.
   tokenizer  FlowTiTok: reconstruction (L2 | L1) + β·KL + optional PatchGAN hinge loss from a
-             start step (+ LeCam) + optional perceptual term (pluggable, `PERCEPTUAL_LOSSES`).
+             start step (+ LeCam) + optional perceptual term (train/perceptual.py).
   flowtok    the unified two-direction step of SPEC §3 (`train/flowtok_step.py`).
 
 Stage-specific knobs live in `config.clip_stage`, `config.tokenizer_stage`, `config.flowtok_stage`
@@ -37,27 +37,7 @@ from flowtok_jax.models import flow as flow_lib
 from flowtok_jax.models import text as text_lib
 from flowtok_jax.models import tokenizer as tok_lib
 from flowtok_jax.train import evaluators, flowtok_step, optim, stage_api
-
-# name -> factory(config) -> (frozen part holding the network's weights, fn(params, images,
-# recon) -> scalar), images [B, H, W, 3] in [0, 1]. The weights reach the step as `frozen[name]`
-# (arguments of the compiled step, not constants baked into it).
-PERCEPTUAL_LOSSES: dict[str, Callable[[ml_collections.ConfigDict], tuple]] = {}
-
-
-def _lpips_loss(config) -> tuple:
-  """LPIPS (VGG16, v0.1) from `tokenizer_stage.perceptual_path` (models/lpips.py)."""
-  from flowtok_jax.models import lpips  # pylint: disable=g-import-not-at-top
-  path = _section(config, "tokenizer_stage").perceptual_path
-  lpips.weight_files(path)  # Refuse a bad file list when the stage is built; read them once.
-  net = lpips.LPIPS()
-  part = stage_api.FrozenPart(
-      "perceptual", init=lambda rng, b: net.init(rng, b["image"][:1], b["image"][:1])["params"],
-      load=lambda: lpips.load_params(path))
-  return part, lambda params, images, recon: net.apply({"params": params}, images, recon).mean()
-
-
-PERCEPTUAL_LOSSES["lpips"] = _lpips_loss
-
+from flowtok_jax.train import perceptual as perceptual_lib
 
 def stage_defaults() -> ml_collections.ConfigDict:
   """Every stage-specific key with its default (each commented); configs override them."""
@@ -74,10 +54,13 @@ def stage_defaults() -> ml_collections.ConfigDict:
       gan_start_step=0,  # First step of the GAN terms (generator and discriminator).
       lecam_weight=0.0,  # LeCam regulariser of the discriminator; 0 disables it.
       lecam_decay=0.999,  # EMA decay of the LeCam anchors.
-      perceptual="",  # Name in stages.PERCEPTUAL_LOSSES ("lpips"), or "" for none.
-      perceptual_weight=0.0,  # Weight of the perceptual term.
-      # Its weight files, comma-separated (lpips: torchvision's VGG16 + the lpips package's
-      # vgg.pth heads; .pth needs torch, .npz / .safetensors do not).
+      # Perceptual networks (train/perceptual.py): "lpips", "convnext_s", or several joined
+      # with '-' and optionally weighted, "lpips-convnext_s-1.0-0.1" (the reference's); "": none.
+      perceptual="",
+      perceptual_weight=0.0,  # Weight of the perceptual term (0: none is built).
+      # Its weight files, comma-separated, NAME=FILE when several networks are named (lpips:
+      # torchvision's VGG16 + the lpips package's vgg.pth heads; convnext_s: torchvision's
+      # convnext_small; .pth needs torch, .npz / .safetensors do not).
       perceptual_path="",
       # Share of examples whose text-aware decoder sees zeroed text features, so that the image
       # tokens must carry what a caption would supply (colour): I2T reads the tokens alone.
@@ -199,7 +182,8 @@ def _text_tokenizer(config, ctx: stage_api.StageContext):
 
 def _fingerprints(config, ctx: stage_api.StageContext) -> dict[str, str]:
   """What the run's token ids depend on (stage_api.Stage.fingerprints): its text tokenizer file
-  ({} when there is none yet: the stage's first data read then says so)."""
+  ({} when there is none yet: the stage's first data read then says so). The tokenizer stage
+  adds its perceptual weight files."""
   from flowtok_jax import inference  # pylint: disable=g-import-not-at-top
   found, _ = text_tokenizer_file(config, ctx.workdir)
   return {"text_tokenizer": inference.file_sha256(found)} if found else {}
@@ -303,11 +287,10 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     tower = text_lib.CLIPTextTower(ct)
     frozen_parts.append(_clip_text_part(config, ct))
   perceptual = None
+  fingerprints = _fingerprints(config, ctx)
   if sc.perceptual_weight:
-    if sc.perceptual not in PERCEPTUAL_LOSSES:
-      raise UserError(f"tokenizer_stage.perceptual {sc.perceptual!r} is not a registered "
-                      f"perceptual loss (known: {', '.join(PERCEPTUAL_LOSSES) or 'none'})")
-    part, perceptual = PERCEPTUAL_LOSSES[sc.perceptual](config)
+    part, perceptual, fingerprints["perceptual"] = perceptual_lib.build(sc.perceptual,
+                                                                        sc.perceptual_path)
     frozen_parts.append(part)
   if not 0.0 <= sc.text_drop_prob <= 1.0:
     raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
@@ -403,8 +386,7 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   return stage_api.Stage(
       name="tokenizer", init=init, loss_fn=loss_fn, optimizer=opt.tx, learning_rate=opt.schedule,
       train_iter=_train_iter(config, ctx), example_batch=_example_batch(config),
-      frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config),
-      fingerprints=_fingerprints(config, ctx),
+      frozen=tuple(frozen_parts), aux=aux, ema_decay=_ema(config), fingerprints=fingerprints,
       evaluators=_reconstruction_evaluator(config, ctx, recon_fn, sc.eval_num))
 
 

@@ -79,9 +79,17 @@ def test_tokenizer_stage_adds_lpips_from_weight_files(state_dict, tmp_path):
                                process_count=1, global_batch_size=4, seed=0)
   stage = stage_api.get_builder("tokenizer")(config, ctx)
   assert [p.name for p in stage.frozen][-1] == "perceptual"
+  # Checkpoints record the weight files' content: other weights under the same names differ.
+  recorded = stage.fingerprints["perceptual"]
+  np.savez(heads, **{k: 2 * v for k, v in sd.items() if k.startswith("lin")})
+  changed = stage_api.get_builder("tokenizer")(config, ctx).fingerprints
+  assert changed["perceptual"] != recorded
+  assert loop.fingerprint_clash(changed, {"fingerprints": stage.fingerprints}).startswith(
+      "perceptual: sha256")
+  np.savez(heads, **{k: v for k, v in sd.items() if k.startswith("lin")})
   batch1 = loop.example_batch_1(stage)
   frozen, _, _ = loop.load_frozen(stage, batch1, mesh, rules, seed=0)
-  np.testing.assert_array_equal(np.asarray(frozen["perceptual"]["lin0"]["kernel"]),
+  np.testing.assert_array_equal(np.asarray(frozen["perceptual"]["lpips"]["lin0"]["kernel"]),
                                 sd["lin0.model.1.weight"].transpose(2, 3, 1, 0))
   params = sharding.strip_boxes(jax.jit(lambda r: loop.make_init_fn(stage, {
       k: jnp.asarray(v) for k, v in batch1.items()})(r))(jax.random.PRNGKey(0))).params
@@ -96,7 +104,7 @@ def test_tokenizer_stage_adds_lpips_from_weight_files(state_dict, tmp_path):
   assert np.isfinite(p) and p > 0
   rest = float(metrics["recon_loss"]) + config.tokenizer_stage.kl_weight * float(metrics["kl"])
   assert float(total) == pytest.approx(rest + 2.0 * p, rel=1e-5)
-  with pytest.raises(UserError, match="perceptual_path"):
+  with pytest.raises(UserError, match="needs tokenizer_stage.perceptual_path"):
     stage_api.get_builder("tokenizer")(_tokenizer_config(perceptual="lpips",
                                                          perceptual_weight=1.0), ctx)
   with pytest.raises(UserError, match="does not exist"):
