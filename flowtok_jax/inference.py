@@ -649,7 +649,7 @@ def generate_to_dir(bundle, prompts: Sequence[str], out: str, *, num: int = 1, s
                     "generate` wrote there (its samples.json does not list it); choose another "
                     "--out or move the file")
   gen = Generator(bundle, batch_size=batch_size, **knobs)
-  with _progress_of(gen, len(all_prompts), "generate"):
+  with progress_on(len(all_prompts), "generate", gen):
     images = gen.generate(all_prompts, seeds)
   os.makedirs(out, exist_ok=True)
   records = []
@@ -685,22 +685,26 @@ def caption_files(bundle, paths: Sequence[str], *, batch_size: int = 8,
   if not paths:
     raise UserError("no image given")
   cap = Captioner(bundle, batch_size=batch_size, **knobs)
-  with _progress_of(cap, len(paths), "caption"):
+  with progress_on(len(paths), "caption", cap):
     captions = cap.caption_files(list(paths))
   return [{"image": p, "caption": c} for p, c in zip(paths, captions)]
 
 
 @contextlib.contextmanager
-def _progress_of(server: _Server, n: int, desc: str):
-  """A progress meter with ETA on `server` while it works through n images in more than one
-  compiled call (a single call gets none)."""
-  if n <= server.batch_size:
-    yield
+def progress_on(n: int, desc: str, *servers: Optional[_Server]):
+  """A progress meter with ETA over n images, fed by `servers` (None ones skipped) and by the
+  update function it yields (for work done outside them); detached and closed however the
+  block ends. No meter when one server does all n in a single compiled call."""
+  live = [s for s in servers if s is not None]
+  if len(servers) == 1 and live and n <= live[0].batch_size:
+    yield lambda k: None
     return
   bar = progress.meter(n, desc, unit="image")
-  server.progress = bar.update
+  for s in live:
+    s.progress = bar.update
   try:
-    yield
+    yield bar.update
   finally:
-    server.progress = None
+    for s in live:
+      s.progress = None
     bar.close()

@@ -226,3 +226,25 @@ def test_console_entry_point_reports_errors_in_one_line(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f"flowtok: error: no bundle at {tmp_path / 'none'}"]
+
+
+def test_progress_on_feeds_one_meter_and_detaches_however_the_block_ends(capsys):
+  """Several servers and the caller feed one meter; an error part-way still closes it (its last
+  line printed) and leaves no server writing to a closed meter."""
+
+  class Server:
+    batch_size, progress = 2, None
+
+  a, b = Server(), Server()
+  with pytest.raises(RuntimeError):
+    with inference.progress_on(6, "eval", a, None, b) as update:
+      a.progress(2)
+      b.progress(1)
+      update(1)
+      raise RuntimeError("part-way")
+  assert a.progress is None and b.progress is None
+  err = capsys.readouterr().err
+  assert "eval:  67% 4/6 [" in err.splitlines()[-1], err
+  with inference.progress_on(2, "one call", a) as update:  # One compiled call: no meter.
+    update(2)
+  assert a.progress is None and "one call" not in capsys.readouterr().err

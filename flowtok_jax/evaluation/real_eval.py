@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from flowtok_jax import inference, paths, progress
+from flowtok_jax import inference, paths
 from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import caption_metrics, image_metrics, inception, run_eval
 
@@ -99,32 +99,28 @@ def evaluate_real(bundle, data_dir: str, weights: str, *, split: Optional[str] =
                               compiler_options=compiler_options)
   n = len(images)
   # Reconstruct, generate, caption, then Inception features of real, reconstructed, generated.
-  bar = progress.meter(n * (6 if cap is not None else 5), "eval", unit="image")
-  gen.progress = bar.update
-  if cap is not None:
-    cap.progress = bar.update
-  recon, sigmas = run_eval.reconstruct(b, images, prompts, batch_size=batch_size,
-                                       compiler_options=compiler_options, progress=bar.update)
-  seeds = [seed + i for i in range(n)]
-  generated = gen.generate(prompts, seeds, truncate=True)
-  predicted = cap.caption_images(list(images)) if cap is not None else None
-  net = inception.InceptionFeatures(variables, inception_batch_size)
+  with inference.progress_on(n * (6 if cap is not None else 5), "eval", gen, cap) as update:
+    recon, sigmas = run_eval.reconstruct(b, images, prompts, batch_size=batch_size,
+                                         compiler_options=compiler_options, progress=update)
+    seeds = [seed + i for i in range(n)]
+    generated = gen.generate(prompts, seeds, truncate=True)
+    predicted = cap.caption_images(list(images)) if cap is not None else None
+    net = inception.InceptionFeatures(variables, inception_batch_size)
 
-  stats = lambda x: image_metrics.gaussian_stats(net(x, bar.update))
+    stats = lambda x: image_metrics.gaussian_stats(net(x, update))
 
-  real_stats = stats(images)
-  summary: dict[str, Any] = {
-      f"tokenizer/{split}/rfid": image_metrics.frechet_distance(*real_stats, *stats(recon)),
-      f"tokenizer/{split}/psnr": float(np.mean(image_metrics.psnr(images, recon))),
-      f"tokenizer/{split}/ssim": float(np.mean(image_metrics.ssim(images, recon)))
-      if size >= 11 else None,
-      f"tokenizer/{split}/posterior_std": float(np.mean(sigmas)),
-      f"t2i/{split}/fid": image_metrics.frechet_distance(*real_stats, *stats(generated)),
-      f"{split}/num": n}
-  if predicted is not None:
-    summary[f"i2t/{split}/bleu4"] = caption_metrics.bleu(predicted, captions)
-    summary[f"i2t/{split}/cider_d"] = caption_metrics.cider_d(predicted, captions)
-  bar.close()
+    real_stats = stats(images)
+    summary: dict[str, Any] = {
+        f"tokenizer/{split}/rfid": image_metrics.frechet_distance(*real_stats, *stats(recon)),
+        f"tokenizer/{split}/psnr": float(np.mean(image_metrics.psnr(images, recon))),
+        f"tokenizer/{split}/ssim": float(np.mean(image_metrics.ssim(images, recon)))
+        if size >= 11 else None,
+        f"tokenizer/{split}/posterior_std": float(np.mean(sigmas)),
+        f"t2i/{split}/fid": image_metrics.frechet_distance(*real_stats, *stats(generated)),
+        f"{split}/num": n}
+    if predicted is not None:
+      summary[f"i2t/{split}/bleu4"] = caption_metrics.bleu(predicted, captions)
+      summary[f"i2t/{split}/cider_d"] = caption_metrics.cider_d(predicted, captions)
 
   g = min(run_eval.GRID_SIZE, n)
   grids = [(f"T2I {split}: generated from the prompt below each image", generated[:g],

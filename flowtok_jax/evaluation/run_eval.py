@@ -34,7 +34,6 @@ import numpy as np
 
 from flowtok_jax import inference
 from flowtok_jax import paths
-from flowtok_jax import progress
 from flowtok_jax.data import shapes
 from flowtok_jax.errors import UserError
 from flowtok_jax.evaluation import caption_metrics, image_metrics, report, shapes_eval
@@ -223,72 +222,68 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   # One bar over every image generated, captioned or reconstructed, with its ETA.
   total = (sum(len(v[0]) for v in loaded.values()) * (2 if cap is not None else 1)
            + (len(recon_data[0]) if recon_data else 0))
-  bar = progress.meter(total, "eval", unit="image")
-  gen.progress = bar.update
-  if cap is not None:
-    cap.progress = bar.update
-  for split in names:
-    images, attrs, captions = loaded[split]
-    d: dict[str, Any] = {"num": len(images)}
-    parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
-    valid = parser_gt >= PARSER_MIN_ACCURACY
-    if not valid:
-      logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
-                      "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
-    seeds = [seed + i for i in range(len(images))]
-    generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
-    t2i = shapes_eval.t2i_accuracy(generated, attrs)
-    d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
-    if feature_net is not None:
-      d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
-    summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
-                    f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
-    for key in ("accuracy_lenient", "color", "shape", "size", "location", "pair_size",
-                "relation", "count"):
-      summary[f"t2i/{split}/{key}"] = t2i[key]
-    if feature_net is not None:
-      summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
-    g = min(GRID_SIZE, len(images))
-    grids.append((f"T2I {split}: generated from the prompt below each image",
-                  generated[:g], captions[:g]))
-    d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
+  with inference.progress_on(total, "eval", gen, cap) as update:
+    for split in names:
+      images, attrs, captions = loaded[split]
+      d: dict[str, Any] = {"num": len(images)}
+      parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
+      valid = parser_gt >= PARSER_MIN_ACCURACY
+      if not valid:
+        logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
+                        "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
+      seeds = [seed + i for i in range(len(images))]
+      generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
+      t2i = shapes_eval.t2i_accuracy(generated, attrs)
+      d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
+      if feature_net is not None:
+        d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
+      summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
+                      f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
+      for key in ("accuracy_lenient", "color", "shape", "size", "location", "pair_size",
+                  "relation", "count"):
+        summary[f"t2i/{split}/{key}"] = t2i[key]
+      if feature_net is not None:
+        summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
+      g = min(GRID_SIZE, len(images))
+      grids.append((f"T2I {split}: generated from the prompt below each image",
+                    generated[:g], captions[:g]))
+      d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
 
-    if cap is not None:
-      predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
-      i2t = caption_metrics.i2t_metrics(predicted, attrs,
-                                        [_references(c, a) for c, a in zip(captions, attrs)])
-      d["i2t"] = {**i2t, "seconds": seconds}
-      for key in ("exact", "parse_rate", "color", "shape", "size", "location", "relation",
-                  "bleu4", "cider_d"):
-        summary[f"i2t/{split}/{key}"] = i2t[key]
-      grids.append((f"I2T {split}: generated caption (true caption)", images[:g],
-                    [f"{p} ({c})" for p, c in zip(predicted[:g], captions[:g])]))
-      for sample, p in zip(d["samples"], predicted[:g]):
-        sample["caption_of_true_image"] = p
-    details[split] = d
+      if cap is not None:
+        predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
+        i2t = caption_metrics.i2t_metrics(predicted, attrs,
+                                          [_references(c, a) for c, a in zip(captions, attrs)])
+        d["i2t"] = {**i2t, "seconds": seconds}
+        for key in ("exact", "parse_rate", "color", "shape", "size", "location", "relation",
+                    "bleu4", "cider_d"):
+          summary[f"i2t/{split}/{key}"] = i2t[key]
+        grids.append((f"I2T {split}: generated caption (true caption)", images[:g],
+                      [f"{p} ({c})" for p, c in zip(predicted[:g], captions[:g])]))
+        for sample, p in zip(d["samples"], predicted[:g]):
+          sample["caption_of_true_image"] = p
+      details[split] = d
 
-  tokenizer_details = None
-  if recon_split:
-    images, attrs, captions = recon_data
-    recon, sigmas = reconstruct(b, images, captions, batch_size=batch_size,
-                                compiler_options=compiler_options, progress=bar.update)
-    parsed = shapes_eval.t2i_accuracy(recon, attrs)
-    tokenizer_details = {
-        "split": recon_split, "num": len(images),
-        "psnr": float(np.mean(image_metrics.psnr(images, recon))),
-        "ssim": float(np.mean(image_metrics.ssim(images, recon))),
-        "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
-        "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"],
-        # Posterior statistics (DESIGN §7): its σ, averaged per image and over the split.
-        "posterior_std": float(np.mean(sigmas))}
-    for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt",
-                "posterior_std"):
-      summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
-    g = min(GRID_SIZE, len(images))
-    grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",
-                  recon[:g], captions[:g]))
+    tokenizer_details = None
+    if recon_split:
+      images, attrs, captions = recon_data
+      recon, sigmas = reconstruct(b, images, captions, batch_size=batch_size,
+                                  compiler_options=compiler_options, progress=update)
+      parsed = shapes_eval.t2i_accuracy(recon, attrs)
+      tokenizer_details = {
+          "split": recon_split, "num": len(images),
+          "psnr": float(np.mean(image_metrics.psnr(images, recon))),
+          "ssim": float(np.mean(image_metrics.ssim(images, recon))),
+          "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
+          "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"],
+          # Posterior statistics (DESIGN §7): its σ, averaged per image and over the split.
+          "posterior_std": float(np.mean(sigmas))}
+      for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt",
+                  "posterior_std"):
+        summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
+      g = min(GRID_SIZE, len(images))
+      grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",
+                    recon[:g], captions[:g]))
 
-  bar.close()
   result = clean_json({
       "bundle": b.path, "data_dir": os.path.abspath(data_dir), "splits": details,
       "tokenizer": tokenizer_details, "summary": summary,
@@ -350,14 +345,13 @@ def select_i2t_steps(bundle, data_dir: str, candidates: Sequence[int], *, split:
   images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
   references = [_references(c, a) for c, a in zip(captions, attrs)]
   exact = {}
-  bar = progress.meter(len(counts) * len(images), f"I2T steps on {split}", unit="image")
-  for steps in counts:
-    cap = inference.Captioner(b, steps=steps, batch_size=batch_size,
-                              compiler_options=compiler_options)
-    cap.progress = bar.update
-    predicted = cap.caption_images(list(images))
-    exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
-  bar.close()
+  with inference.progress_on(len(counts) * len(images), f"I2T steps on {split}") as update:
+    for steps in counts:
+      cap = inference.Captioner(b, steps=steps, batch_size=batch_size,
+                                compiler_options=compiler_options)
+      cap.progress = update
+      predicted = cap.caption_images(list(images))
+      exact[steps] = float(caption_metrics.i2t_metrics(predicted, attrs, references)["exact"])
   best = max(counts, key=lambda k: (exact[k], -k))
   why = "the best"
   if exact[best] == 0.0:

@@ -3,7 +3,7 @@ reference tokenizer's perceptual loss.
 
     --config.tokenizer_stage.perceptual=lpips-convnext_s-1.0-0.1
     --config.tokenizer_stage.perceptual_weight=1.1
-    --config.tokenizer_stage.perceptual_path=lpips=vgg16.pth,lpips=vgg.pth,convnext_s=convnext_small-0c510722.pth
+    --config.tokenizer_stage.perceptual_path=lpips=VGG16,lpips=HEADS,convnext_s=CONVNEXT
 
 The term (`logit_mse`), as the reference computes it: both images, RGB in [0, 1], resized to
 224 x 224 by bilinear interpolation *with antialiasing* (torch's `interpolate(...,
