@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -38,6 +38,7 @@ from flowtok_jax.models import text as text_lib
 from flowtok_jax.models import tokenizer as tok_lib
 from flowtok_jax.train import evaluators, flowtok_step, optim, stage_api
 from flowtok_jax.train import perceptual as perceptual_lib
+
 
 def stage_defaults() -> ml_collections.ConfigDict:
   """Every stage-specific key with its default (each commented); configs override them."""
