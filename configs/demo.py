@@ -254,7 +254,9 @@ def get_config(arg=None):
   # Cap on f: at f = 1.81 (tokenizer x 3.0, 1694 steps; FlowTok x 1.57, 1410) the fresh-clone
   # demo took 813 s on the 217 GFLOP/s host (`time make demo`: 13 min 36 s); at f = 1.8, twenty
   # minutes later, 710 s (tokenizer 0.67, I2T test 0.52; "tenth pass"). A larger f would run
-  # into the budget guard.
+  # into the budget guard. With the tokenizer at patch 16 (3450 steps at f = 1.8, in the time
+  # 1680 took at patch 8) the fresh clone took 681 s: tokenizer 0.81, I2T test 0.56
+  # ("fourteenth pass").
   config.budget.max_step_scale = 1.8
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
