@@ -94,11 +94,12 @@ def get_config(arg=None):
 
   tok = config.tokenizer = ml_collections.ConfigDict()  # FlowTiTok 1D VAE tokenizer.
   tok.image_size = data.get_ref("image_size")  # Pixels per side.
-  # Patch side; grid = image_size / patch_size (4 x 4). Patch 16 halves the step against 8 (16
-  # patch tokens, not 64): at equal time it trains 2.4x the steps, and the parser accepted 0.852
-  # of val reconstructions after 4000 steps against 0.699 for patch 8's 1680 (docs/benchmarks.md,
-  # "fourteenth pass"). At 32 px, patch 8: 0.773 after 4000 steps, patch 4: 0.469 after 1680.
-  tok.patch_size = arg.res // 4
+  # Patch side; grid = image_size / patch_size (8 x 8). Patch 16 halves the step (16 patch
+  # tokens, not 64) and trains 2x the steps in the time, but its outcome swung with the run:
+  # parser acceptance 0.57-0.81 (mean 0.69) over four runs of ~3400 steps, I2T test 0.29-0.56,
+  # against patch 8's 0.62-0.70 and 0.45-0.52 over seven fresh clones (docs/benchmarks.md,
+  # "fourteenth pass").
+  tok.patch_size = 8 if arg.res >= 64 else 4
   tok.encoder_size = None  # small | base | large, or None: the explicit values below.
   tok.encoder_width = 128  # Encoder width.
   tok.encoder_depth = 2  # Encoder layers.
@@ -254,9 +255,7 @@ def get_config(arg=None):
   # Cap on f: at f = 1.81 (tokenizer x 3.0, 1694 steps; FlowTok x 1.57, 1410) the fresh-clone
   # demo took 813 s on the 217 GFLOP/s host (`time make demo`: 13 min 36 s); at f = 1.8, twenty
   # minutes later, 710 s (tokenizer 0.67, I2T test 0.52; "tenth pass"). A larger f would run
-  # into the budget guard. With the tokenizer at patch 16 (3450 steps at f = 1.8, in the time
-  # 1680 took at patch 8) the fresh clone took 681 s: tokenizer 0.81, I2T test 0.56
-  # ("fourteenth pass").
+  # into the budget guard.
   config.budget.max_step_scale = 1.8
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
@@ -298,10 +297,8 @@ def get_config(arg=None):
       # drifts ~20 % within a day), too close to the 900 s budget. At mlp_ratio 2, 730 steps
       # (the time 560 took at 4) gave 0.367, but I2T from its tokens fell (val 0.297 -> 0.254,
       # colour 0.88 -> 0.74: a longer-trained text-aware decoder takes colour from the caption).
-      # Patch 16 (above) runs a step in about half the time of patch 8, so 1150 steps here where
-      # patch 8 had 560 in the same seconds.
-      train=dict(total_steps=1150, batch_size=32, ema_decay=None, eval_every_steps=1150,
-                 ckpt_every_steps=575),
+      train=dict(total_steps=560, batch_size=32, ema_decay=None, eval_every_steps=560,
+                 ckpt_every_steps=280),
       optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine", end_lr=1e-3, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0)))
   st.flowtok = ml_collections.ConfigDict(dict(
