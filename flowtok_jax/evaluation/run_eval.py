@@ -150,6 +150,73 @@ def servers(b: inference.Bundle, *, batch_size: int, steps: Optional[int],
   return gen, cap
 
 
+def _score_split(split: str, data, gen, cap, feature_net, seed: int, summary: dict,
+                 grids: list) -> dict[str, Any]:
+  """T2I (and I2T with a captioner) on one split's (images, attrs, captions): its details;
+  adds its flat scalars to `summary` and its grids to `grids`."""
+  images, attrs, captions = data
+  d: dict[str, Any] = {"num": len(images)}
+  parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
+  valid = parser_gt >= PARSER_MIN_ACCURACY
+  if not valid:
+    logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
+                    "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
+  seeds = [seed + i for i in range(len(images))]
+  generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
+  t2i = shapes_eval.t2i_accuracy(generated, attrs)
+  d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
+  summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
+                  f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
+  for key in ("accuracy_lenient", "color", "shape", "size", "location", "pair_size",
+              "relation", "count"):
+    summary[f"t2i/{split}/{key}"] = t2i[key]
+  if feature_net is not None:
+    d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
+    summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
+  g = min(GRID_SIZE, len(images))
+  grids.append((f"T2I {split}: generated from the prompt below each image",
+                generated[:g], captions[:g]))
+  d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
+  if cap is None:
+    return d
+  predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
+  i2t = caption_metrics.i2t_metrics(predicted, attrs,
+                                    [_references(c, a) for c, a in zip(captions, attrs)])
+  d["i2t"] = {**i2t, "seconds": seconds}
+  for key in ("exact", "parse_rate", "color", "shape", "size", "location", "relation",
+              "bleu4", "cider_d"):
+    summary[f"i2t/{split}/{key}"] = i2t[key]
+  grids.append((f"I2T {split}: generated caption (true caption)", images[:g],
+                [f"{p} ({c})" for p, c in zip(predicted[:g], captions[:g])]))
+  for sample, p in zip(d["samples"], predicted[:g]):
+    sample["caption_of_true_image"] = p
+  return d
+
+
+def _score_reconstructions(b: inference.Bundle, split: str, data, summary: dict, grids: list,
+                           **reconstruct_args) -> dict[str, Any]:
+  """The tokenizer's round trip of one split's (images, attrs, captions), scored by the parser
+  and PSNR / SSIM: its details; adds its flat scalars to `summary` and its grid to `grids`."""
+  images, attrs, captions = data
+  recon, sigmas = reconstruct(b, images, captions, **reconstruct_args)
+  parsed = shapes_eval.t2i_accuracy(recon, attrs)
+  details = {
+      "split": split, "num": len(images),
+      "psnr": float(np.mean(image_metrics.psnr(images, recon))),
+      "ssim": float(np.mean(image_metrics.ssim(images, recon))),
+      "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
+      "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"],
+      # Posterior statistics (DESIGN §7): its σ, averaged per image and over the split.
+      "posterior_std": float(np.mean(sigmas))}
+  for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt",
+              "posterior_std"):
+    summary[f"tokenizer/{split}/{key}"] = details[key]
+  g = min(GRID_SIZE, len(images))
+  grids.append((f"tokenizer {split}: reconstructions (caption of the original)",
+                recon[:g], captions[:g]))
+  return details
+
+
 def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compositional",
              num: Optional[int] = None, out: Optional[str] = None, batch_size: int = 32,
              steps: Optional[int] = None, cfg_scale: Optional[float] = None,
@@ -224,65 +291,13 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
            + (len(recon_data[0]) if recon_data else 0))
   with inference.progress_on(total, "eval", gen, cap) as update:
     for split in names:
-      images, attrs, captions = loaded[split]
-      d: dict[str, Any] = {"num": len(images)}
-      parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
-      valid = parser_gt >= PARSER_MIN_ACCURACY
-      if not valid:
-        logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
-                        "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
-      seeds = [seed + i for i in range(len(images))]
-      generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
-      t2i = shapes_eval.t2i_accuracy(generated, attrs)
-      d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
-      if feature_net is not None:
-        d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
-      summary.update({f"t2i/{split}/accuracy": t2i["accuracy"],
-                      f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
-      for key in ("accuracy_lenient", "color", "shape", "size", "location", "pair_size",
-                  "relation", "count"):
-        summary[f"t2i/{split}/{key}"] = t2i[key]
-      if feature_net is not None:
-        summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
-      g = min(GRID_SIZE, len(images))
-      grids.append((f"T2I {split}: generated from the prompt below each image",
-                    generated[:g], captions[:g]))
-      d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
-
-      if cap is not None:
-        predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
-        i2t = caption_metrics.i2t_metrics(predicted, attrs,
-                                          [_references(c, a) for c, a in zip(captions, attrs)])
-        d["i2t"] = {**i2t, "seconds": seconds}
-        for key in ("exact", "parse_rate", "color", "shape", "size", "location", "relation",
-                    "bleu4", "cider_d"):
-          summary[f"i2t/{split}/{key}"] = i2t[key]
-        grids.append((f"I2T {split}: generated caption (true caption)", images[:g],
-                      [f"{p} ({c})" for p, c in zip(predicted[:g], captions[:g])]))
-        for sample, p in zip(d["samples"], predicted[:g]):
-          sample["caption_of_true_image"] = p
-      details[split] = d
-
+      details[split] = _score_split(split, loaded[split], gen, cap, feature_net, seed,
+                                    summary, grids)
     tokenizer_details = None
     if recon_split:
-      images, attrs, captions = recon_data
-      recon, sigmas = reconstruct(b, images, captions, batch_size=batch_size,
-                                  compiler_options=compiler_options, progress=update)
-      parsed = shapes_eval.t2i_accuracy(recon, attrs)
-      tokenizer_details = {
-          "split": recon_split, "num": len(images),
-          "psnr": float(np.mean(image_metrics.psnr(images, recon))),
-          "ssim": float(np.mean(image_metrics.ssim(images, recon))),
-          "parser_recon": parsed["accuracy"], "parser_recon_lenient": parsed["accuracy_lenient"],
-          "parser_gt": shapes_eval.t2i_accuracy(images, attrs)["accuracy"],
-          # Posterior statistics (DESIGN §7): its σ, averaged per image and over the split.
-          "posterior_std": float(np.mean(sigmas))}
-      for key in ("psnr", "ssim", "parser_recon", "parser_recon_lenient", "parser_gt",
-                  "posterior_std"):
-        summary[f"tokenizer/{recon_split}/{key}"] = tokenizer_details[key]
-      g = min(GRID_SIZE, len(images))
-      grids.append((f"tokenizer {recon_split}: reconstructions (caption of the original)",
-                    recon[:g], captions[:g]))
+      tokenizer_details = _score_reconstructions(
+          b, recon_split, recon_data, summary, grids, batch_size=batch_size,
+          compiler_options=compiler_options, progress=update)
 
   result = clean_json({
       "bundle": b.path, "data_dir": os.path.abspath(data_dir), "splits": details,

@@ -21,7 +21,6 @@ has eps 1e-6 and the two-pass variance. Head: global average pool, LayerNorm, Li
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 from flax import traverse_util
@@ -158,18 +157,16 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "state 
   return traverse_util.unflatten_dict(out)
 
 
-def weight_file(paths: Sequence[str]) -> str:
-  """The one weight file, existing (a cheap check; reading it is `load_params`'s)."""
+def check_weight_files(paths: Sequence[str]) -> str:
+  """The one weight file (reading it is `load_params`'s)."""
   if len(paths) != 1:
     raise UserError("the convnext_s perceptual network needs exactly one weight file "
                     f"(torchvision's convnext_small state dict), got {len(paths)}")
-  if not os.path.isfile(paths[0]):
-    raise UserError(f"tokenizer_stage.perceptual_path: {paths[0]} does not exist")
   return paths[0]
 
 
 def load_params(paths: Sequence[str]) -> dict:
   """`ConvNeXt()` params from torchvision's convnext_small state dict file."""
   from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
-  f = weight_file(paths)
+  f = check_weight_files(paths)
   return params_from_state_dict(convert.load_state_dict(f, "tokenizer_stage.perceptual_path"), f)

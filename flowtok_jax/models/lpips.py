@@ -14,7 +14,6 @@ over layers. Parity with the package: tests/models/test_lpips.py (a stored fixtu
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping, Sequence
 
@@ -111,15 +110,12 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], src_name: str = "state 
   return out
 
 
-def weight_files(files: Sequence[str]) -> list[str]:
-  """The weight files, each existing (a cheap check; reading them is `load_params`'s)."""
+def check_weight_files(files: Sequence[str]) -> list[str]:
+  """The weight files, at least one (reading them is `load_params`'s)."""
   files = list(files)
   if not files:
     raise UserError("the lpips perceptual network needs weight files: torchvision's VGG16 and "
                     "the lpips package's vgg.pth heads (or one LPIPS state dict)")
-  for f in files:
-    if not os.path.isfile(f):
-      raise UserError(f"tokenizer_stage.perceptual_path: {f} does not exist")
   return files
 
 
@@ -127,6 +123,6 @@ def load_params(files: Sequence[str]) -> dict:
   """`LPIPS` params from state-dict files (their keys merged)."""
   from flowtok_jax.tools import convert  # pylint: disable=g-import-not-at-top
   sd = {}
-  for f in weight_files(files):
+  for f in check_weight_files(files):
     sd.update(convert.load_state_dict(f, "tokenizer_stage.perceptual_path"))
   return params_from_state_dict(sd, " + ".join(files))

@@ -42,14 +42,14 @@ class Network:
   loss: Callable[[Params, jax.Array, jax.Array], jax.Array]
 
 
-# name -> factory(weight files) -> Network. The factory only checks that the files exist (cheap);
-# `load` reads them.
+# name -> factory(weight files, each existing) -> Network. The factory only checks how many files
+# it was given (cheap); `load` reads them.
 NETWORKS: dict[str, Callable[[Sequence[str]], Network]] = {}
 
 
 def _lpips(files: Sequence[str]) -> Network:
   from flowtok_jax.models import lpips  # pylint: disable=g-import-not-at-top
-  lpips.weight_files(files)
+  lpips.check_weight_files(files)
   net = lpips.LPIPS()
   return Network(init=lambda rng, x: net.init(rng, x, x)["params"],
                  load=lambda: lpips.load_params(files),
@@ -58,7 +58,7 @@ def _lpips(files: Sequence[str]) -> Network:
 
 def _convnext_s(files: Sequence[str]) -> Network:
   from flowtok_jax.models import convnext  # pylint: disable=g-import-not-at-top
-  convnext.weight_file(files)
+  convnext.check_weight_files(files)
   net = convnext.ConvNeXt()
   return Network(init=lambda rng, x: net.init(rng, convnext.prepare(x))["params"],
                  load=lambda: convnext.load_params(files),
@@ -118,6 +118,9 @@ def assign_files(names: Sequence[str], paths: str) -> dict[str, list[str]]:
   for name, fs in files.items():
     if not fs:
       raise UserError(f"tokenizer_stage.perceptual_path names no weight file for {name}")
+    for f in fs:
+      if not os.path.isfile(f):
+        raise UserError(f"tokenizer_stage.perceptual_path: {f} does not exist")
   return files
 
 

@@ -83,7 +83,7 @@ def test_weight_map_covers_convnext_small(fixture):
     cn.params_from_state_dict({**sd, "fc.weight": np.zeros(3)})
 
 
-def test_perceptual_spec_and_files():
+def test_perceptual_spec_and_files(tmp_path, monkeypatch):
   assert perceptual.parse("lpips-convnext_s-1.0-0.1") == {"lpips": 1.0, "convnext_s": 0.1}
   assert perceptual.parse("convnext_s") == {"convnext_s": 1.0}
   for bad, msg in (("vgg", "names no registered"), ("lpips-1.0-2.0", "1 networks need 1"),
@@ -91,12 +91,16 @@ def test_perceptual_spec_and_files():
                    ("lpips-convnext_s-0-0", "positive sum")):
     with pytest.raises(UserError, match=msg):
       perceptual.parse(bad)
+  monkeypatch.chdir(tmp_path)
+  for f in "abc":
+    (tmp_path / f).write_bytes(b"")
   names = ["lpips", "convnext_s"]
   assert perceptual.assign_files(names, "lpips=a,convnext_s=b, lpips=c") == {
       "lpips": ["a", "c"], "convnext_s": ["b"]}
   assert perceptual.assign_files(["lpips"], "a,b") == {"lpips": ["a", "b"]}
   for bad, msg in (("a", "names no network"), ("lpips=a", "no weight file for convnext_s"),
-                   ("lpips=a,clip=b", "'clip', which"), ("", "needs")):
+                   ("lpips=a,clip=b", "'clip', which"), ("", "needs"),
+                   ("lpips=a,convnext_s=d", "perceptual_path: d does not exist")):
     with pytest.raises(UserError, match=msg):
       perceptual.assign_files(names, bad)
 
