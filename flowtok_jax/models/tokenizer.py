@@ -220,8 +220,11 @@ class FlowTiTok(nn.Module):
     return self.decoder(z, text_features if self.cfg.text_aware else None)
 
   def __call__(self, images: jax.Array, text_features: Optional[jax.Array] = None,
-               sample: bool = True):
-    """Training pass: encode, draw z = mean + σ·ε (rng stream 'sample'), decode.
+               sample: bool = True, noise_scale: float | jax.Array = 1.0):
+    """Training pass: encode, draw z = mean + noise_scale·σ·ε (rng stream 'sample'), decode.
+
+    `noise_scale` below 1 damps the posterior noise (the tokenizer stage's noise warm-up); the
+    KL is the trainer's and always reads the full posterior.
 
     Returns:
       (reconstruction [B, H, W, 3], mean [B, K, C], logvar [B, K, C]).
@@ -230,5 +233,5 @@ class FlowTiTok(nn.Module):
     z = mean
     if sample:
       eps = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
-      z = mean + jnp.exp(0.5 * logvar) * eps
+      z = mean + noise_scale * jnp.exp(0.5 * logvar) * eps
     return self.decode(z, text_features), mean, logvar

@@ -66,6 +66,10 @@ def stage_defaults() -> ml_collections.ConfigDict:
       # Share of examples whose text-aware decoder sees zeroed text features, so that the image
       # tokens must carry what a caption would supply (colour): I2T reads the tokens alone.
       text_drop_prob=0.0,
+      # Steps over which the posterior noise of the decoder's input ramps linearly from 0 to its
+      # full σ (0: full from the start). The latents carry no signal through σ ~ 1 noise at
+      # init, and some runs stayed on the all-black plateau for 1000+ steps.
+      noise_warmup_steps=0,
       eval_num=256,  # Held-out images (data.eval_split) the reconstruction evaluator reads.
       disc_optim=optim.default_config(),  # Discriminator AdamW (same keys as config.optim).
   ))
@@ -293,6 +297,9 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     part, perceptual, fingerprints["perceptual"] = perceptual_lib.build(sc.perceptual,
                                                                         sc.perceptual_path)
     frozen_parts.append(part)
+  if int(sc.noise_warmup_steps) < 0:
+    raise UserError("tokenizer_stage.noise_warmup_steps must be >= 0, got "
+                    f"{sc.noise_warmup_steps}")
   if not 0.0 <= sc.text_drop_prob <= 1.0:
     raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   use_gan = bool(sc.gan_weight)
@@ -319,7 +326,11 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       rng, drop_rng = jax.random.split(rng)
       keep = jax.random.bernoulli(drop_rng, 1.0 - sc.text_drop_prob, (feats.shape[0], 1, 1))
       feats = jnp.where(keep, feats, jnp.zeros_like(feats))
-    recon, mean, logvar = model.apply({"params": params}, images, feats, rngs={"sample": rng})
+    noise = 1.0
+    if sc.noise_warmup_steps:
+      noise = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(sc.noise_warmup_steps))
+    recon, mean, logvar = model.apply({"params": params}, images, feats, noise_scale=noise,
+                                      rngs={"sample": rng})
     rec = losses.reconstruction_loss(recon, images, sc.recon)
     kl = losses.gaussian_kl(mean, logvar)
     total = rec + sc.kl_weight * kl
