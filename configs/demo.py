@@ -94,12 +94,13 @@ def get_config(arg=None):
 
   tok = config.tokenizer = ml_collections.ConfigDict()  # FlowTiTok 1D VAE tokenizer.
   tok.image_size = data.get_ref("image_size")  # Pixels per side.
-  # Patch side; grid = image_size / patch_size (8 x 8). Patch 16 halves the step (16 patch
-  # tokens, not 64) and trains 2x the steps in the time, but its outcome swung with the run:
-  # parser acceptance 0.57-0.81 (mean 0.69) over four runs of ~3400 steps, I2T test 0.29-0.56,
-  # against patch 8's 0.62-0.70 and 0.45-0.52 over seven fresh clones (docs/benchmarks.md,
-  # "fourteenth pass").
-  tok.patch_size = 8 if arg.res >= 64 else 4
+  # Patch side; grid = image_size / patch_size (4 x 4). Patch 16 halves the step against 8 (16
+  # patch tokens, not 64) and trains 2x the steps in the time. Alone its outcome swung with the
+  # run (parser acceptance 0.50-0.81 over six runs of ~3400 steps): some runs sat on the
+  # all-black plateau for 1000+ steps. With the posterior-noise warm-up (tokenizer_stage, below)
+  # every run left it by step ~400: 0.69-0.85, mean 0.76 over four seeds, against patch 8's
+  # 0.62-0.70 over seven fresh clones (docs/benchmarks.md, "fifteenth pass").
+  tok.patch_size = arg.res // 4
   tok.encoder_size = None  # small | base | large, or None: the explicit values below.
   tok.encoder_width = 128  # Encoder width.
   tok.encoder_depth = 2  # Encoder layers.
@@ -211,6 +212,12 @@ def get_config(arg=None):
   # took I2T exact from 0.078 to 0.133 (parse rate 0.67 -> 0.81) while T2I, which this budget
   # leaves near zero either way, went from 0.004 to 0.000 (docs/benchmarks.md, "fourth pass").
   config.flowtok_stage.p_i2t = 0.75
+  # The decoder's input noise ramps from 0 to the posterior's σ over the first 500 tokenizer
+  # steps. At init σ ~ 1 buries the latents' signal; at patch 16, two runs in six left the
+  # all-black plateau only after 1000+ steps (parser 0.50 and 0.22 at 3450 steps; a longer lr
+  # warm-up did not prevent it). With the ramp all four seeds left it by step ~400 and read
+  # 0.69-0.85 (docs/benchmarks.md, "fifteenth pass"). The KL always reads the full posterior.
+  config.tokenizer_stage.noise_warmup_steps = 500
   # Text-decoder CE × 10: with the released KL (0.01, summed over the batch) the text tokens
   # kept ~10 nats and the text VAE + decoder round trip read back only 0.41 of test captions from
   # the posterior mean; × 10 keeps ~60 nats and reads back 0.93 (the KL still keeps σ ≈ 1 noise
@@ -297,8 +304,10 @@ def get_config(arg=None):
       # drifts ~20 % within a day), too close to the 900 s budget. At mlp_ratio 2, 730 steps
       # (the time 560 took at 4) gave 0.367, but I2T from its tokens fell (val 0.297 -> 0.254,
       # colour 0.88 -> 0.74: a longer-trained text-aware decoder takes colour from the caption).
-      train=dict(total_steps=560, batch_size=32, ema_decay=None, eval_every_steps=560,
-                 ckpt_every_steps=280),
+      # Patch 16 (above) runs a step in about half the time of patch 8, so 1150 steps here where
+      # patch 8 had 560 in the same seconds.
+      train=dict(total_steps=1150, batch_size=32, ema_decay=None, eval_every_steps=1150,
+                 ckpt_every_steps=575),
       optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine", end_lr=1e-3, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0)))
   st.flowtok = ml_collections.ConfigDict(dict(
@@ -328,6 +337,7 @@ def get_config(arg=None):
                      ckpt_every_steps=10)
       s.optim.warmup_steps = 2
     st.flowtok.train.ema_decay = 0.5  # 0.98 over 20 steps would keep 2/3 of the random init.
+    config.tokenizer_stage.noise_warmup_steps = 5  # The full posterior noise for most steps.
     ev.update(num=16, batch_size=8, frechet_steps=20, i2t_steps_candidates=(1, 4))
     config.budget.scale_steps = False  # The few steps above on any host.
 
