@@ -187,8 +187,8 @@ def test_tokenizer_text_drop_hides_the_caption_from_the_decoder():
 
 
 def test_tokenizer_noise_warmup_ramps_the_posterior_noise():
-  """noise_warmup_steps N: step 0 decodes the posterior mean (no dependence on the draw), step
-  N / 2 half the noise, step >= N the full draw, as without a warm-up; negative N refused."""
+  """noise_warmup_steps N: step 0 decodes the posterior mean (no dependence on the draw), mid-ramp
+  the draw matters, at step >= N the loss is the one without a warm-up; negative N refused."""
   config = tiny_config("tokenizer", tokenizer_stage=dict(noise_warmup_steps=10))
   stage = build("tokenizer", config)
   batch = fixed_batch(config.clip_text.vocab_size)
@@ -198,13 +198,13 @@ def test_tokenizer_noise_warmup_ramps_the_posterior_noise():
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
   params = jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                                for x, k in zip(leaves, keys)])
-  recon = jax.jit(lambda step, rng: stage.loss_fn(params, frozen, batch, rng, step,
-                                                  None)[1].metrics["recon_loss"],
-                  compiler_options=FAST_COMPILE)
-  plain = build("tokenizer", tiny_config("tokenizer"))
-  recon_plain = jax.jit(lambda step, rng: plain.loss_fn(params, frozen, batch, rng, step,
-                                                        None)[1].metrics["recon_loss"],
-                        compiler_options=FAST_COMPILE)
+
+  def recon_loss_of(st):
+    return jax.jit(lambda step, rng: st.loss_fn(params, frozen, batch, rng, step,
+                                                None)[1].metrics["recon_loss"],
+                   compiler_options=FAST_COMPILE)
+  recon = recon_loss_of(stage)
+  recon_plain = recon_loss_of(build("tokenizer", tiny_config("tokenizer")))
   k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   assert float(recon(0, k1)) == float(recon(0, k2))
   assert float(recon(5, k1)) != float(recon(5, k2))
