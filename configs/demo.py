@@ -301,7 +301,8 @@ def get_config(arg=None):
       # docs/benchmarks.md, "twelfth pass"). EMA 0.99 (a window of ~100 steps; 0.99^1150 ~ 1e-5 of
       # the init left): it leaves training unchanged, so it was compared on the same four
       # trajectories (seeds 0-3, 3450 steps): parser 0.852 / 0.816 / 0.688 / 0.699 -> 0.859 /
-      # 0.816 / 0.691 / 0.758, PSNR +0.2-0.3 dB each (docs/benchmarks.md, "sixteenth pass").
+      # 0.816 / 0.691 / 0.758, PSNR +0.16-0.33 dB; in the fresh-clone demo 0.824 -> 0.832, and
+      # I2T test 0.574 -> 0.590 from its tokens (docs/benchmarks.md, "sixteenth pass").
       # 560 steps: fresh-clone demos on the slower machine took 711-843 s at 640 (the host's speed
       # drifts ~20 % within a day), too close to the 900 s budget. At mlp_ratio 2, 730 steps
       # (the time 560 took at 4) gave 0.367, but I2T from its tokens fell (val 0.297 -> 0.254,
