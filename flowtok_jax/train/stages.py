@@ -281,6 +281,12 @@ def _with_lecam_anchors(disc_tx: optax.GradientTransformation,
 def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   """FlowTiTok: reconstruction + KL (+ GAN after a start step, + perceptual)."""
   sc = _section(config, "tokenizer_stage")
+  # Scalar knobs first: before the perceptual networks' weight files are read and hashed.
+  if int(sc.noise_warmup_steps) < 0:
+    raise UserError("tokenizer_stage.noise_warmup_steps must be >= 0, got "
+                    f"{sc.noise_warmup_steps}")
+  if not 0.0 <= sc.text_drop_prob <= 1.0:
+    raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   dtype = _dtype(config)
   tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
   _check_image_size(config, "tokenizer", tc.image_size)
@@ -297,11 +303,6 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
     part, perceptual, fingerprints["perceptual"] = perceptual_lib.build(sc.perceptual,
                                                                         sc.perceptual_path)
     frozen_parts.append(part)
-  if int(sc.noise_warmup_steps) < 0:
-    raise UserError("tokenizer_stage.noise_warmup_steps must be >= 0, got "
-                    f"{sc.noise_warmup_steps}")
-  if not 0.0 <= sc.text_drop_prob <= 1.0:
-    raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   use_gan = bool(sc.gan_weight)
   use_lecam = use_gan and bool(sc.lecam_weight)
   disc = None
