@@ -62,10 +62,8 @@ class CLIPImageTower(nn.Module):
                        f"got {images.shape}")
     init = layers.normal(0.02)
     # Centre the [0, 1] pixels; the tower learns its own scale.
-    x = nn.Conv(w, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=dt,
-                param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=layers.with_axes(init, (None, None, None, "embed")))(
-                    (images.astype(dt) - 0.5) * 2)
+    x = layers.PatchEmbed(w, p, use_bias=False, dtype=dt, kernel_init=init,
+                          name="patch_embed")((images.astype(dt) - 0.5) * 2)
     b = x.shape[0]
     x = x.reshape(b, -1, w)
     cls = self.param("class_embedding", layers.with_axes(init, ("embed",)), (w,))

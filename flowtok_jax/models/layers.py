@@ -11,6 +11,8 @@ weight/bias -> scale/bias.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -76,6 +78,45 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_dot(x: jax.Array, kernel: jax.Array, in_dims: int,
+              grad_from_input: bool = True) -> jax.Array:
+  """x [..., *in] · kernel [*in, *out] -> [..., *out]: `jax.lax.dot_general`, with its own VJP.
+
+  The value and both gradients are the plain dot's; only the operand order of the kernel's
+  gradient differs. JAX's own rule contracts (g, x), so XLA's CPU backend transposes g, the
+  output's cotangent, to put the contracted rows last, and fuses that transpose into the chain
+  of elementwise ops producing g (a residual stream's LayerNorm backward and adds): every
+  element of a dozen inputs read with a stride. Contracting (x, g) transposes x, one stored
+  array, instead. On the demo's tokenizer step that fusion took ~1/5 of the op time
+  (docs/benchmarks.md, "seventeenth pass"); on accelerators the order is immaterial.
+  """
+  contract = tuple(range(x.ndim - in_dims, x.ndim))
+  return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_dims))), ((), ())))
+
+
+def _dense_dot_fwd(x, kernel, in_dims, grad_from_input):
+  return dense_dot(x, kernel, in_dims, grad_from_input), (x, kernel)
+
+
+def _dense_dot_bwd(in_dims, grad_from_input, res, g):
+  x, kernel = res
+  lead = tuple(range(x.ndim - in_dims))  # Batch-like dims of x and of g.
+  gx = jax.lax.dot_general(  # g [..., *out] · kernel [*in, *out] over out -> [..., *in].
+      g, kernel, ((tuple(range(len(lead), g.ndim)), tuple(range(in_dims, kernel.ndim))),
+                  ((), ())))
+  if grad_from_input:
+    gk = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))  # -> [*in, *out].
+  else:  # g first: [*out, *in], then the kernel's order.
+    gk = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
+    n_out = g.ndim - len(lead)
+    gk = gk.transpose(tuple(range(n_out, gk.ndim)) + tuple(range(n_out)))
+  return gx.astype(x.dtype), gk.astype(kernel.dtype)
+
+
+dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+
+
 class Dense(nn.Module):
   """y = x · kernel + bias, contracting the last `in_dims` axes of x; kernel [*in, *features].
 
@@ -90,6 +131,7 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = xavier_uniform
   bias_init: Initializer | str = zeros  # Or TORCH_DEFAULT_BIAS.
+  grad_from_input: bool = True  # `dense_dot`'s operand order for the kernel's gradient.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,9 +143,8 @@ class Dense(nn.Module):
 
     kernel = self.param("kernel", with_axes(init, self.axes), in_shape + self.features,
                         jnp.float32)
-    contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract, tuple(range(self.in_dims))), ((), ())))
+    y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
+                  self.grad_from_input)
     if self.use_bias:
       bias_init = (_torch_bias(fan_in) if self.bias_init == TORCH_DEFAULT_BIAS
                    else self.bias_init)
@@ -133,9 +174,42 @@ class Embed(nn.Module):
     return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
+class PatchEmbed(nn.Module):
+  """images [B, H, W, Cin] -> [B, H/p, W/p, features]: a stride-p, p x p, VALID convolution.
+
+  Parameters as nn.Conv names them (kernel [p, p, Cin, features], bias [features]), so a
+  PyTorch Conv2d maps as weight.permute(2, 3, 1, 0). Computed as non-overlapping patches times
+  the flattened kernel: XLA's CPU convolution ran this at ~1/6 of its matmul rate (the FlowTok
+  stage's frozen encoder: 5.7 ms a step for 0.1 GFLOP; docs/benchmarks.md, "seventeenth pass").
+  """
+  features: int
+  patch_size: int
+  axes: tuple[Optional[str], ...] = (None, None, None, "embed")  # Logical kernel dims.
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = xavier_uniform
+  bias_init: Initializer = zeros
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    b, h, w, c = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f"image {h}x{w} is not a whole number of {p}x{p} patches")
+    kernel = self.param("kernel", with_axes(self.kernel_init, self.axes),
+                        (p, p, c, self.features), jnp.float32)
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), 3)
+    if self.use_bias:
+      bias = self.param("bias", with_axes(self.bias_init, self.axes[-1:]), (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = jnp.float32,
           kernel_init: Initializer = xavier_uniform, bias_init: Initializer | str = zeros,
-          use_bias: bool = True, in_dims: int = 1) -> Dense:
+          use_bias: bool = True, in_dims: int = 1, grad_from_input: bool = True) -> Dense:
   """A `Dense` with logical names on the kernel (and on the bias: the output dims).
 
   Args:
@@ -147,13 +221,16 @@ def dense(features, axes: Sequence[Optional[str]], *, name: str, dtype: Dtype = 
     bias_init: unboxed initializer for the bias, or TORCH_DEFAULT_BIAS.
     use_bias: add a bias.
     in_dims: number of trailing input axes contracted.
+    grad_from_input: False where x is costlier to recompute than the output's cotangent
+      (see `dense_dot`).
   """
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   if len(axes) != in_dims + len(features):
     raise ValueError(f"{name}: {len(axes)} axis names for a kernel of rank "
                      f"{in_dims + len(features)}")
   return Dense(features, tuple(axes), in_dims=in_dims, use_bias=use_bias, dtype=dtype,
-               kernel_init=kernel_init, bias_init=bias_init, name=name)
+               kernel_init=kernel_init, bias_init=bias_init, grad_from_input=grad_from_input,
+               name=name)
 
 
 def layer_norm(name: str, *, eps: float = 1e-5, affine: bool = True,
@@ -368,8 +445,12 @@ class Mlp(nn.Module):
     h = constrain(activation(self.act)(h), ("batch", "length", "mlp"))
     if self.dropout > 0 and not deterministic:
       h = nn.Dropout(self.dropout)(h, deterministic=False)
+    # fc2's kernel gradient transposes its cotangent after an exact (erf) GELU: XLA recomputes
+    # the activation inside the transpose, and erf costs more than the residual's chain
+    # (the CLIP image tower's step: 0.23 s the other way, 0.20 s this way).
     return dense(w, ("mlp", "embed"), name="fc2", dtype=self.dtype,
-                 kernel_init=self.kernel_init, bias_init=self.bias_init)(h)
+                 kernel_init=self.kernel_init, bias_init=self.bias_init,
+                 grad_from_input=self.act != "gelu")(h)
 
 
 class SwiGLU(nn.Module):

@@ -122,10 +122,8 @@ class FlowTiTokEncoder(nn.Module):
       raise ValueError(f"FlowTiTok expects images [B, {cfg.image_size}, {cfg.image_size}, 3], "
                        f"got {images.shape}")
     init = layers.trunc_normal(0.02)
-    x = nn.Conv(w, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
-                dtype=dt, param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=layers.with_axes(init, (None, None, None, "embed")),
-                bias_init=layers.with_axes(layers.zeros, ("embed",)))(images.astype(dt))
+    x = layers.PatchEmbed(w, cfg.patch_size, dtype=dt, kernel_init=init,
+                          name="patch_embed")(images.astype(dt))
     x = x.reshape(x.shape[0], g * g, w)  # Row-major patches, as the RoPE table expects.
     if cfg.patch_pos_embed:
       x = x + self.param("patch_pos", layers.with_axes(_token_init(w), (None, "embed")),

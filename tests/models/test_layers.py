@@ -95,3 +95,45 @@ def test_trunc_normal_matches_the_references_absolute_bounds():
   w = layers.trunc_normal(0.02)(jax.random.PRNGKey(0), (512, 512))
   assert abs(float(jnp.std(w)) / 0.02 - 1.0) < 0.01
   assert float(jnp.max(jnp.abs(w))) > 2.5 * 0.02  # not cut at 2σ
+
+
+def _plain_dot(x, kernel, in_dims):
+  contract = tuple(range(x.ndim - in_dims, x.ndim))
+  return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_dims))), ((), ())))
+
+
+def test_dense_dot_matches_dot_general_and_its_gradients_in_both_orders():
+  rng = np.random.default_rng(0)
+  for x_shape, k_shape, in_dims in [((3, 5, 6), (6, 7), 1), ((2, 4, 3, 5), (3, 5, 2, 4), 2),
+                                    ((2, 2, 2, 4, 4, 3), (4, 4, 3, 6), 3)]:
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    want = _plain_dot(x, kernel, in_dims)
+    ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    want_gx, want_gk = jax.vjp(lambda a, b: _plain_dot(a, b, in_dims), x, kernel)[1](ct)
+    for from_input in (True, False):
+      got, vjp = jax.vjp(lambda a, b: layers.dense_dot(a, b, in_dims, from_input), x, kernel)
+      gx, gk = vjp(ct)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+      assert gx.shape == x.shape and gk.shape == kernel.shape
+      np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(gk, want_gk, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_is_the_strided_convolution_with_the_same_parameters():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 12, 12, 3)), jnp.float32)
+  for use_bias in (True, False):
+    ours = layers.PatchEmbed(5, 4, use_bias=use_bias, kernel_init=layers.normal(0.5),
+                             bias_init=layers.normal(0.5))
+    params = nn.unbox(ours.init(jax.random.key(0), images))
+    conv = nn.Conv(5, (4, 4), strides=(4, 4), padding="VALID", use_bias=use_bias)
+    assert (jax.tree_util.tree_map(jnp.shape, params)
+            == jax.tree_util.tree_map(jnp.shape, conv.init(jax.random.key(0), images)))
+    got = ours.apply(params, images)
+    assert got.shape == (2, 3, 3, 5)
+    np.testing.assert_allclose(got, conv.apply(params, images), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p, f: jnp.sum(f.apply(p, images) ** 2))
+    for a, b in zip(jax.tree_util.tree_leaves(grads(params, ours)),
+                    jax.tree_util.tree_leaves(grads(params, conv))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
