@@ -199,7 +199,7 @@ class PatchEmbed(nn.Module):
     kernel = self.param("kernel", with_axes(self.kernel_init, self.axes),
                         (p, p, c, self.features), jnp.float32)
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), 3)
+    y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), 3, False)
     if self.use_bias:
       bias = self.param("bias", with_axes(self.bias_init, self.axes[-1:]), (self.features,),
                         jnp.float32)
