@@ -53,5 +53,5 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["flowtok=flowtok_jax.cli:main"]},
+    entry_points={"console_scripts": ["flowtok=flowtok_jax.cli:entry"]},
 )

@@ -2,4 +2,4 @@
 from flowtok_jax import cli
 
 if __name__ == "__main__":
-  cli.main()
+  cli.entry()

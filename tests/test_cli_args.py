@@ -50,6 +50,45 @@ def test_cpu_when_no_accelerator_is_visible(monkeypatch, tmp_path):
   assert "JAX_PLATFORMS" not in os.environ
 
 
+def test_malloc_tuning_environment():
+  tuned = cli.malloc_environ({"A": "1"}, "linux")
+  assert tuned == {"A": "1", "GLIBC_TUNABLES": cli.MALLOC_TUNABLE}
+  # The user's other tunables stay; a run that has it (the re-run itself) is left alone.
+  assert (cli.malloc_environ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "linux")["GLIBC_TUNABLES"]
+          == "glibc.pthread.rseq=0:" + cli.MALLOC_TUNABLE)
+  assert cli.malloc_environ(tuned, "linux") is None
+  assert cli.malloc_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux") is None
+  assert cli.malloc_environ({cli.NO_MALLOC_TUNING: "1"}, "linux") is None
+  assert cli.malloc_environ({}, "darwin") is None
+
+
+def test_the_program_reexecutes_itself_with_the_tuned_malloc(monkeypatch, capsys):
+  calls = []
+
+  def execve(path, argv, env):
+    calls.append((path, argv, env))
+    raise OSError("not here")  # Then it runs in this process, untuned.
+
+  monkeypatch.setattr(os, "execve", execve)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(cli.NO_MALLOC_TUNING, raising=False)
+  monkeypatch.setattr(sys, "argv", ["flowtok", "--help"])
+  monkeypatch.setattr(sys, "orig_argv", [sys.executable, "/bin/flowtok", "--help"])
+  with pytest.raises(SystemExit):
+    cli.entry()
+  assert "usage: flowtok" in capsys.readouterr().out
+  if sys.platform.startswith("linux"):
+    (path, argv, env), = calls
+    assert path == sys.executable and argv == [sys.executable, "/bin/flowtok", "--help"]
+    assert env["GLIBC_TUNABLES"] == cli.MALLOC_TUNABLE
+  # The re-run does not re-execute again.
+  calls.clear()
+  monkeypatch.setenv("GLIBC_TUNABLES", cli.MALLOC_TUNABLE)
+  with pytest.raises(SystemExit):
+    cli.entry()
+  assert not calls
+
+
 def test_no_tpu_noise_without_a_tpu():
   # What main() does first, then the first device query, in a clean process (libtpu is
   # installed with the test extra): stderr stays empty and JAX runs on the CPU.
