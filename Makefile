@@ -21,8 +21,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/flowtok demo --workdir $(WORKDIR)
 
+# The malloc tuning `flowtok` gives itself (flowtok_jax/cli.py, MALLOC_TUNABLE), for the tests too.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q $(TESTS) $(PYTEST_ARGS)
+	GLIBC_TUNABLES="$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" \
+	  $(VENV)/bin/python -m pytest -n 2 -q $(TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
