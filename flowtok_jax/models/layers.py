@@ -88,7 +88,7 @@ def dense_dot(x: jax.Array, kernel: jax.Array, in_dims: int,
   of elementwise ops producing g (a residual stream's LayerNorm backward and adds): every
   element of a dozen inputs read with a stride. Contracting (x, g) transposes x, one stored
   array, instead. On the demo's tokenizer step that fusion took ~1/5 of the op time
-  (docs/benchmarks.md, "seventeenth pass"); on accelerators the order is immaterial.
+  (docs/benchmarks.md, "seventeenth pass"). Other backends see the same two dots.
   """
   contract = tuple(range(x.ndim - in_dims, x.ndim))
   return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_dims))), ((), ())))
