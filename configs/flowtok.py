@@ -156,6 +156,7 @@ def _training_sections(config, arg):
   data.max_text_len = config.clip_text.get_ref("max_len")  # L = 77 = K.
   data.read_threads = 16  # Threads reading records per process.
   data.prefetch_batches = 4  # Batches prepared ahead per reading process.
+  data.cache_decoded = False  # Keep records decoded in memory (small datasets only; N·S²·3 B).
   # Stored tokenizer posteriors of the train split (`flowtok data pretokenize`; str): the flowtok
   # stage then reads them instead of encoding images. None: encode on the fly.
   data.latents_dir = None

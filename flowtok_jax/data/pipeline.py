@@ -8,8 +8,9 @@ shard -> per-process batches, with a checkpointable iterator.
 
 Order of operations (all on the random-access `MapDataset`, so every step is indexable and the
 iterator state is a single position per worker):
-  source -> shuffle(seed) -> repeat(num_epochs) -> random_map(_Preprocess, seed)
-  -> block shard -> batch(b) -> to_iter_dataset -> mp_prefetch (when data.num_workers > 0).
+  source [-> DecodedCache, when data.cache_decoded] -> shuffle(seed) -> repeat(num_epochs)
+  -> random_map(_Preprocess, seed) -> block shard -> batch(b) -> to_iter_dataset
+  -> mp_prefetch (when data.num_workers > 0).
 Sharding last, in blocks: process p's batch i is rows [p·b, (p+1)·b) of the global batch i that a
 single process would read, so the global batch is the same, row for row, for any process count.
 Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every
@@ -60,15 +61,20 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
-def load_image(element: dict[str, Any], image_key: str, size: int) -> np.ndarray:
-  """A record's image as the model sees it: float32 [S, S, 3] in [0, 1] (resize + centre crop)."""
+def decode_image(element: dict[str, Any], image_key: str, size: int) -> np.ndarray:
+  """A record's image, resized and centre-cropped: uint8 [S, S, 3]."""
   try:
     image = to_rgb_uint8(feature(element, image_key))
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # Builders apply data.on_bad_image when they write the dataset, so this means a damaged or
     # foreign dataset: stop rather than train on a silently altered stream.
     raise UserError(f"undecodable image in the dataset: {e}") from e
-  return resize_center_crop(image, size).astype(np.float32) * np.float32(1 / 255)
+  return resize_center_crop(image, size)
+
+
+def load_image(element: dict[str, Any], image_key: str, size: int) -> np.ndarray:
+  """A record's image as the model sees it: float32 [S, S, 3] in [0, 1] (resize + centre crop)."""
+  return decode_image(element, image_key, size).astype(np.float32) * np.float32(1 / 255)
 
 
 class _WithLatents:
@@ -97,6 +103,60 @@ class _WithLatents:
 
   def __getstate__(self):
     return {**self.__dict__, "_arrays": None}
+
+
+def _with_feature(element: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+  """A copy of `element` with `value` at `key` ('a/b': nested), copying only the dicts on the
+  way (the inverse of `feature`)."""
+  head, _, rest = key.partition("/")
+  inner = _with_feature(element.get(head, {}), rest, value) if rest else value
+  return {**element, head: inner}
+
+
+class DecodedCache:
+  """A random-access source that keeps what training reads of each record after its first read.
+
+  Each record is read from `source` once: its image decoded, resized and centre-cropped to S
+  (uint8, in one [N, S, S, 3] array, reserved up front and filled as records are read) and its
+  caption features (the keys named; nested 'a/b' keys keep their nesting). Later epochs read
+  memory, not the record files: parsing a record (protobuf + PNG) cost 0.31 ms, so an epoch
+  re-read ~11 ms of one core per batch of 32 that the training step could have had
+  (docs/benchmarks.md, "eighteenth pass"). Holds N·S²·3 bytes per reading process (grain
+  workers each fill their own; 240 MiB for 20k images at 64 px): for datasets that fit in RAM.
+  Pickles without its arrays, so a worker process starts empty.
+  """
+
+  def __init__(self, source: Sequence, image_key: str, text_keys: Sequence[str], size: int):
+    self._source, self._image_key, self._size = source, image_key, size
+    self._text_keys = tuple(k for k in dict.fromkeys(text_keys) if k)
+    self._images = self._filled = self._texts = None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def nbytes(self) -> int:
+    """Bytes the image array takes once every record has been read."""
+    return len(self._source) * self._size * self._size * 3
+
+  def __getitem__(self, index):
+    if self._images is None:  # np.empty: pages are committed only as records fill them.
+      n = len(self._source)
+      self._images = np.empty((n, self._size, self._size, 3), np.uint8)
+      self._filled = np.zeros(n, bool)
+      self._texts = [None] * n
+    index = int(index)
+    if not self._filled[index]:
+      element = self._source[index]
+      texts = {}
+      for key in self._text_keys:
+        texts = _with_feature(texts, key, feature(element, key))
+      self._images[index] = decode_image(element, self._image_key, self._size)
+      self._texts[index] = texts
+      self._filled[index] = True
+    return _with_feature(self._texts[index], self._image_key, self._images[index])
+
+  def __getstate__(self):
+    return {**self.__dict__, "_images": None, "_filled": None, "_texts": None}
 
 
 class _Preprocess(grain.transforms.RandomMap):
@@ -201,6 +261,12 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
                                   decoders=decoders)
   if latents_dir:
     source = _WithLatents(source, latents_dir, split)
+  elif data_cfg.get("cache_decoded") and num_epochs != 1:
+    source = DecodedCache(source, data_cfg.image_key,
+                          (data_cfg.caption_key, data_cfg.get("i2t_caption_key")),
+                          data_cfg.image_size)
+    logging.info("input pipeline: split %s decoded in memory after its first read (%.0f MiB "
+                 "when full)", split, source.nbytes() / 2**20)
 
   if len(source) < process_count:
     raise UserError(f"split {split!r} has no examples for process {process_index} of "
@@ -245,7 +311,9 @@ def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_si
 
   Args:
     data_cfg: the `data` config section (image_key, caption_key, image_size, max_text_len,
-      num_workers, data_dir; optional i2t_caption_key, read_threads, prefetch_batches).
+      num_workers, data_dir; optional i2t_caption_key, read_threads, prefetch_batches, and
+      cache_decoded: keep each record decoded in memory after its first read, `DecodedCache`,
+      when the stream is longer than one epoch).
     tokenizer: the text tokenizer.
     split: TFDS split name.
     global_batch_size: examples per step over all processes; must divide by process_count.

@@ -3,6 +3,7 @@ shards, resize/crop, errors, worker processes."""
 import io
 import json
 import os
+import pickle
 import shutil
 
 import grain
@@ -178,7 +179,8 @@ def test_resize_center_crop_against_numpy():
   assert (out[..., 2] == 77).all()
 
 
-def test_pipeline_decodes_bytes_and_crops_non_square(data):
+@pytest.mark.parametrize("cache", [False, True])
+def test_pipeline_decodes_bytes_and_crops_non_square(data, cache):
   data_cfg, _, tok, _ = data
   s = data_cfg.image_size
   rng = np.random.default_rng(1)
@@ -190,6 +192,7 @@ def test_pipeline_decodes_bytes_and_crops_non_square(data):
             {"image": gray, "caption": b"a blue square"}]
   cfg = data_cfg.copy_and_resolve_references()
   cfg.i2t_caption_key = None  # Only captioned_shapes has a reference caption.
+  cfg.cache_decoded = cache
   batch = next(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=2, seed=0,
                                       process_index=0, process_count=1, shuffle=False,
                                       source=source))
@@ -202,9 +205,11 @@ def test_pipeline_decodes_bytes_and_crops_non_square(data):
                                 process_index=0, process_count=1, source=bad))
 
 
-def test_nested_multi_caption_feature(data):
+@pytest.mark.parametrize("cache", [False, True])
+def test_nested_multi_caption_feature(data, cache):
   """COCO-style examples: data.caption_key='captions/text' names a list of captions per image;
-  each epoch draws one of them from the seeded stream, the same for the same seed."""
+  each epoch draws one of them from the seeded stream, the same for the same seed (with the
+  decoded cache too: it keeps every caption, and the draw happens after it)."""
   data_cfg, _, tok, _ = data
   s = data_cfg.image_size
   caps = [b"a red circle", b"a blue square", b"a green triangle"]
@@ -213,6 +218,7 @@ def test_nested_multi_caption_feature(data):
   cfg = data_cfg.copy_and_resolve_references()
   cfg.caption_key = "captions/text"
   cfg.i2t_caption_key = None
+  cfg.cache_decoded = cache
 
   def drawn(seed):
     it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=1, seed=seed,
@@ -251,6 +257,59 @@ def test_i2t_caption_key_adds_the_reference_caption_ids(data):
   cfg.i2t_caption_key = "reference"
   with pytest.raises(UserError, match="i2t_caption_key='reference' is not a feature"):
     _make(data, data_cfg=cfg)
+
+
+class _CountingSource:
+  """A list of examples that counts how often each is read."""
+
+  def __init__(self, examples):
+    self.examples, self.reads = examples, np.zeros(len(examples), int)
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, index):
+    self.reads[index] += 1
+    return self.examples[index]
+
+
+def test_decoded_cache_reads_each_record_once_and_changes_no_batch(data, monkeypatch):
+  """data.cache_decoded: three epochs give the batches the plain pipeline gives, row for row
+  (images, caption draws, reference captions), and read each record from the source once."""
+  data_cfg, _, tok, examples = data
+  cfg = data_cfg.copy_and_resolve_references()
+  assert cfg.i2t_caption_key  # The cache must keep both caption features.
+  steps = 3 * len(examples) // 16
+
+  def batches(cache, source):
+    cfg.cache_decoded = cache
+    return _take(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=16, seed=3,
+                                        process_index=0, process_count=1, source=source), steps)
+
+  plain_source, cached_source = _CountingSource(examples), _CountingSource(examples)
+  plain = batches(False, plain_source)
+  _assert_same(batches(True, cached_source), plain)
+  assert plain_source.reads.min() >= 3  # Once per epoch (plus what the prefetch read ahead).
+  np.testing.assert_array_equal(cached_source.reads, 1)
+  # One ordered pass (evaluation) has nothing to gain: the records are read as they are.
+  cfg.cache_decoded = True
+  monkeypatch.setattr(pipeline, "DecodedCache", None)
+  pipeline.make_eval_iterator(cfg, tok, split="train", global_batch_size=16, process_index=0,
+                              process_count=1, source=examples)
+
+
+def test_decoded_cache_holds_only_what_training_reads_and_pickles_empty(data):
+  data_cfg, _, _, examples = data
+  s = data_cfg.image_size
+  cache = pipeline.DecodedCache(examples, "image", ("caption", "reference_caption", None), s)
+  assert len(cache) == len(examples) and cache.nbytes() == len(examples) * s * s * 3
+  got = cache[5]
+  assert set(got) == {"image", "caption", "reference_caption"}  # Not 'objects', 'relation'.
+  np.testing.assert_array_equal(got["image"], examples[5]["image"])
+  assert got["caption"] == examples[5]["caption"]
+  worker = pickle.loads(pickle.dumps(cache))
+  assert worker._images is None  # pylint: disable=protected-access
+  np.testing.assert_array_equal(worker[5]["image"], got["image"])
 
 
 def test_pick_caption():
