@@ -269,13 +269,8 @@ def get_config(arg=None):
   # ~25 % cheaper in the loop (dense_dot's gradient order, malloc on huge pages: "seventeenth
   # pass"), so the cap rose to 2.0: on a ~3e11 FLOP/s host (f capped), tokenizer x 3.5 (4025
   # steps), FlowTok x 1.7 (1530): 738 s, tokenizer 0.88, I2T test 0.61, against 672 s, 0.83,
-  # 0.59 at 1.8 before. The decoded-record cache (data.cache_decoded) then took the fresh-clone
-  # demo at 2.0 to 677 s, and the cap rose to 2.2: tokenizer x 4.0 (4600 steps), FlowTok x 1.84
-  # (1656). Seed 0: tokenizer 0.883 -> 0.918, I2T test 0.605 -> 0.777; seed 1: 0.824 -> 0.723,
-  # 0.516 -> 0.543 (I2T rose for both, compositional 0.22 -> 0.43 and 0.09 -> 0.23; the
-  # tokenizer's bar moves with the run either way), ~715-740 s from a fresh clone ("eighteenth
-  # pass"). A larger f would run into the budget guard on a slow day.
-  config.budget.max_step_scale = 2.2
+  # 0.59 at 1.8 before. A larger f would run into the budget guard on a slow day.
+  config.budget.max_step_scale = 2.0
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
   ev = config.eval = ml_collections.ConfigDict()
