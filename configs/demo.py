@@ -43,7 +43,7 @@ def get_config(arg=None):
   data.max_text_len = 16  # L: caption tokens after padding/truncation; must equal image tokens K.
   data.read_threads = 1  # Threads preparing batches per reading process (more contend for the GIL).
   data.prefetch_batches = 2  # Batches prepared ahead per reading process (bounds host memory).
-  # Keep each training record decoded in memory after its first read (240 MiB for the 20k
+  # Keep each training record decoded in memory after its first read (234 MiB for the 20k
   # images): the tokenizer reads the split 6.4 times, and a record's protobuf + PNG parse cost
   # 0.31 ms, ~11 ms of one core per batch of 32 (docs/benchmarks.md, "eighteenth pass").
   data.cache_decoded = True

@@ -122,7 +122,7 @@ class DecodedCache:
   memory, not the record files: parsing a record (protobuf + PNG) cost 0.31 ms, so an epoch
   re-read ~11 ms of one core per batch of 32 that the training step could have had
   (docs/benchmarks.md, "eighteenth pass"). Holds N·S²·3 bytes per reading process (grain
-  workers each fill their own; 240 MiB for 20k images at 64 px): for datasets that fit in RAM.
+  workers each fill their own; 234 MiB for 20k images at 64 px): for datasets that fit in RAM.
   Pickles without its arrays, so a worker process starts empty.
   """
 
