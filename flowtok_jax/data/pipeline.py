@@ -129,7 +129,7 @@ class DecodedCache:
   def __init__(self, source: Sequence, image_key: str, text_keys: Sequence[str], size: int):
     self._source, self._image_key, self._size = source, image_key, size
     self._text_keys = tuple(k for k in dict.fromkeys(text_keys) if k)
-    self._images = self._filled = self._texts = None
+    self._images = self._texts = None  # Record i is cached once _texts[i] is not None.
 
   def __len__(self) -> int:
     return len(self._source)
@@ -142,21 +142,19 @@ class DecodedCache:
     if self._images is None:  # np.empty: pages are committed only as records fill them.
       n = len(self._source)
       self._images = np.empty((n, self._size, self._size, 3), np.uint8)
-      self._filled = np.zeros(n, bool)
       self._texts = [None] * n
     index = int(index)
-    if not self._filled[index]:
+    if self._texts[index] is None:
       element = self._source[index]
       texts = {}
       for key in self._text_keys:
         texts = _with_feature(texts, key, feature(element, key))
       self._images[index] = decode_image(element, self._image_key, self._size)
-      self._texts[index] = texts
-      self._filled[index] = True
+      self._texts[index] = texts  # Last: a failed decode leaves the record uncached.
     return _with_feature(self._texts[index], self._image_key, self._images[index])
 
   def __getstate__(self):
-    return {**self.__dict__, "_images": None, "_filled": None, "_texts": None}
+    return {**self.__dict__, "_images": None, "_texts": None}
 
 
 class _Preprocess(grain.transforms.RandomMap):
