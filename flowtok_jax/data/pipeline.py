@@ -20,6 +20,7 @@ processes split whole batches between them: the batch sequence is the same for a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -217,6 +218,11 @@ class _BlockShard(grain.MapDataset):
     return f"_BlockShard[{self._index}/{self._count}, {self._rows} rows]"
 
 
+def _physical_memory() -> int:
+  """This host's RAM in bytes."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _ensure_absl_flags_parsed():
   # grain's worker start-up reads absl flags; outside absl.app.run nobody has parsed them.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -263,6 +269,10 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
     source = DecodedCache(source, data_cfg.image_key,
                           (data_cfg.caption_key, data_cfg.get("i2t_caption_key")),
                           data_cfg.image_size)
+    if source.nbytes() > _physical_memory() // 2:  # Fail now, not with an OOM kill mid-epoch.
+      raise UserError(f"data.cache_decoded: split {split!r} would take "
+                      f"{source.nbytes() / 2**30:.1f} GiB decoded, over half of this host's "
+                      f"{_physical_memory() / 2**30:.1f} GiB; set data.cache_decoded=False")
     logging.info("input pipeline: split %s decoded in memory after its first read (%.0f MiB "
                  "when full)", split, source.nbytes() / 2**20)
 
