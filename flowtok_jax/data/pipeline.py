@@ -269,9 +269,11 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
     source = DecodedCache(source, data_cfg.image_key,
                           (data_cfg.caption_key, data_cfg.get("i2t_caption_key")),
                           data_cfg.image_size)
-    if source.nbytes() > _physical_memory() // 2:  # Fail now, not with an OOM kill mid-epoch.
+    copies = max(1, data_cfg.get("num_workers") or 0)  # Each worker process fills its own.
+    if source.nbytes() * copies > _physical_memory() // 2:  # Now, not an OOM kill mid-epoch.
       raise UserError(f"data.cache_decoded: split {split!r} would take "
-                      f"{source.nbytes() / 2**30:.1f} GiB decoded, over half of this host's "
+                      f"{source.nbytes() * copies / 2**30:.1f} GiB decoded ({copies} "
+                      f"cop{'y' if copies == 1 else 'ies'}), over half of this host's "
                       f"{_physical_memory() / 2**30:.1f} GiB; set data.cache_decoded=False")
     logging.info("input pipeline: split %s decoded in memory after its first read (%.0f MiB "
                  "when full)", split, source.nbytes() / 2**20)
