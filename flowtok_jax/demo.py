@@ -392,8 +392,11 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     factor = 1.0 + weight * (scale - 1.0)
     updates = {"total_steps": max(1, round(total * factor))}
     for key in ("ckpt_every_steps", "eval_every_steps"):
-      if train.get(key):
-        updates[key] = max(1, round(train[key] * updates["total_steps"] / total))
+      if train.get(key):  # As many saves / evaluations as before: a period rounded down could
+        # add one a step before the final one (tokenizer 1150 -> 4025 steps: 575 -> 2012 saved
+        # at 2012, 4024 and 4025).
+        count = max(1, total // int(train[key]))
+        updates[key] = -(-updates["total_steps"] // count)
     with config.unlocked():
       config.stages[stage].train.update(updates)  # _check_scaling: the section exists.
     logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,

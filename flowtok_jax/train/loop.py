@@ -439,17 +439,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if progress is not None:
               progress.set_postfix(loss=f"{row['train/loss']:.4g}", refresh=False)
 
+          due = [ev for ev in stage.evaluators if not interrupted and metrics_lib.itstime(
+              step, ev.every_steps, total_steps, last=bool(ev.every_steps))]
+          save = bool(stop) or metrics_lib.itstime(step, tcfg.ckpt_every_steps, total_steps)
+          if (due or save) and not row:
+            # Steps still queued on the device are training time: finish them before the
+            # pause, which would otherwise count them as evaluation or checkpoint time.
+            jax.block_until_ready(state)
           with throughput.pause():
-            for ev in stage.evaluators:
-              if not interrupted and metrics_lib.itstime(step, ev.every_steps, total_steps,
-                                                         last=bool(ev.every_steps)):
-                scalars = _run_evaluator(ev, state, frozen, step, writer)
-                result.last_eval.update(scalars)
-                row.update(scalars)
+            for ev in due:
+              scalars = _run_evaluator(ev, state, frozen, step, writer)
+              result.last_eval.update(scalars)
+              row.update(scalars)
             if row:
               writer.write_scalars(step, row)
 
-            if stop or metrics_lib.itstime(step, tcfg.ckpt_every_steps, total_steps):
+            if save:
               # Never replace the last good checkpoint by a diverged state: the loss is of the
               # parameters before this step's update, so the norms of what is saved count too.
               metrics_lib.check_finite({k: float(v) for k, v in step_metrics.items()
