@@ -289,6 +289,13 @@ def _models_of(config) -> dict:
   return json.loads(json.dumps(out, sort_keys=True, default=str))  # Tuples as lists.
 
 
+def _without_none(node):
+  """A `_models_of` entry with its None-valued keys left out, at every depth."""
+  if isinstance(node, dict):
+    return {k: _without_none(v) for k, v in node.items() if v is not None}
+  return node
+
+
 def same_models(config, workdir: str):
   """Refuses a re-run whose models or data differ from the ones W's stages were made with (e.g.
   `configs/demo.py` on a workdir of `configs/demo.py:runlocal`), before any work."""
@@ -302,9 +309,10 @@ def same_models(config, workdir: str):
     raise UserError(f"{path} is unreadable ({e}); remove it to run on") from None
   now = _models_of(config)
   for key in MODEL_KEYS:
-    if before.get(key) != now.get(key):
-      was, new = before.get(key), now.get(key)
-      if isinstance(was, dict) and isinstance(new, dict):
+    # A key added to the config since W was made, at None (its default: off), is W's model.
+    was, new = _without_none(before.get(key)), _without_none(now.get(key))
+    if was != new:
+      while isinstance(was, dict) and isinstance(new, dict):
         sub = next(k for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k))
         key, was, new = f"{key}.{sub}", was.get(sub), new.get(sub)
       raise UserError(f"{workdir} was made with {key} = {was!r}, this config has {new!r} (another "

@@ -346,6 +346,21 @@ def test_a_rerun_with_other_models_is_refused_before_any_work(demo_run, tmp_path
                      match=r"data.shapes.num_compositional = 64, this config has 1000"):
     demo.run_demo(str(w), demo.DEFAULT_CONFIG, [])
   assert {p.name: p.read_bytes() for p in w.iterdir()} == before
+  # A key the config has gained since W was made is W's model at None (off), not when set.
+  config = demo.demo_config(str(w), demo.DEFAULT_CONFIG + ":runlocal", [])
+  with open(w / demo.MODELS_FILE) as f:
+    recorded = json.load(f)
+  del recorded["tokenizer"]["latent_scale"], recorded["data.shapes"]["num_val"]
+  with open(w / demo.MODELS_FILE, "w") as f:
+    json.dump(recorded, f)
+  config.tokenizer.latent_scale, config.data.shapes.num_val = None, None
+  demo.same_models(config, str(w))
+  config.tokenizer.latent_scale = 0.5
+  with pytest.raises(demo.UserError, match=r"tokenizer.latent_scale = None, this config has 0.5"):
+    demo.same_models(config, str(w))
+  config.tokenizer.latent_scale, config.data.shapes.num_val = None, 64
+  with pytest.raises(demo.UserError, match=r"data.shapes.num_val = None, this config has 64"):
+    demo.same_models(config, str(w))
   # A stage's run or a bundle is not a demo's workdir.
   for inner in ("clip", "bundle"):
     with pytest.raises(demo.UserError, match="is a training stage's run|is a bundle"):
