@@ -131,6 +131,7 @@ def get_config(arg=None):
   # position and the tokenizer learned ~3x slower: 0.04 vs 0.35 parser acceptance of val
   # reconstructions at 500 steps (docs/benchmarks.md, "Demo").
   tok.patch_pos_embed = True
+  tok.pixel_head_hidden = None  # GELU layer of this width before the pixel head (None: linear).
 
   disc = config.discriminator = ml_collections.ConfigDict()  # PatchGAN (optional GAN loss).
   disc.channels = 32  # Stem width; stages use up to 4x this.

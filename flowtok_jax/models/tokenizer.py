@@ -14,6 +14,8 @@ Parameter tree (W width, p patch, g = image/p, K tokens, C channels, D text widt
   decoder/ln_pre, decoder/blocks_{i}/..., decoder/ln_post
   decoder/pixel_head/{kernel [W, p·p·3], bias}   (1×1 conv weight[:, :, 0, 0].T; output index
     (p1·p + p2)·3 + c, the order of the reference 'b (p1 p2 c) h w' rearrange)
+  decoder/pixel_mlp/{kernel [W, H], bias}   (only with pixel_head_hidden H, not in the reference:
+    pixel_head then reads its GELU output, kernel [H, p·p·3])
   decoder/conv_out/{kernel [3, 3, 3, 3], bias [3]}   (torch weight.permute(2, 3, 1, 0), NHWC)
 """
 from __future__ import annotations
@@ -56,6 +58,9 @@ class TokenizerConfig:
   # only, attention values carry no position: a shallow tower must route position through
   # attention to the (unrotated) latent tokens, which the 2+2-layer demo tokenizer learns slowly.
   patch_pos_embed: bool = False
+  # Hidden width of a GELU layer before the decoder's pixel head (None: the linear head of
+  # FlowTiTok). The linear head's patches span at most `dec_width` of their p·p·3 values.
+  pixel_head_hidden: Optional[int] = None
   dtype: str = "float32"
 
   @property
@@ -91,7 +96,8 @@ class TokenizerConfig:
                text_aware=bool(section.text_aware), text_width=section.text_width,
                text_len=section.text_len, logvar_min=section.logvar_min,
                logvar_max=section.logvar_max, mlp_ratio=float(section.get("mlp_ratio", 4.0)),
-               patch_pos_embed=bool(section.get("patch_pos_embed", False)), dtype=dtype)
+               patch_pos_embed=bool(section.get("patch_pos_embed", False)),
+               pixel_head_hidden=section.get("pixel_head_hidden"), dtype=dtype)
 
 
 def pixel_shuffle(x: jax.Array, grid: int, patch: int) -> jax.Array:
@@ -185,7 +191,12 @@ class FlowTiTokDecoder(nn.Module):
       x = layers.PreLNBlock(cfg.dec_heads, cfg.mlp_ratio, mlp="swiglu", dtype=dt,
                             kernel_init=init, name=f"blocks_{i}")(x, rope=rope)
     x = layers.layer_norm("ln_post", dtype=dt)(x[:, : g * g])
-    x = layers.dense(p * p * 3, ("embed", None), name="pixel_head", dtype=dt,
+    head_in = "embed"
+    if cfg.pixel_head_hidden:
+      x = nn.gelu(layers.dense(cfg.pixel_head_hidden, ("embed", "mlp"), name="pixel_mlp",
+                               dtype=dt, kernel_init=init)(x), approximate=True)
+      head_in = "mlp"
+    x = layers.dense(p * p * 3, (head_in, None), name="pixel_head", dtype=dt,
                      kernel_init=init)(x)
     x = pixel_shuffle(x, g, p)
     x = nn.Conv(3, (3, 3), padding="SAME", dtype=dt, param_dtype=jnp.float32, name="conv_out",

@@ -183,3 +183,43 @@ def test_mlp_ratio_is_read_from_the_config_and_defaults_to_the_released_4():
   for side in ("encoder", "decoder"):
     assert shapes[side]["blocks_0"]["mlp"]["w12"]["kernel"].shape == (32, 2, hidden), side
     assert shapes[side]["blocks_0"]["mlp"]["w3"]["kernel"].shape == (hidden, 32), side
+
+
+def test_pixel_head_hidden_adds_a_gelu_layer_whose_patches_span_more_than_the_width():
+  """Off (None) by default: FlowTiTok's linear head, whose patches span at most W of their
+  p·p·3 values. Set, a GELU layer of that width comes before it, and they span more."""
+  assert tokenizer.TokenizerConfig.from_config(_section(), "float32").pixel_head_hidden is None
+  size, p, w, hidden = 64, 8, 32, 128  # 64 patches of 8 x 8 x 3 = 192 values from width 32.
+
+  def patches(**kw):
+    cfg = tokenizer.TokenizerConfig.from_config(
+        _section(image_size=size, patch_size=p, patch_pos_embed=True, **kw), "float32")
+    model = tokenizer.FlowTiTok(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                 sample=False))
+    dec = params["params"]["decoder"]
+    # Patches made to differ: large random position entries (the ViT's features then span the
+    # width), and the 3x3 conv an identity, so the head's patches are the output's.
+    g = size // p
+    dec["mask_pos"] = jax.random.normal(jax.random.key(1), (g * g, w)) * 10.0
+    kernel = np.zeros((3, 3, 3, 3), np.float32)
+    kernel[1, 1] = np.eye(3)
+    dec["conv_out"]["kernel"] = jnp.asarray(kernel)
+    dec["pixel_head"]["kernel"] = dec["pixel_head"]["kernel"] * 50.0
+    if "pixel_mlp" in dec:
+      dec["pixel_mlp"]["kernel"] = dec["pixel_mlp"]["kernel"] * 50.0  # GELU far from linear.
+    out = model.apply(params, jnp.zeros((1, K, C)), method=tokenizer.FlowTiTok.decode)
+    x = np.asarray(out).reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4)
+    return dec, x.reshape(g * g, p * p * 3)
+
+  def rank(x):  # Singular values of the centred patches above 1e-4 of the largest.
+    sv = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    return int(np.sum(sv > 1e-4 * sv[0]))
+
+  linear_params, linear = patches()
+  assert "pixel_mlp" not in linear_params
+  assert linear_params["pixel_head"]["kernel"].shape == (w, p * p * 3)
+  mlp_params, mlp = patches(pixel_head_hidden=hidden)
+  assert mlp_params["pixel_mlp"]["kernel"].shape == (w, hidden)
+  assert mlp_params["pixel_head"]["kernel"].shape == (hidden, p * p * 3)
+  assert rank(linear) <= w < rank(mlp), (rank(linear), rank(mlp))
