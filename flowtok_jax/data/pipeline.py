@@ -270,11 +270,11 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
                           (data_cfg.caption_key, data_cfg.get("i2t_caption_key")),
                           data_cfg.image_size)
     copies = max(1, data_cfg.get("num_workers") or 0)  # Each worker process fills its own.
-    if source.nbytes() * copies > _physical_memory() // 2:  # Now, not an OOM kill mid-epoch.
-      raise UserError(f"data.cache_decoded: split {split!r} would take "
-                      f"{source.nbytes() * copies / 2**30:.1f} GiB decoded ({copies} "
-                      f"cop{'y' if copies == 1 else 'ies'}), over half of this host's "
-                      f"{_physical_memory() / 2**30:.1f} GiB; set data.cache_decoded=False")
+    need, ram = source.nbytes() * copies, _physical_memory()
+    if need > ram // 2:  # Now, not an OOM kill mid-epoch.
+      raise UserError(f"data.cache_decoded: split {split!r} would take {need / 2**30:.1f} GiB "
+                      f"decoded ({copies} cop{'y' if copies == 1 else 'ies'}), over half of "
+                      f"this host's {ram / 2**30:.1f} GiB; set data.cache_decoded=False")
     logging.info("input pipeline: split %s decoded in memory after its first read (%.0f MiB "
                  "when full)", split, source.nbytes() / 2**20)
 

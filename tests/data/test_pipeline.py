@@ -303,17 +303,16 @@ def test_a_decoded_cache_larger_than_half_the_ram_is_a_user_error(data, monkeypa
   cfg = data_cfg.copy_and_resolve_references()
   cfg.cache_decoded = True
   s = cfg.image_size
+  iterator = lambda: pipeline.make_iterator(cfg, tok, split="train", global_batch_size=4, seed=0,
+                                            process_index=0, process_count=1, source=examples)
   monkeypatch.setattr(pipeline, "_physical_memory", lambda: 2 * len(examples) * s * s * 3 - 2)
   with pytest.raises(UserError, match="cache_decoded: split 'train' would take .* over half"):
-    pipeline.make_iterator(cfg, tok, split="train", global_batch_size=4, seed=0,
-                           process_index=0, process_count=1, source=examples)
+    iterator()
   monkeypatch.setattr(pipeline, "_physical_memory", lambda: 2 * len(examples) * s * s * 3)
-  next(pipeline.make_iterator(cfg, tok, split="train", global_batch_size=4, seed=0,
-                              process_index=0, process_count=1, source=examples))
+  next(iterator())
   cfg.num_workers = 2  # Each worker process fills its own copy.
   with pytest.raises(UserError, match=r"\(2 copies\), over half"):
-    pipeline.make_iterator(cfg, tok, split="train", global_batch_size=4, seed=0,
-                           process_index=0, process_count=1, source=examples)
+    iterator()
 
 
 def test_decoded_cache_holds_only_what_training_reads_and_pickles_empty(data):
