@@ -138,12 +138,34 @@ def contrastive_accuracy(a: jax.Array, b: jax.Array) -> jax.Array:
 
 # -- reconstruction and GAN ------------------------------------------------------------------------
 
-def reconstruction_loss(pred: jax.Array, target: jax.Array, kind: str = "l2") -> jax.Array:
-  """Mean squared ('l2') or absolute ('l1') error over every element. pred/target [B, ...]."""
+def reconstruction_loss(pred: jax.Array, target: jax.Array, kind: str = "l2",
+                        weights: jax.Array | None = None) -> jax.Array:
+  """Mean squared ('l2') or absolute ('l1') error over every element. pred/target [B, ...].
+
+  `weights` (broadcast against them, e.g. [B, H, W, 1]): the weighted mean instead.
+  """
   if kind not in RECON_KINDS:
     raise UserError(f"unknown reconstruction loss {kind!r} (choose from {', '.join(RECON_KINDS)})")
   diff = _f32(pred) - _f32(target)
-  return jnp.mean(jnp.square(diff)) if kind == "l2" else jnp.mean(jnp.abs(diff))
+  err = jnp.square(diff) if kind == "l2" else jnp.abs(diff)
+  if weights is None:
+    return jnp.mean(err)
+  w = jnp.broadcast_to(_f32(weights), err.shape)
+  return jnp.sum(w * err) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def object_weights(images: jax.Array, weight: float, dilate: int,
+                   threshold: float = 0.1) -> jax.Array:
+  """[B, H, W, 3] images in [0, 1] -> [B, H, W, 1] pixel weights: `weight` on and within `dilate`
+  pixels of a pixel brighter than `threshold` (an object on a dark background), 1 elsewhere.
+
+  The dilation reaches the background inside an object's box, where a disc and a square differ.
+  """
+  fg = (jnp.max(_f32(images), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+  if dilate > 0:
+    k = 2 * dilate + 1
+    fg = jax.lax.reduce_window(fg, 0.0, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), "SAME")
+  return 1.0 + (weight - 1.0) * jax.lax.stop_gradient(fg)
 
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:

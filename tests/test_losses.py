@@ -101,6 +101,26 @@ def test_reconstruction():
     losses.reconstruction_loss(p, t, "huber")
 
 
+def test_object_weights_cover_the_object_and_its_dilated_box():
+  images = np.zeros((1, 12, 12, 3), np.float32)
+  images[0, 4:7, 5:8, 1] = 0.8  # a 3 x 3 object
+  images[0, 0, 0, 2] = 0.05  # below the threshold: background
+  w = np.asarray(losses.object_weights(images, 4.0, 1))[0, :, :, 0]
+  expect = np.ones((12, 12), np.float32)
+  expect[3:8, 4:9] = 4.0  # the object grown by one pixel on every side
+  np.testing.assert_array_equal(w, expect)
+  np.testing.assert_array_equal(np.asarray(losses.object_weights(images, 4.0, 0))[0, :, :, 0]
+                                > 1, images[0].max(-1) > 0.1)
+  p = RNG.normal(size=images.shape).astype(np.float32)
+  weighted = losses.reconstruction_loss(p, images, "l2", losses.object_weights(images, 4.0, 1))
+  w3 = np.broadcast_to(w[None, :, :, None], images.shape)
+  np.testing.assert_allclose(weighted, (w3 * (p - images) ** 2).sum() / w3.sum(), rtol=1e-5)
+  # Weight 1: the plain mean.
+  np.testing.assert_allclose(
+      losses.reconstruction_loss(p, images, "l2", losses.object_weights(images, 1.0, 1)),
+      losses.reconstruction_loss(p, images), rtol=1e-6)
+
+
 def test_hinge_and_lecam():
   real = np.array([[2.0, 0.5], [-1.0, 1.0]])
   fake = np.array([[-2.0, 0.0], [0.5, -0.5]])

@@ -70,6 +70,10 @@ def stage_defaults() -> ml_collections.ConfigDict:
       # full σ (0: full from the start). The latents carry no signal through σ ~ 1 noise at
       # init, and some runs stayed on the all-black plateau for 1000+ steps.
       noise_warmup_steps=0,
+      # Reconstruction weight of pixels on or within object_dilate_px of an object (a pixel
+      # brighter than 0.1 on the dark background); 1: every pixel alike.
+      object_weight=1.0,
+      object_dilate_px=3,
       eval_num=256,  # Held-out images (data.eval_split) the reconstruction evaluator reads.
       disc_optim=optim.default_config(),  # Discriminator AdamW (same keys as config.optim).
   ))
@@ -285,6 +289,9 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   if int(sc.noise_warmup_steps) < 0:
     raise UserError("tokenizer_stage.noise_warmup_steps must be >= 0, got "
                     f"{sc.noise_warmup_steps}")
+  if not (sc.object_weight > 0 and sc.object_dilate_px >= 0):
+    raise UserError(f"tokenizer_stage.object_weight must be > 0 and object_dilate_px >= 0, got "
+                    f"{sc.object_weight} and {sc.object_dilate_px}")
   if not 0.0 <= sc.text_drop_prob <= 1.0:
     raise UserError(f"tokenizer_stage.text_drop_prob must be in [0, 1], got {sc.text_drop_prob}")
   dtype = _dtype(config)
@@ -332,7 +339,10 @@ def build_tokenizer(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       noise = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(sc.noise_warmup_steps))
     recon, mean, logvar = model.apply({"params": params}, images, feats, noise_scale=noise,
                                       rngs={"sample": rng})
-    rec = losses.reconstruction_loss(recon, images, sc.recon)
+    weights = None
+    if sc.object_weight != 1.0:
+      weights = losses.object_weights(images, float(sc.object_weight), int(sc.object_dilate_px))
+    rec = losses.reconstruction_loss(recon, images, sc.recon, weights)
     kl = losses.gaussian_kl(mean, logvar)
     total = rec + sc.kl_weight * kl
     mse = jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - images))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flowtok_jax import config_lib
+from flowtok_jax import losses
 from flowtok_jax import sharding
 from flowtok_jax.errors import UserError
 from flowtok_jax.train import flowtok_step, loop, optim, stage_api, stages
@@ -218,6 +219,28 @@ def test_tokenizer_noise_warmup_ramps_the_posterior_noise():
     assert float(recon(step, k1)) == pytest.approx(float(recon_plain(step, k1)), rel=1e-6)
   with pytest.raises(UserError, match="noise_warmup_steps"):
     build("tokenizer", tiny_config("tokenizer", tokenizer_stage=dict(noise_warmup_steps=-1)))
+
+
+def test_tokenizer_object_weight_reweights_the_reconstruction_loss():
+  """object_weight w: the recon loss is the object-weighted mean (1: the plain mean)."""
+  config = tiny_config("tokenizer", tokenizer_stage=dict(object_weight=3.0, object_dilate_px=1))
+  stage, plain = build("tokenizer", config), build("tokenizer", tiny_config("tokenizer"))
+  batch = fixed_batch(config.clip_text.vocab_size)
+  batch["image"][:, : S // 2] = 0.0  # a dark half: background
+  state, frozen = init_all(stage)
+  k = jax.random.PRNGKey(1)
+  aux = stage.loss_fn(state.params, frozen, batch, k, 100, None)[1]
+  recon = aux.outputs["recon"]
+  w = losses.object_weights(batch["image"], 3.0, 1)
+  np.testing.assert_allclose(aux.metrics["recon_loss"],
+                             losses.reconstruction_loss(recon, batch["image"], "l2", w), rtol=1e-5)
+  aux_plain = plain.loss_fn(state.params, frozen, batch, k, 100, None)[1]
+  np.testing.assert_allclose(aux_plain.metrics["recon_loss"],
+                             losses.reconstruction_loss(recon, batch["image"]), rtol=1e-5)
+  assert float(aux.metrics["recon_loss"]) != pytest.approx(float(aux_plain.metrics["recon_loss"]))
+  for bad in (dict(object_weight=0.0), dict(object_dilate_px=-1)):
+    with pytest.raises(UserError, match="object_weight must be > 0"):
+      build("tokenizer", tiny_config("tokenizer", tokenizer_stage=bad))
 
 
 # -- flowtok ---------------------------------------------------------------------------------------
