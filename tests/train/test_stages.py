@@ -224,7 +224,9 @@ def test_tokenizer_noise_warmup_ramps_the_posterior_noise():
 def test_tokenizer_object_weight_reweights_the_reconstruction_loss():
   """object_weight w: the recon loss is the object-weighted mean (1: the plain mean)."""
   config = tiny_config("tokenizer", tokenizer_stage=dict(object_weight=3.0, object_dilate_px=1))
-  stage, plain = build("tokenizer", config), build("tokenizer", tiny_config("tokenizer"))
+  # The demo's config (tiny_config's base) sets a weight of its own: 1 here for the plain loss.
+  plain = build("tokenizer", tiny_config("tokenizer", tokenizer_stage=dict(object_weight=1.0)))
+  stage = build("tokenizer", config)
   batch = fixed_batch(config.clip_text.vocab_size)
   batch["image"][:, : S // 2] = 0.0  # a dark half: background
   state, frozen = init_all(stage)
