@@ -165,7 +165,7 @@ def object_weights(images: jax.Array, weight: float, dilate: int,
   if dilate > 0:
     k = 2 * dilate + 1
     fg = jax.lax.reduce_window(fg, 0.0, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), "SAME")
-  return 1.0 + (weight - 1.0) * jax.lax.stop_gradient(fg)
+  return 1.0 + (weight - 1.0) * fg  # From the target images: no gradient flows here.
 
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
