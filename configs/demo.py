@@ -261,36 +261,32 @@ def get_config(arg=None):
   config.budget = ml_collections.ConfigDict()
   config.budget.total_sec = 900.0  # None: no budget.
   config.budget.after_training_sec = 130.0
-  # The steps below fit the budget on the slower host measured (matmul peak 108-121 GFLOP/s,
-  # AVX2); a faster host trains more (`flowtok demo` measures the peak once and records the
-  # host factor f = peak / reference_flops, clipped to [1, max_step_scale], in metrics.json as
-  # budget/step_scale): stage s trains 1 + w_s (f - 1) times its steps, w_s from scaled_stages.
-  # On a 209-219 GFLOP/s host (AVX-512; f ~1.8) the demo took 376 s at f = 1 ("ninth pass").
-  # Both stages x 1.78: 606 s, tokenizer parser 0.32 -> 0.48, I2T test 0.40 -> 0.49 (val 0.47).
-  # Tokenizer x 2.4 (weight 1.8), FlowTok x 1.78: 678 s, parser 0.60, I2T test 0.47 (val
-  # 0.46): the tokenizer gains most per second; FlowTok x 1.5 with it lost I2T (val 0.39).
-  # I2T does not gain from FlowTok's extra steps (test 0.46-0.49 from x 1.5 to x 1.94; I2T alone,
-  # p_i2t 1, at x 1.67: 0.484, as two-way; "tenth pass"), so on a faster host the tokenizer
-  # takes most of the extra time: weights 2.5 / 0.7 (at f = 1.67: x 2.68 / x 1.47, ~25 s more
-  # than 1.8 / 1.0 there by the stages' step rates); at f = 1.81 the fresh clone's tokenizer
-  # reached parser 0.62 (1694 steps), I2T test 0.45 (val 0.46), in 813 s.
+  # The steps below fit the budget on the slower host measured (AVX2); a faster host trains
+  # more. `flowtok demo` times the tokenizer's train step once (budget.timed_stage; ~8 s with
+  # its compile) and records the host factor f = steps/s / reference_steps_per_sec, clipped to
+  # [1, max_step_scale], in metrics.json as budget/step_scale: stage s trains 1 + w_s (f - 1)
+  # times its steps, w_s from scaled_stages. With these weights a stage's time grows with f but
+  # levels off (the tokenizer's at 2.5 x 1150 steps at the reference rate), so a fast host
+  # cannot run the plan past the budget.
+  # The weights: the tokenizer gains most per second (at f ~1.8: both stages x 1.78 gave parser
+  # 0.48, I2T test 0.49; tokenizer x 2.4, FlowTok x 1.78 gave 0.60, 0.47), and I2T gained
+  # little from FlowTok's extra steps (test 0.46-0.49 from x 1.5 to x 1.94; "tenth pass").
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True
   config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=0.7))
-  config.budget.reference_flops = 1.2e11  # Peak (FLOP/s) at which the steps are as written.
-  # Cap on f: at f = 1.81 (tokenizer x 3.0, 1694 steps; FlowTok x 1.57, 1410) the fresh-clone
-  # demo took 813 s on the 217 GFLOP/s host (`time make demo`: 13 min 36 s); at f = 1.8, twenty
-  # minutes later, 710 s (tokenizer 0.67, I2T test 0.52; "tenth pass"). The steps then got
-  # ~25 % cheaper in the loop (dense_dot's gradient order, malloc on huge pages: "seventeenth
-  # pass"), so the cap rose to 2.0: on a ~3e11 FLOP/s host (f capped), tokenizer x 3.5 (4025
-  # steps), FlowTok x 1.7 (1530): 738 s, tokenizer 0.88, I2T test 0.61, against 672 s, 0.83,
-  # 0.59 at 1.8 before. The decoded-record cache (data.cache_decoded) then took the fresh-clone
-  # demo to 677 s, and a cap of 2.2 (tokenizer 4600 steps, FlowTok 1656; ~40 s more) was tried
-  # at three seeds against 2.0: tokenizer 0.883 / 0.824 / 0.746 -> 0.918 / 0.723 / 0.652, I2T
-  # test 0.605 / 0.516 / 0.570 -> 0.777 / 0.543 / 0.445. No better over the seeds, so those
-  # seconds stay as margin to the budget guard ("eighteenth pass").
-  config.budget.max_step_scale = 2.0
+  config.budget.timed_stage = "tokenizer"  # The stage whose train step sets f.
+  # Until the twenty-first pass f was the host's matmul peak / 1.2e11 FLOP/s, capped at 2.0. On
+  # the Xeon host measured most (AVX-512; the tokenizer at ~12 steps/s in its loop, 4025 steps
+  # in 336 s) the peak read 2.3-3.7e11, so the cap always bound there; on an EPYC host whose
+  # peak read 4.55e11 the same 4025 steps took 240 s (17.5 steps/s), and the demo 438 s of its
+  # 900. The reference keeps the Xeon's plan (f = 2.0: its step, timed, would run ~15 steps/s,
+  # by the two hosts' stage times) and the EPYC's timed 21.3 steps/s gives f = 2.8.
+  config.budget.reference_steps_per_sec = 7.6
+  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 2.4, 2160) runs ~370 + 160 s of
+  # training on a host at exactly the cap. On the EPYC host, 7000 tokenizer steps read parser
+  # 0.949 against 0.930 at 4025, and I2T test 0.555 against 0.527 (one seed; "twenty-first pass").
+  config.budget.max_step_scale = 3.0
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
   ev = config.eval = ml_collections.ConfigDict()

@@ -185,6 +185,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   from flowtok_jax.data import builders  # pylint: disable=g-import-not-at-top
   from flowtok_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   started = time.time()
   workdir = paths.writable_dir(workdir, "--workdir")
@@ -199,6 +200,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   same_models(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   _record_models(config, workdir)
+  # Before the process's first compile (the peak's matmul, the step timed for the plan), so that
+  # re-runs load every compiled train step.
+  loop.use_compilation_cache(config.train)
   host_peak(config, workdir)
   scale_steps(config, workdir, overrides)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
@@ -360,12 +364,13 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   """Scales the step counts of `budget.scaled_stages` to this host's speed (in place).
 
   The recipe's steps fit the budget on the slowest host measured. The host factor is
-  f = peak / `budget.reference_flops`, clipped to [1, `budget.max_step_scale`]: a host whose
-  matmul peak is the reference or less trains the steps as written; on a faster one, stage s
-  trains 1 + w_s·(f − 1) times its steps, w_s = `budget.scaled_stages[s]` (the tokenizer gains
-  most per second, so it gets the larger share). Checkpoint and evaluation periods scale with
-  the run, so a stage still checkpoints and evaluates as often. f is measured once and recorded
-  in W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
+  f = r / `budget.reference_steps_per_sec`, clipped to [1, `budget.max_step_scale`], where r is
+  the train-step rate of `budget.timed_stage` on this host (`step_rate`): a host whose rate is
+  the reference or less trains the steps as written; on a faster one, stage s trains
+  1 + w_s·(f − 1) times its steps, w_s = `budget.scaled_stages[s]` (the tokenizer gains most per
+  second, so it gets the larger share). Checkpoint and evaluation periods scale with the run, so
+  a stage still checkpoints and evaluates as often. f is measured once and recorded in
+  W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
   `total_steps` the user set on the command line trains exactly that many steps.
 
   Args:
@@ -386,12 +391,13 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     return 1.0
   recorded = _read_metrics(workdir).get("budget/step_scale")
   if recorded is None:
-    peak = host_peak(config, workdir)
+    rate = step_rate(config, workdir)
     scale = round(min(float(section.max_step_scale),
-                      max(1.0, peak / float(section.reference_flops))), 2)
+                      max(1.0, rate / float(section.reference_steps_per_sec))), 2)
     _merge_metrics(workdir, {"budget/step_scale": scale})
-    logging.info("host matmul peak %.3g FLOP/s (budget.reference_flops %.3g): factor %.2f",
-                 peak, section.reference_flops, scale)
+    logging.info("%s train step: %.1f steps/s on this host (budget.reference_steps_per_sec "
+                 "%.3g): factor %.2f", section.timed_stage, rate,
+                 section.reference_steps_per_sec, scale)
   else:
     scale = float(recorded)
   for stage, weight in weights.items():
@@ -410,6 +416,24 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
                  updates["total_steps"], factor)
   return scale
+
+
+def step_rate(config, workdir: str) -> float:
+  """Train steps per second of `budget.timed_stage` on this host, measured once per workdir
+  (`budget/steps_per_sec` in W/metrics.json).
+
+  The stage's real compiled step is timed on random weights and data (median of 40 steps after
+  5: ~2 s for the demo's tokenizer, plus a ~6 s compile; its learning-rate schedule is the one
+  before scaling, so the stage compiles its own). The plan used to follow the host's matmul
+  peak, which read 2.3-3.7e11 FLOP/s on one host whose training speed did not move; the step's
+  own rate is what the stages' time depends on (docs/benchmarks.md, "twenty-first pass").
+  """
+  from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  rate = _read_metrics(workdir).get("budget/steps_per_sec")
+  if not rate:
+    rate = 1.0 / bench.train_step_seconds(config, config.budget.timed_stage)
+    _merge_metrics(workdir, {"budget/steps_per_sec": rate})
+  return float(rate)
 
 
 def host_peak(config, workdir: str) -> float:
@@ -442,7 +466,8 @@ def _check_optimizers(config) -> None:
 
 
 def _check_scaling(config) -> None:
-  """`budget.scaled_stages` / `reference_flops` / `max_step_scale`, checked before any work."""
+  """`budget.scaled_stages` / `timed_stage` / `reference_steps_per_sec` / `max_step_scale`,
+  checked before any work."""
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
     return
@@ -457,10 +482,13 @@ def _check_scaling(config) -> None:
     if "train" not in ((config.get("stages") or {}).get(stage) or {}):
       raise UserError(f"budget.scaled_stages: {stage!r} has no config.stages.{stage}.train "
                       "section to scale")
-  ref, cap = section.get("reference_flops"), section.get("max_step_scale")
+  ref, cap = section.get("reference_steps_per_sec"), section.get("max_step_scale")
   if not ref or ref <= 0 or cap is None or cap < 1:
-    raise UserError(f"budget.scale_steps needs budget.reference_flops > 0 and "
+    raise UserError(f"budget.scale_steps needs budget.reference_steps_per_sec > 0 and "
                     f"budget.max_step_scale >= 1, got {ref} and {cap}")
+  timed = section.get("timed_stage")
+  if timed not in TRAIN_STAGES:
+    raise UserError(f"budget.timed_stage must be one of {TRAIN_STAGES}, got {timed!r}")
 
 
 def _i2t_steps_candidates(config) -> tuple[int, ...]:

@@ -117,6 +117,12 @@ def _fake_peak(monkeypatch, flops):
   monkeypatch.setattr(metrics_lib, "measure_peak_flops", lambda *a, **k: flops)
 
 
+def _fake_rate(monkeypatch, steps_per_sec):
+  """The timed train step (`demo.step_rate`) runs at `steps_per_sec` on this 'host'."""
+  from flowtok_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench, "train_step_seconds", lambda *a, **k: 1.0 / steps_per_sec)
+
+
 def _steps(config, stage):
   from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
   train = stage_api.config_for_stage(config, stage).train
@@ -126,9 +132,11 @@ def _steps(config, stage):
 def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   workdir = str(tmp_path)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
-  ref = config.budget.reference_flops
+  ref = config.budget.reference_steps_per_sec
   assert _steps(config, "tokenizer") == (20, 10, 10)
-  _fake_peak(monkeypatch, 1.5 * ref)
+  _fake_rate(monkeypatch, 1.5 * ref)
+  _fake_peak(monkeypatch, 3e11)
+  demo.host_peak(config, workdir)
   assert demo.scale_steps(config, workdir) == 1.5
   # Host factor 1.5: FlowTok (weight 0.7) trains 1 + 0.7 * 0.5 = 1.35 times its steps, the
   # tokenizer (weight 2.5) 1 + 2.5 * 0.5 = 2.25 times. Checkpoint and evaluation periods scale
@@ -136,29 +144,43 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 0.7}
   assert _steps(config, "tokenizer") == (45, 23, 23)  # Saved at 23 and 45, as at 10 and 20.
   assert _steps(config, "flowtok")[0] == 27 and _steps(config, "clip")[0] == 20
-  assert demo._read_metrics(workdir)["budget/step_scale"] == 1.5  # pylint: disable=protected-access
-  # The one measurement is every stage's MFU denominator (they do not measure again).
+  recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
+  assert recorded["budget/step_scale"] == 1.5
+  assert recorded["budget/steps_per_sec"] == pytest.approx(1.5 * ref)
+  # The one peak measurement is every stage's MFU denominator (they do not measure again).
   from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
-  assert stage_api.config_for_stage(config, "clip").train.peak_flops_per_device == 1.5 * ref
+  assert stage_api.config_for_stage(config, "clip").train.peak_flops_per_device == 3e11
   # A re-run keeps the recorded plan, whatever the host measures now.
-  _fake_peak(monkeypatch, 0.5 * ref)
+  _fake_rate(monkeypatch, 0.5 * ref)
+  _fake_peak(monkeypatch, 1e11)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 27
-  assert demo.host_peak(config, workdir) == 1.5 * ref  # The recorded peak, not a new one.
-  assert config.train.peak_flops_per_device == 1.5 * ref
+  assert demo.host_peak(config, workdir) == 3e11  # The recorded peak, not a new one.
+  assert config.train.peak_flops_per_device == 3e11
 
 
-@pytest.mark.parametrize("peak, overrides, scale, flowtok_steps", [
+def test_the_plan_times_the_real_train_step(tmp_path):
+  # Unfaked: the runlocal tokenizer's compiled step, timed on this host, sets f (recorded).
+  workdir = str(tmp_path)
+  config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
+  rate = demo.step_rate(config, workdir)
+  assert rate > 0 and demo._read_metrics(workdir)["budget/steps_per_sec"] == rate  # pylint: disable=protected-access
+  expected = round(min(config.budget.max_step_scale,
+                       max(1.0, rate / config.budget.reference_steps_per_sec)), 2)
+  assert demo.scale_steps(config, workdir) == expected
+
+
+@pytest.mark.parametrize("rate, overrides, scale, flowtok_steps", [
     (0.5, [], 1.0, 20),  # A slower host than the reference trains the steps as written...
-    (9.0, [], 2.0, 34),  # ...a much faster one at most max_step_scale: 1 + 0.7 * 1.0 times.
+    (9.0, [], 3.0, 48),  # ...a much faster one at most max_step_scale: 1 + 0.7 * 2.0 times.
     (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
     (1.5, ["budget.scale_steps=False"], 1.0, 20),
     (1.5, ["budget.scaled_stages.flowtok=2.0"], 1.5, 40),  # Its weight: 1 + 2 * 0.5.
 ])
-def test_step_scale_limits(monkeypatch, tmp_path, peak, overrides, scale, flowtok_steps):
+def test_step_scale_limits(monkeypatch, tmp_path, rate, overrides, scale, flowtok_steps):
   overrides = [*SCALED, *overrides]
   config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal", overrides)
-  _fake_peak(monkeypatch, peak * config.budget.reference_flops)
+  _fake_rate(monkeypatch, rate * config.budget.reference_steps_per_sec)
   assert demo.scale_steps(config, str(tmp_path), overrides) == scale
   assert _steps(config, "flowtok")[0] == flowtok_steps
 
@@ -166,12 +188,9 @@ def test_step_scale_limits(monkeypatch, tmp_path, peak, overrides, scale, flowto
 def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch, tmp_path):
   workdir = str(tmp_path / "w")
   shutil.copytree(demo_run[0], workdir)
-  # The copied run recorded this host's real peak (and a re-run would keep it): measure anew.
-  recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
-  del recorded["budget/peak_flops"]
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(recorded, f)
-  _fake_peak(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_flops)
+  # The copied run (scaling off) recorded no plan, so this one times the step: faked here.
+  assert "budget/steps_per_sec" not in demo._read_metrics(workdir)  # pylint: disable=protected-access
+  _fake_rate(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_steps_per_sec)
   # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 27.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
@@ -238,7 +257,8 @@ def test_budget_deadline():
     ("data.eval_split=test", "also reports"),
     ("data.eval_split=train", "never reads the training split"),
     ("budget.max_step_scale=0.5", "max_step_scale"),  # The step scaling (on: SCALED).
-    ("budget.reference_flops=0", "reference_flops"),
+    ("budget.reference_steps_per_sec=0", "reference_steps_per_sec"),
+    ("budget.timed_stage=export", "budget.timed_stage"),
     ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
     ("stages.flowtok.optim.name=sgd", "optim.name"),  # A later stage's optimizer.
     ("stages.tokenizer.optim.schedule=linear", "optim.schedule"),

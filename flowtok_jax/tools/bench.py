@@ -141,6 +141,46 @@ def _time_calls(call, repeats: int) -> list[float]:
   return times
 
 
+def _compile_train(config, stage: str | None, batch_size: int | None):
+  """(program, mesh, compiled step, lower seconds, compile seconds) of a stage's train step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
+  from flowtok_jax.tools import programs  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  prog = programs.train_program(config, mesh, stage_name=stage, batch_size=batch_size,
+                                process_count=jax.process_count())
+  t = time.perf_counter()
+  lowered = prog.lower()
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  return prog, mesh, compiled, lower_s, time.perf_counter() - t
+
+
+def _stepper(prog, compiled):
+  """A no-argument call that runs one train step on random weights and one random batch (the
+  state is donated, so each call feeds the next the state the last one returned)."""
+  state, frozen, batch = prog.make_args()
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], frozen, batch)
+    return holder["state"], metrics
+  return step
+
+
+def train_step_seconds(config, stage: str, *, steps: int = 40, warmup: int = 5) -> float:
+  """Median wall time (s) of `stage`'s compiled train step on this host, at the stage's batch
+  size, over `steps` steps after `warmup` (random weights and data: the speed does not depend on
+  them)."""
+  if steps < 1 or warmup < 0:
+    raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+  prog, _, compiled, _, _ = _compile_train(config, stage, None)
+  step = _stepper(prog, compiled)
+  _time_calls(step, warmup)
+  return statistics.median(_time_calls(step, steps))
+
+
 def bench_train(config, *, stage: str | None = None, batch_size: int | None = None,
                 steps: int = 5, warmup: int = 1) -> dict:
   """Compiles and times the train step on this host's devices with random weights and data.
@@ -159,27 +199,10 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
   Returns:
     A flat dict of timings, rates, FLOPs, MFU and memory (see the keys).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flowtok_jax import sharding  # pylint: disable=g-import-not-at-top
-  from flowtok_jax.tools import programs  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 0:
     raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
-  mesh = sharding.make_mesh(config.mesh)
-  prog = programs.train_program(config, mesh, stage_name=stage, batch_size=batch_size,
-                                process_count=jax.process_count())
-  t = time.perf_counter()
-  lowered = prog.lower()
-  lower_s = time.perf_counter() - t
-  t = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t
-  state, frozen, batch = prog.make_args()
-  holder = {"state": state}
-
-  def step():
-    holder["state"], metrics = compiled(holder["state"], frozen, batch)
-    return holder["state"], metrics
-
+  prog, mesh, compiled, lower_s, compile_s = _compile_train(config, stage, batch_size)
+  step = _stepper(prog, compiled)
   _time_calls(step, warmup)
   peak = _peak_flops_per_device()
   times = _time_calls(step, steps)

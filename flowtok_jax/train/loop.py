@@ -96,6 +96,17 @@ def make_init_fn(stage: stage_api.Stage, batch1: Mapping[str, np.ndarray]):
   return init
 
 
+def use_compilation_cache(tcfg) -> None:
+  """Turns on JAX's persistent compilation cache at `train.compilation_cache_dir` (if set).
+
+  Resumed and repeated runs then load the compiled train step instead of recompiling it (25 s
+  -> 3 s for the demo's CLIP step on 2 CPU cores). Must precede the process's first compile.
+  """
+  if tcfg.get("compilation_cache_dir"):
+    jax.config.update("jax_compilation_cache_dir",
+                      paths.local(tcfg.compilation_cache_dir, "train.compilation_cache_dir"))
+
+
 def make_train_step(stage: stage_api.Stage):
   """The pure `(state, frozen, batch) -> (state, metrics)` shared by every stage."""
   aux = stage.aux
@@ -300,11 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tcfg = config.train
   total_steps = config_lib.steps("total", tcfg)
   check_ema_decay(tcfg)
-  if tcfg.get("compilation_cache_dir"):
-    # Resumed and repeated runs then load the compiled train step instead of recompiling it
-    # (25 s -> 3 s for the demo's CLIP step on 2 CPU cores). Must precede the first compile.
-    jax.config.update("jax_compilation_cache_dir",
-                      paths.local(tcfg.compilation_cache_dir, "train.compilation_cache_dir"))
+  use_compilation_cache(tcfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding"))
   sharding.check_batch_size(tcfg.batch_size, mesh)
