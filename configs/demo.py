@@ -269,12 +269,15 @@ def get_config(arg=None):
   # levels off (the tokenizer's at 2.5 x 1150 steps at the reference rate), so a fast host
   # cannot run the plan past the budget.
   # The weights: the tokenizer gains most per second (at f ~1.8: both stages x 1.78 gave parser
-  # 0.48, I2T test 0.49; tokenizer x 2.4, FlowTok x 1.78 gave 0.60, 0.47), and I2T gained
-  # little from FlowTok's extra steps (test 0.46-0.49 from x 1.5 to x 1.94; "tenth pass").
+  # 0.48, I2T test 0.49; tokenizer x 2.4, FlowTok x 1.78 gave 0.60, 0.47; "tenth pass"). Once
+  # the tokens carry the shapes (parser ~0.93), I2T gains from FlowTok's steps: at f = 2.76,
+  # FlowTok's weight 0.7 -> 1.0 (2009 -> 2484 steps, ~45 s) took I2T test 0.645 / 0.758 ->
+  # 0.754 / 0.828 at seeds 0 / 1 (compositional 0.352 / 0.457 -> 0.445 / 0.547), and the
+  # tokenizer's extra steps alone (7000, FlowTok 1530) only 0.527 -> 0.555 ("twenty-first").
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True
-  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=0.7))
+  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=1.0))
   config.budget.timed_stage = "tokenizer"  # The stage whose train step sets f.
   # Until the twenty-first pass f was the host's matmul peak / 1.2e11 FLOP/s, capped at 2.0. On
   # the Xeon host measured most (AVX-512; the tokenizer at ~12 steps/s in its loop, 4025 steps
@@ -283,9 +286,12 @@ def get_config(arg=None):
   # 900. The reference keeps the Xeon's plan (f = 2.0: its step, timed, would run ~15 steps/s,
   # by the two hosts' stage times) and the EPYC's timed 21.3 steps/s gives f = 2.8.
   config.budget.reference_steps_per_sec = 7.6
-  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 2.4, 2160) runs ~370 + 160 s of
-  # training on a host at exactly the cap. On the EPYC host, 7000 tokenizer steps read parser
-  # 0.949 against 0.930 at 4025, and I2T test 0.555 against 0.527 (one seed; "twenty-first pass").
+  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 3.0, 2700) runs ~370 + 220 s of
+  # training on a host at exactly the cap. On the EPYC host at f = 2.76 the plan (6210 / 2484
+  # steps) took 739-805 s of stage time as the host's speed drifted (FlowTok 241-311 s for the
+  # same steps), inside the guard; against f = 2.0 there (4025 / 1530 steps, three seeds) the
+  # tokenizer's bar rose at every seed and I2T test by 0.12-0.25 with weight 0.7 ("twenty-first
+  # pass").
   config.budget.max_step_scale = 3.0
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
