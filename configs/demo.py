@@ -271,9 +271,10 @@ def get_config(arg=None):
   # The weights: the tokenizer gains most per second (at f ~1.8: both stages x 1.78 gave parser
   # 0.48, I2T test 0.49; tokenizer x 2.4, FlowTok x 1.78 gave 0.60, 0.47; "tenth pass"). Once
   # the tokens carry the shapes (parser ~0.93), I2T gains from FlowTok's steps: at f = 2.76,
-  # FlowTok's weight 0.7 -> 1.0 (2009 -> 2484 steps, ~45 s) took I2T test 0.645 / 0.758 ->
-  # 0.754 / 0.828 at seeds 0 / 1 (compositional 0.352 / 0.457 -> 0.445 / 0.547), and the
-  # tokenizer's extra steps alone (7000, FlowTok 1530) only 0.527 -> 0.555 ("twenty-first").
+  # FlowTok's weight 0.7 -> 1.0 (2009 -> 2484 steps, ~45 s) took I2T test 0.645 / 0.758 /
+  # 0.801 -> 0.754 / 0.828 / 0.824 at seeds 0-2 (compositional 0.35 / 0.46 / 0.27 -> 0.45 /
+  # 0.55 / 0.33); the tokenizer's extra steps alone (7000, FlowTok 1530) only 0.527 -> 0.555
+  # ("twenty-first pass").
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True

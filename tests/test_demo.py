@@ -164,7 +164,8 @@ def test_the_plan_times_the_real_train_step(tmp_path):
   workdir = str(tmp_path)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   rate = demo.step_rate(config, workdir)
-  assert rate > 0 and demo._read_metrics(workdir)["budget/steps_per_sec"] == rate  # pylint: disable=protected-access
+  recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
+  assert rate > 0 and recorded["budget/steps_per_sec"] == rate
   expected = round(min(config.budget.max_step_scale,
                        max(1.0, rate / config.budget.reference_steps_per_sec)), 2)
   assert demo.scale_steps(config, workdir) == expected
@@ -190,7 +191,8 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   workdir = str(tmp_path / "w")
   shutil.copytree(demo_run[0], workdir)
   # The copied run (scaling off) recorded no plan, so this one times the step: faked here.
-  assert "budget/steps_per_sec" not in demo._read_metrics(workdir)  # pylint: disable=protected-access
+  recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
+  assert "budget/steps_per_sec" not in recorded
   _fake_rate(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_steps_per_sec)
   # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 30.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
