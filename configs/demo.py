@@ -262,8 +262,8 @@ def get_config(arg=None):
   config.budget.total_sec = 900.0  # None: no budget.
   config.budget.after_training_sec = 130.0
   # The steps below fit the budget on the slower host measured (AVX2); a faster host trains
-  # more. `flowtok demo` times the tokenizer's train step once (budget.timed_stage; ~8 s with
-  # its compile) and records the host factor f = steps/s / reference_steps_per_sec, clipped to
+  # more. `flowtok demo` times the tokenizer's train step once (budget.timed_stage; 15-19 s
+  # with its compile) and records the host factor f = steps/s / reference_steps_per_sec, clipped to
   # [1, max_step_scale], in metrics.json as budget/step_scale: stage s trains 1 + w_s (f - 1)
   # times its steps, w_s from scaled_stages. With these weights a stage's time grows with f but
   # levels off (the tokenizer's at 2.5 x 1150 steps at the reference rate), so a fast host

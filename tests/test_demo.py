@@ -166,6 +166,7 @@ def test_the_plan_times_the_real_train_step(tmp_path):
   rate = demo.step_rate(config, workdir)
   recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
   assert rate > 0 and recorded["budget/steps_per_sec"] == rate
+  assert recorded["budget/step_timing_sec"] > 0
   expected = round(min(config.budget.max_step_scale,
                        max(1.0, rate / config.budget.reference_steps_per_sec)), 2)
   assert demo.scale_steps(config, workdir) == expected
