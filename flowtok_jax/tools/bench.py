@@ -157,6 +157,11 @@ def _compile_train(config, stage: str | None, batch_size: int | None):
   return prog, mesh, compiled, lower_s, time.perf_counter() - t
 
 
+def _check_counts(steps: int, warmup: int) -> None:
+  if steps < 1 or warmup < 0:
+    raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+
+
 def _stepper(prog, compiled):
   """A no-argument call that runs one train step on random weights and one random batch (the
   state is donated, so each call feeds the next the state the last one returned)."""
@@ -173,8 +178,7 @@ def train_step_seconds(config, stage: str, *, steps: int = 40, warmup: int = 5) 
   """Median wall time (s) of `stage`'s compiled train step on this host, at the stage's batch
   size, over `steps` steps after `warmup` (random weights and data: the speed does not depend on
   them)."""
-  if steps < 1 or warmup < 0:
-    raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+  _check_counts(steps, warmup)
   prog, _, compiled, _, _ = _compile_train(config, stage, None)
   step = _stepper(prog, compiled)
   _time_calls(step, warmup)
@@ -199,8 +203,7 @@ def bench_train(config, *, stage: str | None = None, batch_size: int | None = No
   Returns:
     A flat dict of timings, rates, FLOPs, MFU and memory (see the keys).
   """
-  if steps < 1 or warmup < 0:
-    raise UserError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+  _check_counts(steps, warmup)
   prog, mesh, compiled, lower_s, compile_s = _compile_train(config, stage, batch_size)
   step = _stepper(prog, compiled)
   _time_calls(step, warmup)

@@ -2,7 +2,11 @@
 import json
 import os
 
+import pytest
+
 from flowtok_jax import cli
+from flowtok_jax import config_lib
+from flowtok_jax.errors import UserError
 from flowtok_jax.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,3 +52,13 @@ def test_mesh_peak_counts_cpu_host_devices_once(monkeypatch):
   assert bench._mesh_peak(1e11, 8) == 1e11
   monkeypatch.setattr(jax, "devices", lambda: [Dev("tpu")])
   assert bench._mesh_peak(1e14, 8) == 8e14
+
+
+def test_step_counts_are_checked_before_any_compile():
+  """Both timers refuse no timed steps or a negative warm-up with one line, before compiling."""
+  config = config_lib.load(TOY_CONFIG)
+  for call in (lambda **kw: bench.train_step_seconds(config, "toy", **kw),
+               lambda **kw: bench.bench_train(config, **kw)):
+    for steps, warmup in ((0, 1), (3, -1)):
+      with pytest.raises(UserError, match="steps must be >= 1 and warmup >= 0"):
+        call(steps=steps, warmup=warmup)
