@@ -36,6 +36,7 @@ class FlowTokLossConfig:
   t_loc: float = 0.0
   t_scale: float = 1.0
   i2t_t_loc: Optional[float] = None
+  i2t_target_mean: bool = False
   latent_scale: float = 1.0
   num_shards: int = 1
   pad_id: int = 0
@@ -57,19 +58,23 @@ class FlowTokModels:
   image_encoder: tok_lib.FlowTiTokEncoder
 
 
-def flow_pair(z_text: jax.Array, z_image: jax.Array, d: jax.Array):
+def flow_pair(z_text: jax.Array, z_image: jax.Array, d: jax.Array,
+              text_target: Optional[jax.Array] = None):
   """Source and target of each example's flow.
 
   Args:
     z_text: [B, L, C] sampled text tokens.
     z_image: [B, K, C] scaled image tokens.
     d: [B] direction, 0/False = T2I, 1/True = I2T.
+    text_target: [B, L, C] what I2T flows to instead of z_text (`i2t_target_mean`: the text
+      posterior mean); None: z_text, as SPEC §3.
   Returns:
     (source, target) [B, K, C]: T2I goes z_T → z_I; I2T goes z_I → stop_gradient(z_T), so the
     text VAE is never pulled towards whatever the flow finds easy to predict.
   """
   m = d.astype(bool)[:, None, None]
-  return jnp.where(m, z_image, z_text), jnp.where(m, jax.lax.stop_gradient(z_text), z_image)
+  to_text = jax.lax.stop_gradient(z_text if text_target is None else text_target)
+  return jnp.where(m, z_image, z_text), jnp.where(m, to_text, z_image)
 
 
 def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -138,7 +143,7 @@ def flowtok_loss(models: FlowTokModels, lc: FlowTokLossConfig, params, frozen, b
   z_image = jax.lax.stop_gradient(z_image.astype(jnp.float32) * lc.latent_scale)
 
   # 3. Directions (drawn above), null roll (within each direction), one DiT forward.
-  source, target = flow_pair(z_text, z_image, d)
+  source, target = flow_pair(z_text, z_image, d, mean_t if lc.i2t_target_mean else None)
   target, null = fm.null_roll(k_null, target, p=lc.null_prob, num_shards=lc.num_shards,
                               groups=d if lc.two_way else None,
                               num_groups=2 if lc.two_way else 1)

@@ -93,6 +93,10 @@ def stage_defaults() -> ml_collections.ConfigDict:
       t_loc=0.0,
       t_scale=1.0,
       i2t_t_loc=None,  # t_loc of the I2T examples (None: t_loc).
+      # I2T examples flow to the text posterior mean instead of the sampled z_T (SPEC §3). The
+      # sample's σ ~ 1 noise is half the target's variance and cannot be predicted from the
+      # image: it only adds noise to the gradient of the image -> text map.
+      i2t_target_mean=False,
       eval_num=256,  # Held-out examples (data.eval_split) of the periodic evaluation.
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
       # Per-shard semantics of the reference (null roll, 'local' negatives, KL 'sum' per shard)
@@ -116,7 +120,11 @@ def _section(config, name: str) -> ml_collections.ConfigDict:
       if key not in out:
         raise UserError(f"config.{name}.{key} is not a known key "
                         f"(known: {', '.join(sorted(out))})")
-      out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      try:
+        out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      except TypeError:  # ml_collections keeps each default's type (ints widen to floats).
+        raise UserError(f"config.{name}.{key} must be a {type(out[key]).__name__} like its "
+                        f"default ({out[key]!r}), got {value!r}") from None
   return out
 
 
@@ -550,6 +558,9 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   if p_i2t > 0 and not fc.two_directions:
     raise UserError("flowtok_stage.p_i2t > 0 trains image-to-text too: set "
                     "flow.two_directions = True")
+  if sc.i2t_target_mean and p_i2t == 0:
+    raise UserError("flowtok_stage.i2t_target_mean changes the image-to-text examples, and "
+                    "p_i2t = 0 trains none: set p_i2t > 0 or leave it False")
   ct = text_lib.CLIPTextConfig.from_config(config.clip_text, dtype=dtype)
   tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
   _check_image_size(config, "tokenizer", tc.image_size)
@@ -587,7 +598,7 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
       align_weight=float(sc.align_weight), align_negatives=sc.align_negatives,
       dec_weight=float(sc.dec_weight), image_sample=bool(sc.image_sample), latent_scale=scale,
       t_loc=float(sc.t_loc), t_scale=float(sc.t_scale),
-      i2t_t_loc=i2t_t_loc,
+      i2t_t_loc=i2t_t_loc, i2t_target_mean=sc.i2t_target_mean,
       num_shards=_num_shards(ctx, sc), pad_id=ct.pad_id)
   if lc.kl_reduction not in losses.KL_REDUCTIONS:
     raise UserError(f"flowtok_stage.kl_reduction must be one of {losses.KL_REDUCTIONS}")

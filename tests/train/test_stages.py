@@ -364,6 +364,32 @@ def test_flow_pair_swaps_and_stops_gradient():
   np.testing.assert_array_equal(g, np.zeros_like(g))  # the I2T target carries no gradient
   g = jax.grad(lambda z: flowtok_step.flow_pair(z, z_i, d)[0].sum())(z_t)
   np.testing.assert_array_equal(g[:, 0, 0], [1.0, 0.0])
+  # i2t_target_mean: I2T flows to the given text target (no gradient), T2I is unchanged.
+  mean = z_t * 0.5
+  src2, tgt2 = flowtok_step.flow_pair(z_t, z_i, d, mean)
+  np.testing.assert_array_equal(src2, src)
+  np.testing.assert_array_equal(tgt2[0], z_i[0])
+  np.testing.assert_array_equal(tgt2[1], mean[1])
+  g = jax.grad(lambda m: flowtok_step.flow_pair(z_t, z_i, d, m)[1].sum())(mean)
+  np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
+def test_i2t_target_mean_changes_only_the_i2t_examples():
+  """Same key, same draws: the T2I examples' loss is identical, the I2T examples' is not, and it
+  no longer carries the text posterior's noise (with σ ~ 1 that noise dominates it here)."""
+  def metrics(target_mean):
+    stage = build("flowtok", flowtok_config(p_i2t=0.5, i2t_target_mean=target_mean))
+    state, frozen = init_all(stage)
+    fn = jax.jit(lambda b: stage.loss_fn(state.params, frozen, b, jax.random.PRNGKey(1),
+                                         jnp.int32(0), None)[1],
+                 compiler_options=FAST_COMPILE)
+    return jax.device_get(fn(fixed_batch(128)))
+
+  sample, mean = metrics(False), metrics(True)
+  assert 0 < sample["frac_i2t"] < 1 and sample["frac_i2t"] == mean["frac_i2t"]
+  for k in ("loss_t2i", "kl", "align", "dec_ce"):
+    np.testing.assert_allclose(mean[k], sample[k], rtol=1e-6, err_msg=k)
+  assert mean["loss_i2t"] < 0.8 * sample["loss_i2t"]
 
 
 def test_flowtok_section_and_model_checks():
@@ -385,6 +411,13 @@ def test_flowtok_section_and_model_checks():
       dict(config.flowtok_stage.to_dict(), i2t_t_loc="abc"))
   with pytest.raises(UserError, match="i2t_t_loc must be a number"):
     build("flowtok", config)
+  config = flowtok_config(p_i2t=0.5)
+  config.flowtok_stage = ml_collections.ConfigDict(
+      dict(config.flowtok_stage.to_dict(), i2t_target_mean="yes"))
+  with pytest.raises(UserError, match="flowtok_stage.i2t_target_mean must be a bool like its default"):
+    build("flowtok", config)
+  with pytest.raises(UserError, match="i2t_target_mean .* p_i2t = 0 trains none"):
+    build("flowtok", flowtok_config(p_i2t=0.0, i2t_target_mean=True))
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
