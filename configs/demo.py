@@ -249,6 +249,15 @@ def get_config(arg=None):
   # 0.1). Measured on the demo's own tokenizer, 360 steps: I2T exact 0.004 -> 0.047, parse rate
   # 0.41 -> 0.65, BLEU-4 0.20 -> 0.32 (docs/benchmarks.md, "Demo").
   config.flowtok_stage.i2t_t_loc = -3.0
+  # I2T examples flow to the text posterior mean, not to a sample z_T (SPEC §3 samples; T2I
+  # keeps its sampled source). At t ~ 0 the I2T velocity is a map from the image's tokens to the
+  # caption's, and the sample's σ ~ 1 noise, half of the target's variance, cannot be predicted
+  # from the image: it only made the gradient noisier. Paired by seed on the same three
+  # tokenizers (FlowTok stage alone, 2484 steps): I2T test 0.754 / 0.828 / 0.824 -> 0.848 /
+  # 0.848 / 0.840, val 0.766 / 0.848 / 0.863 -> 0.832 / 0.863 / 0.891, compositional 0.445 /
+  # 0.547 / 0.332 -> 0.613 / 0.578 / 0.359; I2T's flow loss 0.65 -> 0.25-0.34 of its target's
+  # variance (docs/benchmarks.md, "twenty-second pass").
+  config.flowtok_stage.i2t_target_mean = True
 
   # --- The demo's wall-clock budget (`flowtok demo` only; DESIGN §5: 15 minutes on 2 cores). ---
   # The last training stage (FlowTok) stops early, with a checkpoint, when training would run

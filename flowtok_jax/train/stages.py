@@ -95,7 +95,8 @@ def stage_defaults() -> ml_collections.ConfigDict:
       i2t_t_loc=None,  # t_loc of the I2T examples (None: t_loc).
       # I2T examples flow to the text posterior mean instead of the sampled z_T (SPEC §3). The
       # sample's σ ~ 1 noise is half the target's variance and cannot be predicted from the
-      # image: it only adds noise to the gradient of the image -> text map.
+      # image: it only adds noise to the gradient of the image -> text map. Like i2t_t_loc, it
+      # has nothing to change when p_i2t = 0.
       i2t_target_mean=False,
       eval_num=256,  # Held-out examples (data.eval_split) of the periodic evaluation.
       latent_scale_batches=4,  # Batches used to estimate tokenizer.latent_scale when None.
@@ -558,9 +559,6 @@ def build_flowtok(config, ctx: stage_api.StageContext) -> stage_api.Stage:
   if p_i2t > 0 and not fc.two_directions:
     raise UserError("flowtok_stage.p_i2t > 0 trains image-to-text too: set "
                     "flow.two_directions = True")
-  if sc.i2t_target_mean and p_i2t == 0:
-    raise UserError("flowtok_stage.i2t_target_mean changes the image-to-text examples, and "
-                    "p_i2t = 0 trains none: set p_i2t > 0 or leave it False")
   ct = text_lib.CLIPTextConfig.from_config(config.clip_text, dtype=dtype)
   tc = tok_lib.TokenizerConfig.from_config(config.tokenizer, dtype=dtype)
   _check_image_size(config, "tokenizer", tc.image_size)

@@ -259,7 +259,10 @@ def two_way_run():
   # With the reference KL weight the text tokens keep σ ≈ 1 noise and a random tokenizer's
   # posterior is mostly noise, so the flow's irreducible part dominates for hundreds of steps.
   # Both noises are removed here (kl_weight 0, posterior means) to check that the step learns.
-  config = flowtok_config(p_i2t=0.5, kl_weight=0.0, image_sample=False, dec_weight=1.0)
+  # The text VAE's posterior mean, which the demo's I2T examples flow to, grows as the decoder
+  # learns to read it, so its loss need not fall: SPEC's sampled target here.
+  config = flowtok_config(p_i2t=0.5, kl_weight=0.0, image_sample=False, dec_weight=1.0,
+                          i2t_target_mean=False)
   stage = build("flowtok", config)
   batch = fixed_batch(config.clip_text.vocab_size)
 
@@ -416,8 +419,6 @@ def test_flowtok_section_and_model_checks():
       dict(config.flowtok_stage.to_dict(), i2t_target_mean="yes"))
   with pytest.raises(UserError, match="flowtok_stage.i2t_target_mean must be a bool like its default"):
     build("flowtok", config)
-  with pytest.raises(UserError, match="i2t_target_mean .* p_i2t = 0 trains none"):
-    build("flowtok", flowtok_config(p_i2t=0.0, i2t_target_mean=True))
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
   assert stages._latent_scale(config, context(config), None, None,
