@@ -262,11 +262,12 @@ def get_config(arg=None):
   # --- The demo's wall-clock budget (`flowtok demo` only; DESIGN §5: 15 minutes on 2 cores). ---
   # The last training stage (FlowTok) stops early, with a checkpoint, when training would run
   # past total_sec - after_training_sec from the demo's start; the export and evaluation then
-  # use that checkpoint and metrics.json says so (flowtok/stopped_by_budget). The steps below
-  # fit with 1.4-3.2 minutes to spare in the fresh clones measured, so there it never stops
-  # anything and training is deterministic (given budget/step_scale, below); it guards a slower
-  # machine. after_training_sec: export + evaluation took 85-97 s (fresh clones,
-  # docs/benchmarks.md), plus start-up.
+  # use that checkpoint and metrics.json says so (flowtok/stopped_by_budget). At f <= ~2.2
+  # (below) the plans measured fit with minutes to spare, so there it stops nothing and training
+  # is deterministic (given budget/step_scale); on a host near the cap of f, FlowTok's plan is
+  # longer than the time left and the guard sets where it ends (FlowTok's learning rate is
+  # constant, so any step is a fine place to stop). after_training_sec: export + evaluation took
+  # 85-97 s (fresh clones on the slowest host, docs/benchmarks.md), plus start-up.
   config.budget = ml_collections.ConfigDict()
   config.budget.total_sec = 900.0  # None: no budget.
   config.budget.after_training_sec = 130.0
@@ -275,19 +276,23 @@ def get_config(arg=None):
   # with its compile) and records the host factor f = steps/s / reference_steps_per_sec, clipped to
   # [1, max_step_scale], in metrics.json as budget/step_scale: stage s trains 1 + w_s (f - 1)
   # times its steps, w_s from scaled_stages. With these weights a stage's time grows with f but
-  # levels off (the tokenizer's at 2.5 x 1150 steps at the reference rate), so a fast host
-  # cannot run the plan past the budget.
+  # levels off (the tokenizer's at 2.5 x 1150 steps at the reference rate, FlowTok's at 2 x 900),
+  # and the guard above ends FlowTok in time.
   # The weights: the tokenizer gains most per second (at f ~1.8: both stages x 1.78 gave parser
   # 0.48, I2T test 0.49; tokenizer x 2.4, FlowTok x 1.78 gave 0.60, 0.47; "tenth pass"). Once
   # the tokens carry the shapes (parser ~0.93), I2T gains from FlowTok's steps: at f = 2.76,
   # FlowTok's weight 0.7 -> 1.0 (2009 -> 2484 steps, ~45 s) took I2T test 0.645 / 0.758 /
   # 0.801 -> 0.754 / 0.828 / 0.824 at seeds 0-2 (compositional 0.35 / 0.46 / 0.27 -> 0.45 /
   # 0.55 / 0.33); the tokenizer's extra steps alone (7000, FlowTok 1530) only 0.527 -> 0.555
-  # ("twenty-first pass").
+  # ("twenty-first pass"). FlowTok 2.0: on the same tokenizer, 4068 steps against 2484 took
+  # I2T test 0.754 -> 0.863 and T2I 0.008 -> 0.035 ("twenty-second pass"). At f = 2.0 that is
+  # 2709 steps (~90 s more, inside the budget with ~3 min to spare); at f = 2.76 the guard ends
+  # FlowTok after ~3000. The tokenizer keeps 2.5: trading its steps for FlowTok's (2.0 / 2.0)
+  # lost more I2T than the steps gained (0.754 -> 0.727, same seed).
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True
-  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=1.0))
+  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=2.0))
   config.budget.timed_stage = "tokenizer"  # The stage whose train step sets f.
   # Until the twenty-first pass f was the host's matmul peak / 1.2e11 FLOP/s, capped at 2.0. On
   # the Xeon host measured most (AVX-512; the tokenizer at ~12 steps/s in its loop, 4025 steps
@@ -296,8 +301,8 @@ def get_config(arg=None):
   # 900. The reference keeps the Xeon's plan (f = 2.0: its step, timed, would run ~15 steps/s,
   # by the two hosts' stage times) and the EPYC's timed 21.3 steps/s gives f = 2.8.
   config.budget.reference_steps_per_sec = 7.6
-  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 3.0, 2700) runs ~370 + 220 s of
-  # training on a host at exactly the cap. On the EPYC host at f = 2.76 the plan (6210 / 2484
+  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 5.0, 4500, which the guard ends
+  # earlier on the hosts measured). On the EPYC host at f = 2.76 the plan (6210 / 2484
   # steps) took 739-805 s of stage time as the host's speed drifted (FlowTok 241-311 s for the
   # same steps), inside the guard; against f = 2.0 there (4025 / 1530 steps, three seeds) the
   # tokenizer's bar rose at every seed and I2T test by 0.12-0.25 with weight 0.7 ("twenty-first

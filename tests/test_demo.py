@@ -138,12 +138,12 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   _fake_peak(monkeypatch, 3e11)
   demo.host_peak(config, workdir)
   assert demo.scale_steps(config, workdir) == 1.5
-  # Host factor 1.5: FlowTok (weight 1.0) trains 1 + 1.0 * 0.5 = 1.5 times its steps, the
+  # Host factor 1.5: FlowTok (weight 2.0) trains 1 + 2.0 * 0.5 = 2 times its steps, the
   # tokenizer (weight 2.5) 1 + 2.5 * 0.5 = 2.25 times. Checkpoint and evaluation periods scale
   # with the run; CLIP (not in scaled_stages) does not.
-  assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 1.0}
+  assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 2.0}
   assert _steps(config, "tokenizer") == (45, 23, 23)  # Saved at 23 and 45, as at 10 and 20.
-  assert _steps(config, "flowtok")[0] == 30 and _steps(config, "clip")[0] == 20
+  assert _steps(config, "flowtok")[0] == 40 and _steps(config, "clip")[0] == 20
   recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
   assert recorded["budget/step_scale"] == 1.5
   assert recorded["budget/steps_per_sec"] == pytest.approx(1.5 * ref)
@@ -154,7 +154,7 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   _fake_rate(monkeypatch, 0.5 * ref)
   _fake_peak(monkeypatch, 1e11)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
-  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 30
+  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 40
   assert demo.host_peak(config, workdir) == 3e11  # The recorded peak, not a new one.
   assert config.train.peak_flops_per_device == 3e11
 
@@ -174,10 +174,10 @@ def test_the_plan_times_the_real_train_step(tmp_path):
 
 @pytest.mark.parametrize("rate, overrides, scale, flowtok_steps", [
     (0.5, [], 1.0, 20),  # A slower host than the reference trains the steps as written...
-    (9.0, [], 3.0, 60),  # ...a much faster one at most max_step_scale: 1 + 1.0 * 2.0 times.
+    (9.0, [], 3.0, 100),  # ...a much faster one at most max_step_scale: 1 + 2.0 * 2.0 times.
     (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
     (1.5, ["budget.scale_steps=False"], 1.0, 20),
-    (1.5, ["budget.scaled_stages.flowtok=2.0"], 1.5, 40),  # Its weight: 1 + 2 * 0.5.
+    (1.5, ["budget.scaled_stages.flowtok=1.0"], 1.5, 30),  # Its weight: 1 + 1 * 0.5.
     (1.5, ["budget.scaled_stages.flowtok=0.0"], 1.5, 20),  # Weight 0: as written.
 ])
 def test_step_scale_limits(monkeypatch, tmp_path, rate, overrides, scale, flowtok_steps):
@@ -195,10 +195,10 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
   assert "budget/steps_per_sec" not in recorded
   _fake_rate(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_steps_per_sec)
-  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 30.
+  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 40.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
-  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 30
+  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 40
   assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
 
 
