@@ -165,6 +165,17 @@ def check_sizes(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       raise UserError(f"config key {prefix}{key} must be at least 1, got {value}")
 
 
+def set_typed(section: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
+  """`section[key] = value`, where ml_collections keeps the type of the value already there (ints
+  widen to floats): another type is a UserError naming `config.<where>.<key>`, not a TypeError."""
+  try:
+    section[key] = value
+  except TypeError:
+    kind = type(section[key]).__name__
+    raise UserError(f"config.{where}.{key} must be of type {kind}, like the value it replaces "
+                    f"({section[key]!r}), got {value!r}") from None
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):
   """Applies `key.sub=value` strings; unknown keys and unreadable values are UserErrors."""
   for item in overrides:

@@ -155,3 +155,18 @@ def test_a_stage_override_may_name_any_shared_key_the_stage_does_not_set():
     config_lib.load("configs/demo.py", ["stages.flowtok.optim.shedule=cosine"])
   with pytest.raises(UserError, match="stages.flowtok.optim.warmup_steps"):
     config_lib.load("configs/demo.py", ["stages.flowtok.optim.warmup_steps=soon"])
+
+
+def test_a_config_file_value_of_the_wrong_type_is_one_line_naming_the_key():
+  """Values a config file sets (not cast like CLI overrides) meet ml_collections' type lock when
+  a stage's section is merged: a UserError naming the key, not a TypeError."""
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  config = config_lib.load("configs/demo.py:runlocal")
+  config.stages.flowtok.train = ml_collections.ConfigDict(
+      dict(config.stages.flowtok.train.to_dict(), total_steps="abc"))
+  with pytest.raises(UserError, match=r"config\.stages\.flowtok\.train\.total_steps must be of "
+                     r"type int, like the value it replaces \(20\), got 'abc'"):
+    stage_api.config_for_stage(config, "flowtok")
+  section = ml_collections.ConfigDict({"rate": 1.0})
+  config_lib.set_typed(section, "rate", 2, "x")  # ints widen to floats
+  assert section.rate == 2.0

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from flowtok_jax import config_lib
 from flowtok_jax.errors import UserError
 
 Params = Any  # A pytree of arrays (boxed with logical axes when returned by an init function).
@@ -295,4 +296,4 @@ def _merge(target: ml_collections.ConfigDict, values, where: str):
     if isinstance(target[key], ml_collections.ConfigDict):
       _merge(target[key], value, f"{where}.{key}")
     else:
-      target[key] = value
+      config_lib.set_typed(target, key, value, where)

@@ -121,11 +121,9 @@ def _section(config, name: str) -> ml_collections.ConfigDict:
       if key not in out:
         raise UserError(f"config.{name}.{key} is not a known key "
                         f"(known: {', '.join(sorted(out))})")
-      try:
-        out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-      except TypeError:  # ml_collections keeps each default's type (ints widen to floats).
-        raise UserError(f"config.{name}.{key} must be a {type(out[key]).__name__} like its "
-                        f"default ({out[key]!r}), got {value!r}") from None
+      config_lib.set_typed(
+          out, key, value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value,
+          name)
   return out
 
 

@@ -417,7 +417,7 @@ def test_flowtok_section_and_model_checks():
   config = flowtok_config(p_i2t=0.5)
   config.flowtok_stage = ml_collections.ConfigDict(
       dict(config.flowtok_stage.to_dict(), i2t_target_mean="yes"))
-  with pytest.raises(UserError, match="i2t_target_mean must be a bool like its default"):
+  with pytest.raises(UserError, match="i2t_target_mean must be of type bool, like the value"):
     build("flowtok", config)
   config = flowtok_config()
   config.tokenizer.latent_scale = None  # no tokenizer checkpoint -> 1.0 with a warning
