@@ -147,7 +147,8 @@ class Stopped(KeyboardInterrupt):
     self.exit_code = exit_code
 
 
-def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = None) -> dict:
+def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = None,
+                 fill: bool = False) -> dict:
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
   result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage,
                                    stop_at_time=stop_at_time)
@@ -155,7 +156,10 @@ def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = 
   if result.stopped_by and not budget:
     raise Stopped(f"{stage} stopped by {result.stopped_by} at step {result.step}",
                   result.exit_code)
-  if budget:
+  if budget and fill:
+    logging.info("%s trained until the budget's deadline: %d steps (budget.fill_last_stage)",
+                 stage, result.step)
+  elif budget:
     logging.warning("%s stopped at step %d by the demo's time budget (budget.total_sec): the "
                     "export and evaluation use that checkpoint; re-run to train on",
                     stage, result.step)
@@ -195,7 +199,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
   # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
   deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
-  _check_scaling(config)
+  _check_scaling(config, overrides)
   _check_optimizers(config)
   same_models(config, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -226,10 +230,18 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
             **(SKIPPED if done else {})}
   timer.run("text_tokenizer", text)
 
+  fill = filled_stage(config, overrides)
   for stage in TRAIN_STAGES:
     last = stage == TRAIN_STAGES[-1]
+    if stage == fill and _read_metrics(workdir).get(f"{stage}/stopped_by_budget") == 1.0:
+      # It trained until an earlier run's deadline: that is its plan, done (a run stopped by a
+      # signal records no such flag, and trains on).
+      logging.info("demo stage %s trained until the budget's deadline in an earlier run: kept",
+                   stage)
+      timer.run(stage, lambda: SKIPPED)
+      continue
     timer.run(stage, lambda stage=stage, last=last: _train_stage(
-        config, workdir, stage, stop_at_time=deadline if last else None))
+        config, workdir, stage, stop_at_time=deadline if last else None, fill=stage == fill))
 
   bundle = os.path.join(workdir, "bundle")
   flowtok_ckpt = os.path.join(workdir, "flowtok", "checkpoints")
@@ -400,10 +412,13 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
                  section.reference_steps_per_sec, scale)
   else:
     scale = float(recorded)
+  fill = filled_stage(config, overrides)
   for stage, weight in weights.items():
     train = stage_api.config_for_stage(config, stage).train
     total = int(train.total_steps)
-    factor = 1.0 + weight * (scale - 1.0)
+    # The filled stage plans the steps of the fastest host allowed (f = max_step_scale): the
+    # budget's deadline, not the plan, ends it on the hosts measured.
+    factor = 1.0 + weight * ((float(section.max_step_scale) if stage == fill else scale) - 1.0)
     updates = {"total_steps": max(1, round(total * factor))}
     for key in ("ckpt_every_steps", "eval_every_steps"):
       if train.get(key):  # As many saves / evaluations as before: a period rounded down could
@@ -413,9 +428,33 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
         updates[key] = -(-updates["total_steps"] // count)
     with config.unlocked():
       config.stages[stage].train.update(updates)  # _check_scaling: the section exists.
-    logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
-                 updates["total_steps"], factor)
+    if stage == fill:
+      logging.info("demo stage %s: trains until the budget's deadline, at most %d steps "
+                   "(budget.fill_last_stage)", stage, updates["total_steps"])
+    else:
+      logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
+                   updates["total_steps"], factor)
   return scale
+
+
+def filled_stage(config, overrides=()) -> str | None:
+  """The training stage that trains until the budget's deadline, or None.
+
+  With `budget.fill_last_stage` (and a budget, and step scaling on), the last training stage
+  (FlowTok) plans the steps of the fastest host allowed and the deadline guard ends it: the
+  time that earlier stages leave is its, whatever the host's speed. Its learning rate must not
+  depend on where it stops (`_check_scaling`). A stage whose `total_steps` the user set trains
+  exactly that many steps.
+  """
+  section = config.get("budget") or {}
+  stage = TRAIN_STAGES[-1]
+  if not (section.get("fill_last_stage") and section.get("scale_steps")
+          and section.get("total_sec") is not None
+          and stage in (section.get("scaled_stages") or {})):
+    return None
+  if any(o.split("=", 1)[0].strip() == f"stages.{stage}.train.total_steps" for o in overrides):
+    return None
+  return stage
 
 
 def step_rate(config, workdir: str) -> float:
@@ -469,9 +508,9 @@ def _check_optimizers(config) -> None:
     loop.check_ema_decay(stage_config.train)
 
 
-def _check_scaling(config) -> None:
-  """`budget.scaled_stages` / `timed_stage` / `reference_steps_per_sec` / `max_step_scale`,
-  checked before any work."""
+def _check_scaling(config, overrides=()) -> None:
+  """`budget.scaled_stages` / `timed_stage` / `reference_steps_per_sec` / `max_step_scale` /
+  `fill_last_stage`, checked before any work."""
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
     return
@@ -493,6 +532,13 @@ def _check_scaling(config) -> None:
   timed = section.get("timed_stage")
   if timed not in TRAIN_STAGES:
     raise UserError(f"budget.timed_stage must be one of {TRAIN_STAGES}, got {timed!r}")
+  fill = filled_stage(config, overrides)
+  if fill:
+    from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+    schedule = stage_api.config_for_stage(config, fill).optim.get("schedule", "constant")
+    if schedule != "constant":
+      raise UserError(f"budget.fill_last_stage: stages.{fill}'s learning-rate schedule must be "
+                      f"'constant' (the deadline, not total_steps, ends it), got {schedule!r}")
 
 
 def _i2t_steps_candidates(config) -> tuple[int, ...]:

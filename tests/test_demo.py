@@ -14,8 +14,9 @@ TINY = ["stages.clip.train.total_steps=2", "stages.tokenizer.train.total_steps=2
         "stages.flowtok.train.total_steps=2", "train.log_every_steps=1",
         "train.progress_bar=False", "eval.num=4", "eval.batch_size=4", "eval.frechet_steps=2",
         "eval.steps=2"]
-# The runlocal config trains its few steps on any host; the step-scaling tests turn it on.
-SCALED = ["budget.scale_steps=True"]
+# The runlocal config trains its few steps on any host; the step-scaling tests turn it on (and
+# FlowTok's filling of the budget off, but where they test it).
+SCALED = ["budget.scale_steps=True", "budget.fill_last_stage=False"]
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,46 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
   assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 40
   assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
+
+
+def test_the_last_stage_fills_the_budget(monkeypatch, tmp_path):
+  """budget.fill_last_stage: FlowTok plans the fastest host's steps, and the deadline ends it."""
+  fill = ["budget.scale_steps=True", "budget.fill_last_stage=True"]
+  config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal", fill)
+  _fake_rate(monkeypatch, 1.5 * config.budget.reference_steps_per_sec)
+  assert demo.filled_stage(config) == "flowtok"
+  assert demo.scale_steps(config, str(tmp_path), fill) == 1.5
+  # f = 1.5, but FlowTok plans f = max_step_scale (3.0): 1 + 2.0 * 2.0 = 5 times its 20 steps,
+  # saved as often as its plan says (every 50); the tokenizer keeps its own plan.
+  assert _steps(config, "flowtok")[:2] == (100, 50)
+  assert _steps(config, "tokenizer")[0] == 45
+  # Not without a deadline, nor when the user set FlowTok's steps.
+  for extra in (["budget.total_sec=None"], ["stages.flowtok.train.total_steps=7"]):
+    config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal", fill + extra)
+    assert demo.filled_stage(config, fill + extra) is None
+  # A stage the deadline ends must not have a schedule that waits for total_steps.
+  config = demo.demo_config(str(tmp_path), demo.DEFAULT_CONFIG + ":runlocal",
+                            fill + ["stages.flowtok.optim.schedule=cosine"])
+  with pytest.raises(demo.UserError, match="fill_last_stage.*'constant'"):
+    demo._check_scaling(config)  # pylint: disable=protected-access
+
+
+def test_a_filled_stage_stops_at_the_deadline_and_a_rerun_keeps_it(demo_run, monkeypatch,
+                                                                    tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  _fake_rate(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_steps_per_sec)
+  tiny = [*(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps")),
+          "budget.scale_steps=True", "budget.fill_last_stage=True"]
+  # A budget spent when FlowTok starts: it takes one step (from the copied run's 2) and stops.
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
+                          [*tiny, "budget.total_sec=1", "budget.after_training_sec=0.5"])
+  assert metrics["flowtok/final_step"] == 3 and metrics["flowtok/stopped_by_budget"] == 1.0
+  # A re-run with all the time in the world: FlowTok reached its deadline, so it is done.
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
+  assert metrics["flowtok/final_step"] == 3
+  with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
+    assert json.load(f)["source"]["step"] == 3
 
 
 def test_only_training_stages_scale():
