@@ -196,9 +196,9 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   _not_inside_a_run(workdir)
   config = demo_config(workdir, config_arg, overrides)
   candidates = _i2t_steps_candidates(config)
-  # The last training stage stops early (checkpointed) if the demo would otherwise overrun its
-  # wall-clock budget: on a machine fast enough it never does, and training is unchanged.
-  deadline = budget_deadline(config, started)  # Checked, like the candidates, before any work.
+  # The last training stage stops (checkpointed) where the demo would otherwise overrun its
+  # wall-clock budget. Checked, like the candidates, before any work; set once f is known.
+  budget_deadline(config, started)
   _check_scaling(config, overrides)
   _check_optimizers(config)
   same_models(config, workdir)
@@ -208,7 +208,10 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   # re-runs load every compiled train step.
   loop.use_compilation_cache(config.train)
   host_peak(config, workdir)
-  scale_steps(config, workdir, overrides)
+  deadline = budget_deadline(config, started, scale_steps(config, workdir, overrides))
+  if deadline is not None:
+    logging.info("demo: training ends by %.0f s from the start (budget.total_sec %g)",
+                 deadline - started, config.budget.total_sec)
   timer = _Timer(workdir, 6 + len(TRAIN_STAGES))
   data_cfg, data_dir = config.data, config.data.data_dir
 
@@ -355,21 +358,25 @@ def _not_inside_a_run(workdir: str):
     raise UserError(f"--workdir {workdir} is a bundle; give the demo's own directory")
 
 
-def budget_deadline(config, started: float) -> float | None:
+def budget_deadline(config, started: float, scale: float = 1.0) -> float | None:
   """The `time.time()` by which training must stop for the demo to end within its budget.
 
-  `config.budget.total_sec` (None: no budget) less `budget.after_training_sec`, the export,
-  evaluation and report that follow training, counted from `started` (the demo's start).
+  `config.budget.total_sec` (None: no budget) less what follows training, counted from `started`
+  (the demo's start): the export and evaluation, `budget.after_training_sec` at the reference
+  speed and that over the host factor `scale` (f) on a faster host, plus `budget.margin_sec`
+  (start-up, the last checkpoint, the report and the host's drift), which does not scale.
   """
   section = config.get("budget") or {}
   total = section.get("total_sec")
   if total is None:
     return None
-  after = section.get("after_training_sec") or 0.0
-  if total <= 0 or after < 0 or after >= total:
-    raise UserError(f"budget.total_sec must be > 0 and above budget.after_training_sec >= 0, "
-                    f"got {total} and {after}")
-  return started + float(total) - float(after)
+  after, margin = section.get("after_training_sec") or 0.0, section.get("margin_sec") or 0.0
+  if total <= 0 or after < 0 or margin < 0 or after + margin >= total:
+    raise UserError(f"budget.total_sec must be > 0 and above budget.after_training_sec + "
+                    f"budget.margin_sec (each >= 0), got {total}, {after} and {margin}")
+  if scale < 1:
+    raise UserError(f"the host factor must be >= 1, got {scale}")
+  return started + float(total) - float(margin) - float(after) / float(scale)
 
 
 def scale_steps(config, workdir: str, overrides=()) -> float:

@@ -100,7 +100,7 @@ def test_a_demo_over_its_time_budget_stops_flowtok_and_still_exports(demo_run, t
   # Two more FlowTok steps asked for, and a budget already spent when FlowTok starts.
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
                           [*TINY, "stages.flowtok.train.total_steps=4", "budget.total_sec=1",
-                           "budget.after_training_sec=0.5"])
+                           "budget.after_training_sec=0.5", "budget.margin_sec=0"])
   assert metrics["flowtok/final_step"] == 3 and metrics["flowtok/stopped_by_budget"] == 1.0
   # The resumed run recorded (and reloaded) the frozen steps it trained with.
   from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -234,7 +234,8 @@ def test_a_filled_stage_stops_at_the_deadline_and_a_rerun_keeps_it(demo_run, mon
           "budget.scale_steps=True", "budget.fill_last_stage=True"]
   # A budget spent when FlowTok starts: it takes one step (from the copied run's 2) and stops.
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
-                          [*tiny, "budget.total_sec=1", "budget.after_training_sec=0.5"])
+                          [*tiny, "budget.total_sec=1", "budget.after_training_sec=0.5",
+                           "budget.margin_sec=0"])
   assert metrics["flowtok/final_step"] == 3 and metrics["flowtok/stopped_by_budget"] == 1.0
   # A re-run with all the time in the world: FlowTok reached its deadline, so it is done.
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
@@ -288,12 +289,14 @@ def test_a_rerun_keeps_no_stale_evaluation_numbers(demo_run, tmp_path):
 
 def test_budget_deadline():
   config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", [])
-  assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 130.0
+  assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 40.0 - 90.0
+  # A host twice the reference speed exports and evaluates in half the time; the margin stays.
+  assert demo.budget_deadline(config, 100.0, 2.0) == 100.0 + 900.0 - 40.0 - 45.0
   config.budget.total_sec = None
   assert demo.budget_deadline(config, 100.0) is None
-  config.budget.total_sec, config.budget.after_training_sec = 60.0, 60.0
+  config.budget.total_sec, config.budget.after_training_sec = 60.0, 20.0
   with pytest.raises(demo.UserError, match="budget.total_sec"):
-    demo.budget_deadline(config, 0.0)
+    demo.budget_deadline(config, 0.0)  # 20 + 40 s of margin leave no time to train.
 
 
 @pytest.mark.parametrize("override, match", [
