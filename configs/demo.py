@@ -291,14 +291,19 @@ def get_config(arg=None):
   # I2T test 0.754 -> 0.863 and T2I 0.008 -> 0.035 ("twenty-second pass"). At f = 2.0 that is
   # 2709 steps (~90 s more, inside the budget with ~3 min to spare); at f = 2.76 the guard ends
   # FlowTok after ~3000. The tokenizer keeps 2.5: trading its steps for FlowTok's (2.0 / 2.0)
-  # lost more I2T than the steps gained (0.754 -> 0.727, same seed).
+  # lost more I2T than the steps gained (0.754 -> 0.727, same seed). With fill_last_stage
+  # (below) FlowTok's weight sets only its ceiling and checkpoint period; the tokenizer's steps
+  # set how the training time is split.
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True
   config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=2.0))
   # FlowTok trains until the deadline above (at most its plan at f = max_step_scale, 4500 steps):
   # the time the tokenizer leaves is FlowTok's on every host, instead of ~3 minutes left unused
-  # at f ~ 2 (the Xeon's plan; 10.3 minutes at f 2.01 on the EPYC). Its learning rate is
+  # at f ~ 2 (the Xeon's plan; 10.3 minutes at f 2.01 on the EPYC). Both directions still gain
+  # from every FlowTok step: on one tokenizer, 2484 -> 4068 steps took I2T test 0.848 -> 0.902
+  # and T2I 0.016 -> 0.070 ("twenty-third pass"); at f 1.77 a fresh clone's FlowTok filled 511 s,
+  # 4301 steps, where the scaled plan had 2286 (T2I 0.0625, its best). Its learning rate is
   # constant, so where the deadline ends it changes nothing else; a re-run keeps a stage that
   # reached its deadline. False: FlowTok trains its scaled steps (the guard still ends it if they
   # run past the deadline).
