@@ -236,9 +236,11 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   fill = filled_stage(config, overrides)
   for stage in TRAIN_STAGES:
     last = stage == TRAIN_STAGES[-1]
-    if stage == fill and _read_metrics(workdir).get(f"{stage}/stopped_by_budget") == 1.0:
+    checkpoints = os.path.join(workdir, stage, "checkpoints")
+    if (stage == fill and _read_metrics(workdir).get(f"{stage}/stopped_by_budget") == 1.0
+        and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
       # It trained until an earlier run's deadline: that is its plan, done (a run stopped by a
-      # signal records no such flag, and trains on).
+      # signal records no such flag, and trains on; without its checkpoints it trains anew).
       logging.info("demo stage %s trained until the budget's deadline in an earlier run: kept",
                    stage)
       timer.run(stage, lambda: SKIPPED)

@@ -242,6 +242,12 @@ def test_a_filled_stage_stops_at_the_deadline_and_a_rerun_keeps_it(demo_run, mon
   assert metrics["flowtok/final_step"] == 3
   with open(os.path.join(workdir, "bundle", "bundle.json")) as f:
     assert json.load(f)["source"]["step"] == 3
+  # Without its checkpoints it is not done: it trains anew (one step, to its deadline again).
+  shutil.rmtree(os.path.join(workdir, "flowtok", "checkpoints"))
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal",
+                          [*tiny, "budget.total_sec=1", "budget.after_training_sec=0.5",
+                           "budget.margin_sec=0"])
+  assert metrics["flowtok/final_step"] == 1 and metrics["flowtok/stopped_by_budget"] == 1.0
 
 
 def test_only_training_stages_scale():
