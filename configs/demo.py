@@ -292,13 +292,14 @@ def get_config(arg=None):
   # 2709 steps (~90 s more, inside the budget with ~3 min to spare); at f = 2.76 the guard ends
   # FlowTok after ~3000. The tokenizer keeps 2.5: trading its steps for FlowTok's (2.0 / 2.0)
   # lost more I2T than the steps gained (0.754 -> 0.727, same seed). With fill_last_stage
-  # (below) FlowTok's weight sets only its ceiling and checkpoint period; the tokenizer's steps
-  # set how the training time is split.
+  # (below) FlowTok's weight sets only its ceiling and checkpoint period (3.0: 900 x 7 = 6300
+  # steps; at 2.0 the ceiling, 4500, was 5 steps from binding at f 2.22, and a faster host would
+  # have stopped short of its deadline); the tokenizer's steps set how the time is split.
   # A stage whose total_steps is set on the command line trains exactly that; scale_steps
   # False: the steps as written, on any host.
   config.budget.scale_steps = True
-  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=2.0))
-  # FlowTok trains until the deadline above (at most its plan at f = max_step_scale, 4500 steps):
+  config.budget.scaled_stages = ml_collections.ConfigDict(dict(tokenizer=2.5, flowtok=3.0))
+  # FlowTok trains until the deadline above (at most its plan at f = max_step_scale, 6300 steps):
   # the time the tokenizer leaves is FlowTok's on every host, instead of ~3 minutes left unused
   # at f ~ 2 (the Xeon's plan; 10.3 minutes at f 2.01 on the EPYC). Both directions still gain
   # from every FlowTok step: on one tokenizer, 2484 -> 4068 steps took I2T test 0.848 -> 0.902
@@ -316,7 +317,7 @@ def get_config(arg=None):
   # 900. The reference keeps the Xeon's plan (f = 2.0: its step, timed, would run ~15 steps/s,
   # by the two hosts' stage times) and the EPYC's timed 21.3 steps/s gives f = 2.8.
   config.budget.reference_steps_per_sec = 7.6
-  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 5.0, 4500, which the guard ends
+  # Cap on f: 3.0 (tokenizer x 6.0, 6900 steps; FlowTok x 7.0, 6300, which the guard ends
   # earlier on the hosts measured). On the EPYC host at f = 2.76 the plan (6210 / 2484
   # steps) took 739-805 s of stage time as the host's speed drifted (FlowTok 241-311 s for the
   # same steps), inside the guard; against f = 2.0 there (4025 / 1530 steps, three seeds) the

@@ -139,12 +139,12 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   _fake_peak(monkeypatch, 3e11)
   demo.host_peak(config, workdir)
   assert demo.scale_steps(config, workdir) == 1.5
-  # Host factor 1.5: FlowTok (weight 2.0) trains 1 + 2.0 * 0.5 = 2 times its steps, the
+  # Host factor 1.5: FlowTok (weight 3.0) trains 1 + 3.0 * 0.5 = 2.5 times its steps, the
   # tokenizer (weight 2.5) 1 + 2.5 * 0.5 = 2.25 times. Checkpoint and evaluation periods scale
   # with the run; CLIP (not in scaled_stages) does not.
-  assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 2.0}
+  assert dict(config.budget.scaled_stages) == {"tokenizer": 2.5, "flowtok": 3.0}
   assert _steps(config, "tokenizer") == (45, 23, 23)  # Saved at 23 and 45, as at 10 and 20.
-  assert _steps(config, "flowtok")[0] == 40 and _steps(config, "clip")[0] == 20
+  assert _steps(config, "flowtok")[0] == 50 and _steps(config, "clip")[0] == 20
   recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
   assert recorded["budget/step_scale"] == 1.5
   assert recorded["budget/steps_per_sec"] == pytest.approx(1.5 * ref)
@@ -155,7 +155,7 @@ def test_a_faster_host_trains_proportionally_more_steps(monkeypatch, tmp_path):
   _fake_rate(monkeypatch, 0.5 * ref)
   _fake_peak(monkeypatch, 1e11)
   config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
-  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 40
+  assert demo.scale_steps(config, workdir) == 1.5 and _steps(config, "flowtok")[0] == 50
   assert demo.host_peak(config, workdir) == 3e11  # The recorded peak, not a new one.
   assert config.train.peak_flops_per_device == 3e11
 
@@ -175,7 +175,7 @@ def test_the_plan_times_the_real_train_step(tmp_path):
 
 @pytest.mark.parametrize("rate, overrides, scale, flowtok_steps", [
     (0.5, [], 1.0, 20),  # A slower host than the reference trains the steps as written...
-    (9.0, [], 3.0, 100),  # ...a much faster one at most max_step_scale: 1 + 2.0 * 2.0 times.
+    (9.0, [], 3.0, 140),  # ...a much faster one at most max_step_scale: 1 + 3.0 * 2.0 times.
     (1.5, ["stages.flowtok.train.total_steps=7"], 1.5, 7),  # Set by the user: as given.
     (1.5, ["budget.scale_steps=False"], 1.0, 20),
     (1.5, ["budget.scaled_stages.flowtok=1.0"], 1.5, 30),  # Its weight: 1 + 1 * 0.5.
@@ -196,10 +196,10 @@ def test_a_scaled_demo_trains_and_records_the_scaled_steps(demo_run, monkeypatch
   recorded = demo._read_metrics(workdir)  # pylint: disable=protected-access
   assert "budget/steps_per_sec" not in recorded
   _fake_rate(monkeypatch, 1.5 * demo.demo_config(workdir).budget.reference_steps_per_sec)
-  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 40.
+  # FlowTok's steps come from the runlocal config (20), so they scale: it trains on to 50.
   tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.flowtok.train.total_steps"))]
   metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
-  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 40
+  assert metrics["budget/step_scale"] == 1.5 and metrics["flowtok/final_step"] == 50
   assert metrics["tokenizer/final_step"] == 2  # Set in TINY: not scaled, not retrained.
 
 
@@ -210,9 +210,9 @@ def test_the_last_stage_fills_the_budget(monkeypatch, tmp_path):
   _fake_rate(monkeypatch, 1.5 * config.budget.reference_steps_per_sec)
   assert demo.filled_stage(config) == "flowtok"
   assert demo.scale_steps(config, str(tmp_path), fill) == 1.5
-  # f = 1.5, but FlowTok plans f = max_step_scale (3.0): 1 + 2.0 * 2.0 = 5 times its 20 steps,
-  # saved as often as its plan says (every 50); the tokenizer keeps its own plan.
-  assert _steps(config, "flowtok")[:2] == (100, 50)
+  # f = 1.5, but FlowTok plans f = max_step_scale (3.0): 1 + 3.0 * 2.0 = 7 times its 20 steps,
+  # saved as often as its plan says (every 70); the tokenizer keeps its own plan.
+  assert _steps(config, "flowtok")[:2] == (140, 70)
   assert _steps(config, "tokenizer")[0] == 45
   # Not without a deadline, nor when the user set FlowTok's steps.
   for extra in (["budget.total_sec=None"], ["stages.flowtok.train.total_steps=7"]):
