@@ -405,9 +405,8 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
     return 1.0
-  explicit = {o.split("=", 1)[0].strip() for o in overrides}
   weights = {s: float(w) for s, w in (section.get("scaled_stages") or {}).items()
-             if f"stages.{s}.train.total_steps" not in explicit}
+             if not _steps_given(s, overrides)}
   if not weights:
     return 1.0
   recorded = _read_metrics(workdir).get("budget/step_scale")
@@ -461,9 +460,13 @@ def filled_stage(config, overrides=()) -> str | None:
           and section.get("total_sec") is not None
           and stage in (section.get("scaled_stages") or {})):
     return None
-  if any(o.split("=", 1)[0].strip() == f"stages.{stage}.train.total_steps" for o in overrides):
-    return None
-  return stage
+  return None if _steps_given(stage, overrides) else stage
+
+
+def _steps_given(stage: str, overrides) -> bool:
+  """Whether the user's overrides set `stages.<stage>.train.total_steps` (trained as given)."""
+  key = f"stages.{stage}.train.total_steps"
+  return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
 def step_rate(config, workdir: str) -> float:
