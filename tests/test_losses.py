@@ -121,6 +121,19 @@ def test_object_weights_cover_the_object_and_its_dilated_box():
       losses.reconstruction_loss(p, images), rtol=1e-6)
 
 
+def test_object_weights_match_a_square_dilation_at_the_edges():
+  images = np.zeros((2, 16, 16, 3), np.float32)
+  hits = RNG.random((2, 16, 16)) > 0.95
+  images[..., 0] = np.where(hits, 0.9, 0.0)
+  images[0, 0, 15, 2] = images[1, 15, 0, 1] = 0.5  # corners: the window is cut by the border
+  w = np.asarray(losses.object_weights(images, 3.0, 3))[..., 0]
+  fg = images.max(-1) > 0.1
+  expect = np.ones((2, 16, 16), np.float32)
+  for b, y, x in zip(*np.nonzero(fg)):
+    expect[b, max(y - 3, 0):y + 4, max(x - 3, 0):x + 4] = 3.0
+  np.testing.assert_array_equal(w, expect)
+
+
 def test_hinge_and_lecam():
   real = np.array([[2.0, 0.5], [-1.0, 1.0]])
   fake = np.array([[-2.0, 0.0], [0.5, -0.5]])
