@@ -162,7 +162,7 @@ def object_weights(images: jax.Array, weight: float, dilate: int,
   The dilation reaches the background inside an object's box, where a disc and a square differ.
   """
   fg = (jnp.max(_f32(images), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
-  if dilate > 0:  # A k × k max as a k × 1 then a 1 × k max: the same mask, ~15x cheaper on CPU.
+  if dilate > 0:  # A k × k max as a k × 1 then a 1 × k max: the same mask, ~12x cheaper on CPU.
     k = 2 * dilate + 1
     fg = jax.lax.reduce_window(fg, 0.0, jax.lax.max, (1, k, 1, 1), (1, 1, 1, 1), "SAME")
     fg = jax.lax.reduce_window(fg, 0.0, jax.lax.max, (1, 1, k, 1), (1, 1, 1, 1), "SAME")
