@@ -435,6 +435,9 @@ def _eval_flags(p):
                       "data.eval_split)")
   p.add_argument("--num", type=_int_at_least(1), default=None,
                  help="examples per split (default: all)")
+  p.add_argument("--t2i_num", type=_int_at_least(1), default=None,
+                 help="of those, the prompts T2I generates images for (default: all; "
+                      "captioned-shapes only)")
   p.add_argument("--out", default=None, help="directory for eval.json + report.html "
                                              "(default: BUNDLE-eval, beside the bundle)")
   p.add_argument("--seed", type=int, default=0, help="seed of each split's first image")
@@ -462,6 +465,9 @@ def _eval(args, overrides):
     if args.frechet_steps is not None:
       raise UserError("--frechet_steps is for captioned-shapes bundles (the shapes feature net); "
                       "with --inception the distance is real FID")
+    if args.t2i_num is not None:
+      raise UserError("--t2i_num is for captioned-shapes bundles; with --inception, --num sets "
+                      "the examples of every metric")
     results = real_eval.evaluate_real(
         args.bundle, args.data_dir, args.inception, split=args.split, num=args.num,
         out=args.out, batch_size=args.batch_size, steps=args.steps, cfg_scale=args.cfg,
@@ -470,7 +476,7 @@ def _eval(args, overrides):
     return
   results = run_eval.evaluate(args.bundle, args.data_dir,
                               splits=args.split or "test,compositional", num=args.num,
-                              out=args.out, batch_size=args.batch_size, steps=args.steps,
+                              t2i_num=args.t2i_num, out=args.out, batch_size=args.batch_size, steps=args.steps,
                               cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid,
                               caption_cfg_scale=args.caption_cfg, seed=args.seed,
                               frechet_steps=300 if args.frechet_steps is None

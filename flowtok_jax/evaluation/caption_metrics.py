@@ -197,13 +197,14 @@ def caption_accuracy(captions: Sequence[str], targets) -> dict[str, float]:
     Flat dict of floats: 'exact' (every attribute and the relation right), 'parse_rate'
     (share of captions in the grammar), 'count', 'color', 'shape' (over target objects),
     'size', 'location' (over one-object targets), 'relation' (over two-object targets),
-    'num' (N).
+    'exact_one' / 'exact_two' (exact match by target kind; NaN if none), 'num' (N).
   """
   if len(captions) != len(targets):
     raise UserError(f"{len(captions)} captions but {len(targets)} targets")
   if not len(captions):
     raise UserError("caption_accuracy needs at least one caption")
-  sums = {k: [] for k in ("exact", "parse_rate", "count", "relation") + _OBJECT_KEYS}
+  sums = {k: [] for k in ("exact", "parse_rate", "count", "relation", "exact_one", "exact_two")
+          + _OBJECT_KEYS}
   for caption, target in zip(captions, targets):
     if isinstance(target, str):
       parsed_target = shapes.parse_caption(target)
@@ -214,6 +215,7 @@ def caption_accuracy(captions: Sequence[str], targets) -> dict[str, float]:
     agree = compare_attributes(pred, target)
     sums["parse_rate"].append(pred is not None)
     sums["exact"].append(agree["exact"])
+    sums["exact_one" if len(target["objects"]) == 1 else "exact_two"].append(agree["exact"])
     sums["count"].append(agree["count"])
     if agree["relation"] is not None:
       sums["relation"].append(agree["relation"])

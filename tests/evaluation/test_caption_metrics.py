@@ -1,6 +1,7 @@
 """I2T metrics: attribute accuracy, BLEU-4 and CIDEr-D against values worked out by hand."""
 import math
 
+import numpy as np
 import pytest
 
 from flowtok_jax.data import shapes
@@ -147,7 +148,10 @@ def test_caption_accuracy_per_attribute():
   assert m["relation"] == pytest.approx(0 / 2)     # Over the two two-object targets.
   assert m["color"] == pytest.approx(4 / 6)        # Six target objects, the last two missed.
   assert m["shape"] == pytest.approx(4 / 6)
+  assert m["exact_one"] == pytest.approx(1 / 2)    # By target kind: the third is right,
+  assert m["exact_two"] == pytest.approx(0 / 2)    # both two-object captions wrong.
   assert m["num"] == 4
+  assert np.isnan(cm.caption_accuracy(captions[:1], targets[:1])["exact_two"])
 
 
 def test_wrong_count_is_not_exact():

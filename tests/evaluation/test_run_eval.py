@@ -24,9 +24,10 @@ def _key(image) -> str:
   return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkeypatch,
-                                        tmp_path):
-  """Servers replaced by an oracle: every metric must then be at its best value."""
+@pytest.fixture
+def oracle(shapes_data_dir, monkeypatch):
+  """Servers replaced by an oracle (seed 7 first): the true image of a prompt, the true caption
+  of an image, the image itself as its reconstruction. Returns the sizes of their calls."""
   data_cfg, data_dir = shapes_data_dir
   truth = {}  # (caption, index) -> image, image -> caption, over both evaluated splits.
   for split in ("test", "compositional", "val"):
@@ -34,16 +35,33 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
     for i, (image, caption) in enumerate(zip(images, captions)):
       truth[(caption, i)] = image
       truth[_key(image)] = caption
+  calls = {"generate": [], "caption": [], "reconstruct": []}
 
   def generate(self, prompts, seeds, truncate=False):
     del self, truncate
+    calls["generate"].append(len(prompts))
     return np.stack([truth[(p, s - 7)] for p, s in zip(prompts, seeds)])
 
+  def caption_images(self, images):
+    del self
+    calls["caption"].append(len(images))
+    return [truth[_key(im)] for im in images]
+
+  def reconstruct(b, images, *a, **k):
+    del b, a, k
+    calls["reconstruct"].append(len(images))
+    return images.copy(), np.full(len(images), 0.1)
+
   monkeypatch.setattr(inference.Generator, "generate", generate)
-  monkeypatch.setattr(inference.Captioner, "caption_images",
-                      lambda self, images: [truth[_key(im)] for im in images])
-  monkeypatch.setattr(run_eval, "reconstruct",
-                      lambda b, images, *a, **k: (images.copy(), np.full(len(images), 0.1)))
+  monkeypatch.setattr(inference.Captioner, "caption_images", caption_images)
+  monkeypatch.setattr(run_eval, "reconstruct", reconstruct)
+  return calls
+
+
+def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, oracle, monkeypatch,
+                                        tmp_path):
+  """Servers replaced by an oracle: every metric must then be at its best value."""
+  _, data_dir = shapes_data_dir
 
   class PooledFeatures:
     """Stands in for the trained shapes net (H7's tests cover it): 8x8-pooled colours."""
@@ -66,6 +84,10 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
     assert s[f"t2i/{split}/parser_gt"] == 1.0
     assert s[f"t2i/{split}/accuracy"] == 1.0 and s[f"t2i/{split}/valid"] == 1.0
     assert s[f"i2t/{split}/exact"] == 1.0 and s[f"i2t/{split}/parse_rate"] == 1.0
+    # By scene kind (NaN, stored as null, where the split's first few hold none of a kind).
+    for key in (f"t2i/{split}/accuracy_one", f"t2i/{split}/accuracy_two",
+                f"i2t/{split}/exact_one", f"i2t/{split}/exact_two"):
+      assert s[key] in (1.0, None), key
     assert s[f"i2t/{split}/bleu4"] == pytest.approx(1.0)
     assert s[f"i2t/{split}/cider_d"] > 1.0
     assert result["splits"][split]["num"] == NUM
@@ -75,7 +97,37 @@ def test_perfect_model_scores_perfectly(tiny_bundle_dir, shapes_data_dir, monkey
   assert s["tokenizer/val/psnr"] is None  # Identical images: infinite PSNR, stored as null.
   assert s["tokenizer/val/parser_recon"] == s["tokenizer/val/parser_gt"] == 1.0
   assert s["tokenizer/val/parser_recon_lenient"] == 1.0
+  assert {s["tokenizer/val/parser_recon_one"], s["tokenizer/val/parser_recon_two"]} <= {1.0, None}
   assert s["tokenizer/val/posterior_std"] == pytest.approx(0.1)
+
+
+def test_t2i_num_generates_for_fewer_prompts_and_reads_every_image(
+    tiny_bundle_dir, shapes_data_dir, oracle, tmp_path):
+  """--t2i_num: T2I on the first prompts only; I2T and the reconstructions read all `num`."""
+  _, data_dir = shapes_data_dir
+  result = run_eval.evaluate(tiny_bundle_dir, data_dir, num=NUM, t2i_num=2, out=str(tmp_path),
+                             seed=7, frechet_steps=0)
+  s = result["summary"]
+  assert oracle == {"generate": [2, 2], "caption": [NUM, NUM], "reconstruct": [NUM]}
+  for split in ("test", "compositional"):
+    assert (s[f"t2i/{split}/num"], s[f"i2t/{split}/num"]) == (2, NUM)
+    assert result["splits"][split]["t2i_num"] == 2 and result["splits"][split]["num"] == NUM
+    assert s[f"t2i/{split}/accuracy"] == s[f"i2t/{split}/exact"] == 1.0
+  assert s["tokenizer/val/num"] == NUM
+  # The first grid shows the prompts generated for, not the ones skipped.
+  assert len(run_eval.load_grids(str(tmp_path))[0][2]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--t2i_num", "0"], "--t2i_num"),
+    (["--t2i_num", "1"], "the Fréchet distance needs --num and --t2i_num 2 or more"),
+    (["--t2i_num", "2", "--inception", "missing.pth"], "--t2i_num is for captioned-shapes"),
+])
+def test_eval_refuses_a_bad_t2i_num(tiny_bundle_dir, shapes_data_dir, flags, message, capsys):
+  _, data_dir = shapes_data_dir
+  code, _, err = run_cli(["eval", "--bundle", tiny_bundle_dir, "--data_dir", data_dir,
+                          "--num", "2", *flags], capsys)
+  assert_one_error(code, err, message)
 
 
 def test_eval_cli_writes_json_report_and_grids(tiny_bundle_dir, shapes_data_dir, monkeypatch,
