@@ -295,9 +295,9 @@ def test_a_rerun_keeps_no_stale_evaluation_numbers(demo_run, tmp_path):
 
 def test_budget_deadline():
   config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", [])
-  assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 40.0 - 100.0
+  assert demo.budget_deadline(config, 100.0) == 100.0 + 900.0 - 40.0 - 110.0
   # A host twice the reference speed exports and evaluates in half the time; the margin stays.
-  assert demo.budget_deadline(config, 100.0, 2.0) == 100.0 + 900.0 - 40.0 - 50.0
+  assert demo.budget_deadline(config, 100.0, 2.0) == 100.0 + 900.0 - 40.0 - 55.0
   config.budget.total_sec = None
   assert demo.budget_deadline(config, 100.0) is None
   config.budget.total_sec, config.budget.after_training_sec = 60.0, 20.0
