@@ -476,8 +476,9 @@ def _eval(args, overrides):
     return
   results = run_eval.evaluate(args.bundle, args.data_dir,
                               splits=args.split or "test,compositional", num=args.num,
-                              t2i_num=args.t2i_num, out=args.out, batch_size=args.batch_size, steps=args.steps,
-                              cfg_scale=args.cfg, sampler=args.sampler, grid=args.grid,
+                              t2i_num=args.t2i_num, out=args.out,
+                              batch_size=args.batch_size, steps=args.steps, cfg_scale=args.cfg,
+                              sampler=args.sampler, grid=args.grid,
                               caption_cfg_scale=args.caption_cfg, seed=args.seed,
                               frechet_steps=300 if args.frechet_steps is None
                               else args.frechet_steps)

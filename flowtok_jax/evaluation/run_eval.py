@@ -300,8 +300,8 @@ def evaluate(bundle, data_dir: str, *, splits: str | Sequence[str] = "test,compo
   recon_data = (shapes_eval.load_split(data_cfg, data_dir, recon_split, num) if recon_split
                 else None)
   # One bar over every image generated, captioned or reconstructed, with its ETA.
-  t2i_counts = [len(v[0][:t2i_num]) for v in loaded.values()]
-  total = (sum(t2i_counts) + (sum(len(v[0]) for v in loaded.values()) if cap is not None else 0)
+  total = (sum(len(v[0][:t2i_num]) for v in loaded.values())
+           + (sum(len(v[0]) for v in loaded.values()) if cap is not None else 0)
            + (len(recon_data[0]) if recon_data else 0))
   with inference.progress_on(total, "eval", gen, cap) as update:
     for split in names:
