@@ -155,33 +155,33 @@ def _score_split(split: str, data, gen, cap, feature_net, seed: int, summary: di
   """T2I (on the first `t2i_num` examples; None: all) and I2T with a captioner (on all) on one
   split's (images, attrs, captions): its details; adds its flat scalars to `summary` and its
   grids to `grids`."""
-  all_images, all_attrs, all_captions = data
-  images, attrs, captions = (v[:t2i_num] for v in data)
-  d: dict[str, Any] = {"num": len(all_images), "t2i_num": len(images)}
-  parser_gt = shapes_eval.t2i_accuracy(images, attrs)["accuracy"]
+  images, attrs, captions = data
+  # The T2I prompts: the first t2i_num (with their true images and attributes).
+  t_images, t_attrs, t_captions = (v[:t2i_num] for v in data)
+  d: dict[str, Any] = {"num": len(images), "t2i_num": len(t_images)}
+  parser_gt = shapes_eval.t2i_accuracy(t_images, t_attrs)["accuracy"]
   valid = parser_gt >= PARSER_MIN_ACCURACY
   if not valid:
     logging.warning("%s: the parser reads only %.3f of the ground-truth images correctly "
                     "(< %.2f): its T2I accuracy is void", split, parser_gt, PARSER_MIN_ACCURACY)
-  seeds = [seed + i for i in range(len(images))]
-  generated, seconds = _timed(lambda: gen.generate(captions, seeds, truncate=True))
-  t2i = shapes_eval.t2i_accuracy(generated, attrs)
+  seeds = [seed + i for i in range(len(t_images))]
+  generated, seconds = _timed(lambda: gen.generate(t_captions, seeds, truncate=True))
+  t2i = shapes_eval.t2i_accuracy(generated, t_attrs)
   d["t2i"] = {**t2i, "parser_gt": parser_gt, "valid": valid, "seconds": seconds}
-  summary.update({f"t2i/{split}/num": len(images), f"t2i/{split}/accuracy": t2i["accuracy"],
+  summary.update({f"t2i/{split}/num": len(t_images), f"t2i/{split}/accuracy": t2i["accuracy"],
                   f"t2i/{split}/parser_gt": parser_gt, f"t2i/{split}/valid": float(valid)})
   for key in ("accuracy_lenient", "accuracy_one", "accuracy_two", "color", "shape", "size",
               "location", "pair_size", "relation", "count"):
     summary[f"t2i/{split}/{key}"] = t2i[key]
   if feature_net is not None:
-    d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, images)
+    d["t2i"]["frechet_shapes_net"] = feature_net.frechet(generated, t_images)
     summary[f"t2i/{split}/frechet_shapes_net"] = d["t2i"]["frechet_shapes_net"]
-  g = min(GRID_SIZE, len(images))
+  g = min(GRID_SIZE, len(t_images))
   grids.append((f"T2I {split}: generated from the prompt below each image",
-                generated[:g], captions[:g]))
-  d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(captions[:g], seeds[:g])]
+                generated[:g], t_captions[:g]))
+  d["samples"] = [{"prompt": c, "seed": s} for c, s in zip(t_captions[:g], seeds[:g])]
   if cap is None:
     return d
-  images, attrs, captions = all_images, all_attrs, all_captions
   predicted, seconds = _timed(lambda: cap.caption_images(list(images)))
   i2t = caption_metrics.i2t_metrics(predicted, attrs,
                                     [_references(c, a) for c, a in zip(captions, attrs)])
