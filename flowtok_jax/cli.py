@@ -486,11 +486,14 @@ def _eval(args, overrides):
 
 
 def _probe_flags(p):
-  p.add_argument("--direction", choices=("i2t", "t2i"), default="i2t",
-                 help="i2t: where captions fail (needs a two-way bundle); t2i: where images fail")
+  p.add_argument("--direction", choices=("i2t", "t2i", "tokenizer"), default="i2t",
+                 help="i2t: where captions fail (needs a two-way bundle); t2i: where images "
+                 "fail; tokenizer: where reconstructions fail (the tokenizer bar's misses)")
   p.add_argument("--bundle", required=True, help="bundle directory (flowtok export)")
   p.add_argument("--data_dir", required=True, help="TFDS data dir of captioned_shapes")
-  p.add_argument("--split", default="test", help="held-out split (never train)")
+  p.add_argument("--split", default=None,
+                 help="held-out split, never train (default: val for the tokenizer, the "
+                 "bar's split; test otherwise)")
   p.add_argument("--num", type=_int_at_least(1), default=128, help="examples probed")
   p.add_argument("--steps", type=_int_at_least(1), default=None,
                  help="ODE steps (default: the bundle's)")
@@ -500,11 +503,16 @@ def _probe_flags(p):
                  help="captions per scene averaged for text/blend_exact (i2t; 0: skip)")
 
 
-@command("probe", "where image-to-text (or --direction t2i: text-to-image) fails: the "
-         "tokens' own ceiling, the velocity along the true path, the ODE's end", _probe_flags)
+@command("probe", "where a bundle fails: image-to-text (default), text-to-image (--direction "
+         "t2i) or the tokenizer's reconstructions (--direction tokenizer)", _probe_flags)
 def _probe(args, overrides):
   _no_config(overrides, "probe")
-  if args.direction == "t2i":
+  if args.split is None:
+    args.split = "val" if args.direction == "tokenizer" else "test"
+  if args.direction == "tokenizer":
+    from flowtok_jax.evaluation import tokenizer_probe  # pylint: disable=g-import-not-at-top
+    result = tokenizer_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num)
+  elif args.direction == "t2i":
     from flowtok_jax.evaluation import t2i_probe  # pylint: disable=g-import-not-at-top
     result = t2i_probe.probe(args.bundle, args.data_dir, split=args.split, num=args.num,
                              steps=args.steps, cfg_scale=args.cfg)
