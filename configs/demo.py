@@ -47,6 +47,11 @@ def get_config(arg=None):
   # images): the tokenizer reads the split 6.4 times, and a record's protobuf + PNG parse cost
   # 0.31 ms, ~11 ms of one core per batch of 32 (docs/benchmarks.md, "eighteenth pass").
   data.cache_decoded = True
+  # Read the training split into arrays before the first step (~6 s for the 20k records) and
+  # gather each batch by index: the same batches, row for row, without grain's per-element map
+  # (a caption pick, two sentencepiece encodes, the float conversion) on a reading thread that
+  # contends with the step for the two cores (docs/benchmarks.md, "twenty-seventh pass").
+  data.preload = True
   # Stored tokenizer posteriors of the train split (`flowtok data pretokenize`; str): the flowtok
   # stage then reads them instead of encoding images. None: encode on the fly.
   data.latents_dir = None

@@ -157,6 +157,9 @@ def _training_sections(config, arg):
   data.read_threads = 16  # Threads reading records per process.
   data.prefetch_batches = 4  # Batches prepared ahead per reading process.
   data.cache_decoded = False  # Keep records decoded in memory (small datasets only; N·S²·3 B).
+  # Read the training split into arrays before the first step and gather each batch by index
+  # (small, one-caption-per-record datasets only; N·S²·3 B; the same batches as without).
+  data.preload = False
   # Stored tokenizer posteriors of the train split (`flowtok data pretokenize`; str): the flowtok
   # stage then reads them instead of encoding images. None: encode on the fly.
   data.latents_dir = None

@@ -11,6 +11,10 @@ iterator state is a single position per worker):
   source [-> DecodedCache, when data.cache_decoded] -> shuffle(seed) -> repeat(num_epochs)
   -> random_map(_Preprocess, seed) -> block shard -> batch(b) -> to_iter_dataset
   -> mp_prefetch (when data.num_workers > 0).
+With data.preload the records are read into arrays once, up front (`Preloaded`), and the same
+order is built on their indices: range(N) -> shuffle(seed) -> repeat -> block shard -> batch(b)
+-> map(gather rows) -> to_iter_dataset. Its batches and iterator states are the plain
+pipeline's, row for row.
 Sharding last, in blocks: process p's batch i is rows [p·b, (p+1)·b) of the global batch i that a
 single process would read, so the global batch is the same, row for row, for any process count.
 Shuffling before `repeat` makes grain reseed the permutation per epoch (seed + epoch), so every
@@ -28,7 +32,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from flowtok_jax.data.examples import feature, pick_caption, to_rgb_uint8
+from flowtok_jax.data.examples import captions_of, feature, pick_caption, to_rgb_uint8
 from flowtok_jax.data.text_tokenizer import Tokenizer
 from flowtok_jax.errors import UserError
 
@@ -158,6 +162,65 @@ class DecodedCache:
     return {**self.__dict__, "_images": None, "_texts": None}
 
 
+class Preloaded:
+  """A split held as arrays, for `data.preload`: each batch is rows gathered by index.
+
+  Every record is read once, when this is built: its image decoded, resized and centre-cropped
+  (uint8 [N, S, S, 3]) and its caption (and I2T caption) tokenized (int32 [N, L]). A batch then
+  costs one fancy index per array instead of grain's per-element map (caption pick, two
+  sentencepiece encodes, the float conversion, the stacking): on the demo's data, batch 32,
+  0.47 instead of 2.6 ms of CPU, which the reading thread took from the two cores the step runs
+  on (docs/benchmarks.md, "twenty-seventh pass"). For datasets that fit in RAM whose records
+  hold one caption each (a caption drawn from several per epoch needs the per-element map:
+  `from_source` returns None).
+  """
+
+  def __init__(self, images: np.ndarray, text_ids: np.ndarray, truncated: np.ndarray,
+               i2t_text_ids: np.ndarray | None = None):
+    self.images, self.text_ids, self.truncated = images, text_ids, truncated
+    self.i2t_text_ids = i2t_text_ids
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  @classmethod
+  def from_source(cls, source: Sequence, data_cfg, tokenizer: Tokenizer) -> "Preloaded | None":
+    """Reads `source` (every record once); None when a record holds several captions."""
+    n, size = len(source), data_cfg.image_size
+    images = np.empty((n, size, size, 3), np.uint8)
+    keys = tuple(k for k in (data_cfg.caption_key, data_cfg.get("i2t_caption_key")) if k)
+    texts = [[] for _ in keys]
+    for i in range(n):
+      element = source[i]
+      for key, out in zip(keys, texts):
+        captions = captions_of(feature(element, key))
+        if len(captions) != 1:
+          return None
+        out.append(captions[0])
+      images[i] = decode_image(element, data_cfg.image_key, size)
+    ids, truncated = tokenizer.encode(texts[0], data_cfg.max_text_len)
+    i2t = tokenizer.encode(texts[1], data_cfg.max_text_len)[0] if len(keys) > 1 else None
+    return cls(images, ids, truncated, i2t)
+
+  def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `index` [b] as `_Preprocess` gives them, batched."""
+    out = {"image": self.images[index].astype(np.float32) * np.float32(1 / 255),
+           "text_ids": self.text_ids[index], "truncated": self.truncated[index]}
+    if self.i2t_text_ids is not None:
+      out["i2t_text_ids"] = self.i2t_text_ids[index]
+    return out
+
+
+class _Gather(grain.transforms.Map):
+  """A batch of record indices -> that batch of a `Preloaded` split."""
+
+  def __init__(self, arrays: Preloaded):
+    self._arrays = arrays
+
+  def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    return self._arrays.gather(np.asarray(element))
+
+
 class _Preprocess(grain.transforms.RandomMap):
   """One example -> {'image': f32 [S, S, 3] in [0, 1], 'text_ids': i32 [L], 'truncated': bool}.
 
@@ -223,6 +286,15 @@ def _physical_memory() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _check_fits(knob: str, split: str, nbytes: int, copies: int):
+  """A UserError now, not an OOM kill mid-epoch, when `copies` x `nbytes` pass half the RAM."""
+  need, ram = nbytes * copies, _physical_memory()
+  if need > ram // 2:
+    raise UserError(f"data.{knob}: split {split!r} would take {need / 2**30:.1f} GiB decoded "
+                    f"({copies} cop{'y' if copies == 1 else 'ies'}), over half of this host's "
+                    f"{ram / 2**30:.1f} GiB; set data.{knob}=False")
+
+
 def _ensure_absl_flags_parsed():
   # grain's worker start-up reads absl flags; outside absl.app.run nobody has parsed them.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -244,7 +316,8 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                  data_dir: str | None = None, source: Sequence | None = None,
-                 latents_dir: str | None = None) -> grain.IterDataset:
+                 latents_dir: str | None = None,
+                 read_examples: int | None = None) -> grain.IterDataset:
   """Builds the per-process dataset (see `make_iterator`, which iterates it)."""
   process_index, process_count = _process_defaults(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
@@ -263,33 +336,52 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
       decoders = {data_cfg.image_key: tfds.decode.SkipDecoding()}
     source = builders.data_source(data_cfg, split, data_dir or data_cfg.get("data_dir"),
                                   decoders=decoders)
+  arrays = None
+  stream = num_epochs != 1  # Training: the split is read more than once.
   if latents_dir:
     source = _WithLatents(source, latents_dir, split)
-  elif data_cfg.get("cache_decoded") and num_epochs != 1:
+  elif data_cfg.get("preload") and stream and (read_examples is None
+                                               or read_examples >= len(source)):
+    if data_cfg.get("num_workers"):  # Worker processes would each need their own copy.
+      logging.warning("data.preload gathers batches in the training process; with "
+                      "data.num_workers=%d the workers read split %s record by record",
+                      data_cfg.num_workers, split)
+    else:
+      size = data_cfg.image_size
+      _check_fits("preload", split, len(source) * size * size * 3, copies=1)
+      arrays = Preloaded.from_source(source, data_cfg, tokenizer)
+      if arrays is None:
+        logging.warning("data.preload: split %s holds several captions per record, drawn "
+                        "anew each epoch; reading it record by record", split)
+      else:
+        logging.info("input pipeline: split %s read into memory (%.0f MiB of images)", split,
+                     arrays.images.nbytes / 2**20)
+  if arrays is None and not latents_dir and data_cfg.get("cache_decoded") and stream:
     source = DecodedCache(source, data_cfg.image_key,
                           (data_cfg.caption_key, data_cfg.get("i2t_caption_key")),
                           data_cfg.image_size)
-    copies = max(1, data_cfg.get("num_workers") or 0)  # Each worker process fills its own.
-    need, ram = source.nbytes() * copies, _physical_memory()
-    if need > ram // 2:  # Now, not an OOM kill mid-epoch.
-      raise UserError(f"data.cache_decoded: split {split!r} would take {need / 2**30:.1f} GiB "
-                      f"decoded ({copies} cop{'y' if copies == 1 else 'ies'}), over half of "
-                      f"this host's {ram / 2**30:.1f} GiB; set data.cache_decoded=False")
+    # Each worker process fills its own.
+    _check_fits("cache_decoded", split, source.nbytes(),
+                copies=max(1, data_cfg.get("num_workers") or 0))
     logging.info("input pipeline: split %s decoded in memory after its first read (%.0f MiB "
                  "when full)", split, source.nbytes() / 2**20)
 
   if len(source) < process_count:
     raise UserError(f"split {split!r} has no examples for process {process_index} of "
                     f"{process_count} ({len(source)} examples in all)")
-  ds = grain.MapDataset.source(source)
+  # The preloaded stream is the same order built on indices: grain's shuffle permutes
+  # positions whatever the elements are.
+  ds = (grain.MapDataset.range(len(source)) if arrays is not None
+        else grain.MapDataset.source(source))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.random_map(_Preprocess(data_cfg.image_key, data_cfg.caption_key,
-                                 data_cfg.image_size, tokenizer, data_cfg.max_text_len,
-                                 data_cfg.get("i2t_caption_key")),
-                     seed=seed)
+  if arrays is None:
+    ds = ds.random_map(_Preprocess(data_cfg.image_key, data_cfg.caption_key,
+                                   data_cfg.image_size, tokenizer, data_cfg.max_text_len,
+                                   data_cfg.get("i2t_caption_key")),
+                       seed=seed)
   if process_count > 1:
     # Sharding the one global stream (after shuffle, repeat and the seeded map) in contiguous
     # blocks gives global batch i the same rows, in the same order, for any process count.
@@ -298,6 +390,8 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_siz
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
     raise UserError(f"split {split!r}: {len(source)} examples make no full global batch of "
                     f"{batch_size * process_count}; lower the batch size")
+  if arrays is not None:
+    ds = ds.map(_Gather(arrays))
   prefetch = data_cfg.get("prefetch_batches") or _DEFAULT_PREFETCH
   out = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=data_cfg.get("read_threads") or _DEFAULT_READ_THREADS,
@@ -315,7 +409,8 @@ def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_si
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, data_dir: str | None = None,
                   source: Sequence | None = None,
-                  latents_dir: str | None = None) -> grain.DatasetIterator:
+                  latents_dir: str | None = None,
+                  read_examples: int | None = None) -> grain.DatasetIterator:
   """An iterator over this process's batches; its state round-trips through get/set_state and
   orbax (`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`).
 
@@ -338,6 +433,9 @@ def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_si
     latents_dir: pre-tokenized posteriors of this split (`flowtok data pretokenize`): batches
       carry 'latent_mean' / 'latent_logvar' f32 [b, K, C] instead of 'image', and the image
       bytes are never decoded.
+    read_examples: how many examples (all processes) the caller will read, if known. With
+      data.preload the split is read into arrays up front (`Preloaded`) only when this is at
+      least one epoch (or unknown); a shorter run reads the records it needs as it goes.
   Returns:
     A grain iterator of {'image': f32 [b, S, S, 3] in [0, 1], 'text_ids': i32 [b, L],
     'truncated': bool [b]} (plus 'i2t_text_ids' i32 [b, L] when data.i2t_caption_key names a
@@ -347,7 +445,8 @@ def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_si
   ds = make_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                     seed=seed, process_index=process_index, process_count=process_count,
                     shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
-                    data_dir=data_dir, source=source, latents_dir=latents_dir)
+                    data_dir=data_dir, source=source, latents_dir=latents_dir,
+                    read_examples=read_examples)
   logging.info("input pipeline: split=%s global_batch=%d seed=%d shuffle=%s epochs=%s workers=%s",
                split, global_batch_size, seed, shuffle, num_epochs, data_cfg.get("num_workers"))
   return iter(ds)

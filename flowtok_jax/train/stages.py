@@ -212,7 +212,8 @@ def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] 
         config.data, _text_tokenizer(config, ctx), split=config.data.train_split,
         global_batch_size=ctx.global_batch_size,
         seed=config.data.get("shuffle_seed", config.seed), process_index=ctx.process_index,
-        process_count=ctx.process_count, latents_dir=latents_dir)
+        process_count=ctx.process_count, latents_dir=latents_dir,
+        read_examples=config_lib.steps("total", config.train) * ctx.global_batch_size)
   return make
 
 

@@ -23,6 +23,8 @@ from flowtok_jax.errors import UserError
 @pytest.fixture(scope="module")
 def data(shapes_data_dir):
   data_cfg, data_dir = shapes_data_dir
+  data_cfg = data_cfg.copy_and_resolve_references()
+  data_cfg.preload = False  # The per-element pipeline; the preload tests turn it on.
   source = builders.data_source(data_cfg, "train", data_dir)
   examples = [source[i] for i in range(len(source))]
   tok = tt.TextTokenizer.train([ex[data_cfg.caption_key] for ex in examples], vocab_size=128,
@@ -383,10 +385,11 @@ def test_worker_processes_give_the_same_batches_and_resume(data, tmp_path):
     it.close()
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_damaged_record_read_while_training_is_a_user_error(data, tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers,preload", [(0, False), (2, False), (0, True)])
+def test_a_damaged_record_read_while_training_is_a_user_error(data, tmp_path, num_workers,
+                                                             preload):
   # The files' footers are intact, so the split opens; the damage surfaces when a batch reads it,
-  # in this process or in a grain worker.
+  # in this process or in a grain worker (with data.preload: when the split is read, up front).
   data_cfg, data_dir, tok, _ = data
   copy = tmp_path / "data"
   shutil.copytree(data_dir, copy)
@@ -398,15 +401,17 @@ def test_a_damaged_record_read_while_training_is_a_user_error(data, tmp_path, nu
     fh.seek(size // 2)
     fh.write(b"\0" * 4000)
   cfg = data_cfg.copy_and_resolve_references()
-  cfg.num_workers = num_workers
-  it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=64, seed=0,
-                              process_index=0, process_count=1, shuffle=False,
-                              data_dir=str(copy))
+  cfg.num_workers, cfg.preload = num_workers, preload
+  it = None
   try:
     with pytest.raises(UserError, match=r"cannot read record \d+ of split 'train'.*damaged"):
+      it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=64, seed=0,
+                                  process_index=0, process_count=1, shuffle=False,
+                                  data_dir=str(copy))
       _take(it, 4)  # 256 records: the damaged middle is in one of the four batches.
+    assert (it is None) == preload
   finally:
-    if num_workers:
+    if num_workers and it is not None:
       it.close()
 
 
@@ -417,3 +422,81 @@ def test_bench_pipeline_command(shapes_data_dir, capsys):
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["bench"] == "pipeline" and result["num_batches"] == 3
   assert result["examples_per_sec"] > 0 and result["first_batch_s"] > 0
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_preload_gives_the_plain_batches_and_iterator_states(data, tmp_path, process_count):
+  """data.preload: the batches of the per-element pipeline, row for row (images, captions,
+  reference captions) over epochs and process shards; each record read once; its iterator
+  state is the plain one's, so a checkpoint of either restores into the other."""
+  data_cfg, _, tok, examples = data
+  cfg = data_cfg.copy_and_resolve_references()
+  steps = 3 * len(examples) // 16
+
+  def iterator(preload, source, index=0):
+    cfg.preload = preload
+    return pipeline.make_iterator(cfg, tok, split="train", global_batch_size=16, seed=3,
+                                  process_index=index, process_count=process_count,
+                                  source=source)
+
+  for index in range(process_count):
+    counting = _CountingSource(examples)
+    preloaded, plain = iterator(True, counting, index), iterator(False, examples, index)
+    np.testing.assert_array_equal(counting.reads, 1)
+    got, want = _take(preloaded, steps), _take(plain, steps)
+    assert set(got[0]) == {"image", "text_ids", "truncated", "i2t_text_ids"}
+    _assert_same(got, want)
+    assert preloaded.get_state() == plain.get_state()
+  # Orbax: a plain iterator's checkpoint restores a preloaded one, mid-epoch.
+  plain, preloaded = iterator(False, examples), iterator(True, examples)
+  _take(plain, 5)
+  expected = _take(iterator(False, examples), 8)[5:]
+  with ocp.CheckpointManager(str(tmp_path / f"ckpt{process_count}")) as mngr:
+    mngr.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(plain)))
+    mngr.wait_until_finished()
+    mngr.restore(5, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(preloaded)))
+  _assert_same(_take(preloaded, 3), expected)
+
+
+def test_preload_falls_back_for_several_captions_and_for_worker_processes(data, monkeypatch):
+  data_cfg, _, tok, examples = data
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.preload = True
+  several = [dict(ex, caption=np.array([ex["caption"], b"another"], dtype=object))
+             for ex in examples]
+  make = lambda source: pipeline.make_iterator(
+      cfg, tok, split="train", global_batch_size=4, seed=0, process_index=0, process_count=1,
+      source=source)
+  assert pipeline.Preloaded.from_source(several, cfg, tok) is None
+  cfg.preload, plain = False, _take(make(several), 4)
+  cfg.preload = True
+  _assert_same(_take(make(several), 4), plain)  # Drawn per element, as without preload.
+  s = cfg.image_size
+  monkeypatch.setattr(pipeline, "_physical_memory", lambda: 2 * len(examples) * s * s * 3 - 2)
+  with pytest.raises(UserError, match="preload: split 'train' would take .* over half"):
+    make(examples)
+  # Worker processes read record by record (the batches stay the same).
+  monkeypatch.undo()
+  cfg.preload, plain = False, _take(make(examples), 3)
+  cfg.preload, cfg.num_workers = True, 2
+  it = make(examples)
+  try:
+    _assert_same(_take(it, 3), plain)
+  finally:
+    it.close()
+
+
+def test_preload_waits_for_a_run_of_at_least_one_epoch(data):
+  """A run that reads less than the split (the demo's CLIP: a third of an epoch) reads the
+  records it needs as it goes; one of an epoch or more reads them all up front."""
+  data_cfg, _, tok, examples = data
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.preload = True
+  for read, up_front in ((len(examples) - 1, False), (len(examples), True), (None, True)):
+    counting = _CountingSource(examples)
+    it = pipeline.make_iterator(cfg, tok, split="train", global_batch_size=4, seed=0,
+                                process_index=0, process_count=1, source=counting,
+                                read_examples=read)
+    assert (counting.reads.min() == 1) == up_front, read
+    next(it)
