@@ -205,15 +205,18 @@ def _fingerprints(config, ctx: stage_api.StageContext) -> dict[str, str]:
   return {"text_tokenizer": inference.file_sha256(found)} if found else {}
 
 
-def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None):
+def _train_iter(config, ctx: stage_api.StageContext, latents_dir: Optional[str] = None,
+                batches: Optional[int] = None):
+  """The training iterator's factory; `batches`: how many the caller reads (None: the run's)."""
   def make():
     from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    read = batches if batches is not None else config_lib.steps("total", config.train)
     return pipeline.make_iterator(
         config.data, _text_tokenizer(config, ctx), split=config.data.train_split,
         global_batch_size=ctx.global_batch_size,
         seed=config.data.get("shuffle_seed", config.seed), process_index=ctx.process_index,
         process_count=ctx.process_count, latents_dir=latents_dir,
-        read_examples=config_lib.steps("total", config.train) * ctx.global_batch_size)
+        read_examples=read * ctx.global_batch_size)
   return make
 
 
@@ -519,7 +522,8 @@ def _latent_scale(config, ctx: stage_api.StageContext, encoder: tok_lib.FlowTiTo
     params, _ = ckpt_lib.load_params(path, target,
                                      select=_tokenizer_select(config) + ("encoder",))
     encode = lambda x: encoder.apply({"params": params}, x)
-  it = _train_iter(config, ctx, latents_dir)()
+  # A few batches: data.preload must not read the whole split for them.
+  it = _train_iter(config, ctx, latents_dir, batches=int(sc.latent_scale_batches))()
   try:
     batches = [ctx.to_global(next(it)) for _ in range(int(sc.latent_scale_batches))]
   finally:

@@ -526,3 +526,17 @@ def test_default_weight_decay_hits_only_weight_matrices(name):
   kernels = {optim.path_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
              if optim.path_name(k).endswith("/kernel")}
   assert decayed == kernels
+
+
+def test_train_iterators_say_how_much_they_read(monkeypatch):
+  """The training iterator tells the pipeline the run's examples (data.preload reads the split
+  up front only for a run of an epoch or more); the latent-scale estimate its few batches."""
+  from flowtok_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_config("flowtok")
+  config.train.total_steps = 7
+  seen = []
+  monkeypatch.setattr(pipeline, "make_iterator", lambda *a, **kw: seen.append(kw))
+  monkeypatch.setattr(stages, "_text_tokenizer", lambda *a: None)
+  stages._train_iter(config, context(config))()  # pylint: disable=protected-access
+  stages._train_iter(config, context(config), batches=4)()  # pylint: disable=protected-access
+  assert [kw["read_examples"] for kw in seen] == [7 * B, 4 * B]
