@@ -98,6 +98,22 @@ def _blend_means(bundle, text, params, attrs, num_captions: int, seed: int):
   return jnp.stack(out)
 
 
+def probe_examples(bundle, data_dir: str, split: str, num: int, *, captions: bool = False):
+  """(bundle, images, attrs, captions) of the first `num` examples of a held-out `split`: what
+  every `flowtok probe` reads. One-line UserErrors for --num < 1, the training split, an empty
+  split and (`captions`) a bundle without the image-to-text direction."""
+  if num < 1:
+    raise UserError(f"--num must be at least 1, got {num}")
+  b = inference.as_bundle(bundle)
+  if captions and not b.can_caption:
+    raise UserError(f"bundle {b.path} has no image-to-text direction to probe")
+  split = shapes_eval.held_out_split(split, "the probe")
+  images, attrs, texts = shapes_eval.load_split(b.config.data, data_dir, split, num)
+  if not len(images):
+    raise UserError(f"split {split!r} is empty")
+  return b, images, attrs, texts
+
+
 def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
           times: Sequence[float] = DEFAULT_TIMES, steps: Optional[int] = None,
           cfg_scale: Optional[float] = None, seed: int = 0, blend_captions: int = 32) -> dict:
@@ -107,15 +123,7 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
     Flat dict of floats (keys as in the module docstring) plus 'num', 'steps', 'cfg_scale';
     `blend_captions` = 0 skips text/blend_exact.
   """
-  if num < 1:
-    raise UserError(f"--num must be at least 1, got {num}")
-  b = inference.as_bundle(bundle)
-  if not b.can_caption:
-    raise UserError(f"bundle {b.path} has no image-to-text direction to probe")
-  split = shapes_eval.held_out_split(split, "the probe")
-  images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
-  if not len(images):
-    raise UserError(f"split {split!r} is empty")
+  b, images, attrs, captions = probe_examples(bundle, data_dir, split, num, captions=True)
   targets = target_captions(b, attrs, captions)
   ids, _ = b.tokenizer.encode(targets, b.models.text_len)
   text, image, decode, one_step = _programs(b)

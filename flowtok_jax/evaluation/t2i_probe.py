@@ -76,13 +76,7 @@ def probe(bundle, data_dir: str, *, split: str = "test", num: int = 128,
   Returns:
     Flat dict of floats (keys as in the module docstring) plus 'num', 'steps', 'cfg_scale'.
   """
-  if num < 1:
-    raise UserError(f"--num must be at least 1, got {num}")
-  split = shapes_eval.held_out_split(split, "the probe")
-  b = inference.as_bundle(bundle)
-  images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
-  if not len(images):
-    raise UserError(f"split {split!r} is empty")
+  b, images, attrs, captions = i2t_probe.probe_examples(bundle, data_dir, split, num)
   text, decode, one_step, image = _programs(b)
   params = jax.device_put(b.params)
   ids, _ = b.tokenizer.encode(list(captions), b.models.text_len)

@@ -31,9 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from flowtok_jax import inference
 from flowtok_jax.errors import UserError
-from flowtok_jax.evaluation import image_metrics, shapes_eval
+from flowtok_jax.evaluation import i2t_probe, image_metrics, shapes_eval
 
 
 def _nearest(detections, center):
@@ -86,13 +85,7 @@ def probe(bundle, data_dir: str, *, split: str = "val", num: int = 1000,
           batch_size: int = 50) -> dict:
   """Runs the measurements of the module docstring on the first `num` examples of `split`."""
   from flowtok_jax.evaluation import run_eval  # pylint: disable=g-import-not-at-top
-  if num < 1:
-    raise UserError(f"--num must be at least 1, got {num}")
-  split = shapes_eval.held_out_split(split, "the probe")
-  b = inference.as_bundle(bundle)
-  images, attrs, captions = shapes_eval.load_split(b.config.data, data_dir, split, num)
-  if not len(images):
-    raise UserError(f"split {split!r} is empty")
+  b, images, attrs, captions = i2t_probe.probe_examples(bundle, data_dir, split, num)
   recon, _ = run_eval.reconstruct(b, images, captions, batch_size=batch_size)
   out = {"num": len(images),
          "recon/psnr": float(np.mean(image_metrics.psnr(images, recon)))}
