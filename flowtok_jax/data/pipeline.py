@@ -143,6 +143,12 @@ class DecodedCache:
     """Bytes the image array takes once every record has been read."""
     return len(self._source) * self._size * self._size * 3
 
+  @property
+  def images(self) -> np.ndarray | None:
+    """uint8 [N, S, S, 3]: the records read so far (rows not yet read are undefined); None
+    before the first read."""
+    return self._images
+
   def __getitem__(self, index):
     if self._images is None:  # np.empty: pages are committed only as records fill them.
       n = len(self._source)
@@ -186,21 +192,20 @@ class Preloaded:
   @classmethod
   def from_source(cls, source: Sequence, data_cfg, tokenizer: Tokenizer) -> "Preloaded | None":
     """Reads `source` (every record once); None when a record holds several captions."""
-    n, size = len(source), data_cfg.image_size
-    images = np.empty((n, size, size, 3), np.uint8)
     keys = tuple(k for k in (data_cfg.caption_key, data_cfg.get("i2t_caption_key")) if k)
+    # The decoded cache reads a record as training sees it; read in full, its image array is ours.
+    cache = DecodedCache(source, data_cfg.image_key, keys, data_cfg.image_size)
     texts = [[] for _ in keys]
-    for i in range(n):
-      element = source[i]
+    for i in range(len(cache)):
+      element = cache[i]
       for key, out in zip(keys, texts):
         captions = captions_of(feature(element, key))
         if len(captions) != 1:
           return None
         out.append(captions[0])
-      images[i] = decode_image(element, data_cfg.image_key, size)
     ids, truncated = tokenizer.encode(texts[0], data_cfg.max_text_len)
     i2t = tokenizer.encode(texts[1], data_cfg.max_text_len)[0] if len(keys) > 1 else None
-    return cls(images, ids, truncated, i2t)
+    return cls(cache.images, ids, truncated, i2t)
 
   def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """Rows `index` [b] as `_Preprocess` gives them, batched."""

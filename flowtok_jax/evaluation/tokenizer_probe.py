@@ -40,19 +40,21 @@ def _nearest(detections, center):
              + (d.center[1] - center[1]) ** 2)
 
 
-def object_readings(originals: np.ndarray, images: np.ndarray) -> dict:
+def object_readings(originals: np.ndarray, images: np.ndarray, truths=None) -> dict:
   """Per-object shape / colour agreement of `images` with `originals` (uint8 [N, S, S, 3]).
 
   Each object the parser finds in an original is paired with the object of the matching image
-  nearest its centre. Returns the `objects/*`, `confusion/*` and `two/*` keys of the module
-  docstring (`confusion/*` only for confusions that occur).
+  nearest its centre. `truths`: the originals' detections, when already read. Returns the
+  `objects/*`, `confusion/*` and `two/*` keys of the module docstring (`confusion/*` only for
+  confusions that occur).
   """
   if originals.shape != images.shape:
     raise UserError(f"originals {originals.shape} and images {images.shape} differ in shape")
+  if truths is None:
+    truths = [shapes_eval.detect_objects(o) for o in originals]
   n = shape_ok = color_ok = missing = other = other_num = 0
   confusion = collections.Counter()
-  for original, image in zip(originals, images):
-    truth = shapes_eval.detect_objects(original)
+  for truth, image in zip(truths, images):
     read = shapes_eval.detect_objects(image)
     for i, t in enumerate(truth):
       n += 1
@@ -90,12 +92,13 @@ def probe(bundle, data_dir: str, *, split: str = "val", num: int = 1000,
   out = {"num": len(images),
          "recon/psnr": float(np.mean(image_metrics.psnr(images, recon)))}
   out.update({f"recon/{k}": v for k, v in _accuracy(recon, attrs).items()})
-  out.update(object_readings(images, recon))
+  truths = [shapes_eval.detect_objects(o) for o in images]  # Read once, for every decoding.
+  out.update(object_readings(images, recon, truths))
   if b.models.text_aware:
     swapped = list(captions[1:]) + list(captions[:1])
     for name, texts in (("empty", [""] * len(captions)), ("swap", swapped)):
       other, _ = run_eval.reconstruct(b, images, texts, batch_size=batch_size)
-      readings = object_readings(images, other)
+      readings = object_readings(images, other, truths)
       out[f"caption={name}/accuracy"] = _accuracy(other, attrs)["accuracy"]
       for key in ("objects/shape", "objects/color"):
         out[f"caption={name}/{key}"] = readings[key]
