@@ -332,6 +332,19 @@ def get_config(arg=None):
   # tokenizer's bar rose at every seed and I2T test by 0.12-0.25 with weight 0.7 ("twenty-first
   # pass").
   config.budget.max_step_scale = 3.0
+  # The plan is fixed by one timing; a host that slows down after it stretches the timed stage
+  # and FlowTok gets what is left (a fresh clone timed 18.8 steps/s, its tokenizer's loop then
+  # ran 12.1: 5405 steps in 467 s, FlowTok 1901 steps, I2T 0.730). So the tokenizer's loop rate
+  # is checked over windows of 15 % of its steps (demo.PaceCheck); one that runs below
+  # (1 - replan_tolerance) x loop_share x the timed rate stops it, f is measured again from that
+  # rate (over loop_share x the reference) and the plan redone: the tokenizer resumes with the
+  # steps of that f (its cosine follows), and the deadline is recomputed. loop_share: the loop's
+  # rate is 0.78-0.98 of the timed step's on the fresh clones measured (0.85 typical; the loop
+  # adds data, logging and the two cores' other threads: "twenty-seventh pass"); with a
+  # tolerance of 0.15, a window below 0.72 x the timed rate re-plans, which the fresh clones
+  # measured reached only when their host slowed. None: off.
+  config.budget.replan_tolerance = 0.15
+  config.budget.loop_share = 0.85
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---
   ev = config.eval = ml_collections.ConfigDict()

@@ -148,10 +148,13 @@ class Stopped(KeyboardInterrupt):
 
 
 def _train_stage(config, workdir: str, stage: str, stop_at_time: float | None = None,
-                 fill: bool = False) -> dict:
+                 fill: bool = False, pace: PaceCheck | None = None) -> dict:
+  """Trains one stage; {} when a `PaceCheck` stopped it (to be re-planned and resumed)."""
   from flowtok_jax.train import loop  # pylint: disable=g-import-not-at-top
   result = loop.train_and_evaluate(config, os.path.join(workdir, stage), stage,
-                                   stop_at_time=stop_at_time)
+                                   stop_at_time=stop_at_time, stop_when=pace)
+  if result.stopped_by == "stop_when":
+    return {}
   budget = result.stopped_by == "stop_at_time"
   if result.stopped_by and not budget:
     raise Stopped(f"{stage} stopped by {result.stopped_by} at step {result.step}",
@@ -234,6 +237,28 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   timer.run("text_tokenizer", text)
 
   fill = filled_stage(config, overrides)
+
+  def train(stage: str, last: bool) -> dict:
+    nonlocal config, deadline
+    pace = pace_check(config, workdir, stage, overrides)
+    out = _train_stage(config, workdir, stage, stop_at_time=deadline if last else None,
+                       fill=stage == fill, pace=pace)
+    if pace is None or pace.scale is None:
+      return out
+    # Its loop ran too slowly for the plan: the plan is redone at the rate measured there (this
+    # stage's steps and the deadline), recorded so that a re-run keeps it, and the stage resumes.
+    _merge_metrics(workdir, {"budget/replanned_step_scale": pace.scale,
+                             "budget/replanned_at_step": pace.step,
+                             "budget/replanned_steps_per_sec": pace.rate})
+    config = demo_config(workdir, config_arg, overrides)
+    host_peak(config, workdir)
+    deadline = budget_deadline(config, started, scale_steps(config, workdir, overrides))
+    logging.warning("demo stage %s ran %.1f steps/s in its loop (below %.1f, the plan's rate "
+                    "less budget.replan_tolerance): re-planned at factor %.2f, resuming from "
+                    "step %d", stage, pace.rate, pace.expected_rate, pace.scale, pace.step)
+    return _train_stage(config, workdir, stage, stop_at_time=deadline if last else None,
+                        fill=stage == fill)
+
   for stage in TRAIN_STAGES:
     last = stage == TRAIN_STAGES[-1]
     checkpoints = os.path.join(workdir, stage, "checkpoints")
@@ -245,8 +270,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
                    stage)
       timer.run(stage, lambda: SKIPPED)
       continue
-    timer.run(stage, lambda stage=stage, last=last: _train_stage(
-        config, workdir, stage, stop_at_time=deadline if last else None, fill=stage == fill))
+    timer.run(stage, lambda stage=stage, last=last: train(stage, last))
 
   bundle = os.path.join(workdir, "bundle")
   flowtok_ckpt = os.path.join(workdir, "flowtok", "checkpoints")
@@ -391,15 +415,17 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   1 + w_s·(f − 1) times its steps, w_s = `budget.scaled_stages[s]` (the tokenizer gains most per
   second, so it gets the larger share). Checkpoint and evaluation periods scale with the run, so
   a stage still checkpoints and evaluates as often. f is measured once and recorded in
-  W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan. A stage whose
-  `total_steps` the user set on the command line trains exactly that many steps.
+  W/metrics.json (`budget/step_scale`), so a re-run resumes the same plan; where the timed
+  stage's loop ran too slowly for it (`PaceCheck`), the factor measured there
+  (`budget/replanned_step_scale`) replaces it. A stage whose `total_steps` the user set on the
+  command line trains exactly that many steps.
 
   Args:
     config: the demo config; `config.stages.<stage>.train` is updated.
     workdir: the demo's workdir (metrics.json).
     overrides: the user's `key=value` overrides.
   Returns:
-    The host factor f (1.0 when scaling is off or no stage is scaled).
+    The host factor f the plan follows (1.0 when scaling is off or no stage is scaled).
   """
   from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
   section = config.get("budget") or {}
@@ -409,7 +435,8 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
              if not _steps_given(s, overrides)}
   if not weights:
     return 1.0
-  recorded = _read_metrics(workdir).get("budget/step_scale")
+  metrics = _read_metrics(workdir)
+  recorded = metrics.get("budget/step_scale")
   if recorded is None:
     rate = step_rate(config, workdir)
     scale = round(min(float(section.max_step_scale),
@@ -420,6 +447,9 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
                  section.reference_steps_per_sec, scale)
   else:
     scale = float(recorded)
+  # The timed stage's loop ran well below the timed rate and the plan was redone (`PaceCheck`):
+  # the stages still to train, and the deadline, follow the rate measured there.
+  scale = float(metrics.get("budget/replanned_step_scale") or scale)
   fill = filled_stage(config, overrides)
   for stage, weight in weights.items():
     train = stage_api.config_for_stage(config, stage).train
@@ -443,6 +473,81 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
       logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
                    updates["total_steps"], factor)
   return scale
+
+
+class PaceCheck:
+  """`stop_when` for the timed stage: stops it where its loop runs well below the plan's rate.
+
+  The plan fixes the stage's steps from one timing of its step (`step_rate`); a host that slows
+  down afterwards would stretch the stage and leave the filled stage (FlowTok) what remains
+  (a fresh clone timed 18.8 steps/s, then ran its tokenizer's loop at 12.1: 5405 steps took
+  467 s, and FlowTok got 1901 steps; docs/benchmarks.md, "twenty-eighth pass"). From
+  `min(50, 10 %)` of its steps after it starts, the stage's loop rate is measured over windows
+  of 15 % of its steps, up to 60 % of them. A window that runs below
+  (1 - `budget.replan_tolerance`) x `budget.loop_share` x the timed rate stops the stage
+  (checkpointed) if the plan at that rate, f' = rate / (loop_share x reference rate), is at
+  least a window shorter and a window or more past here; `run_demo` records f' and resumes the
+  stage with the new plan (one restart: ~10 s for the tokenizer's compile and data).
+  """
+
+  def __init__(self, total_steps: int, expected_rate: float,
+               steps_at: Callable[[float], tuple[float, int]],
+               clock: Callable[[], float] = time.perf_counter):
+    """`steps_at(rate)` -> (f', the stage's total steps at f'); `expected_rate`: the loop
+    rate below which that is asked (steps/s)."""
+    self.total_steps, self.expected_rate = total_steps, expected_rate
+    self.window = max(1, -(-15 * total_steps // 100))
+    self._skip = min(50, -(-total_steps // 10))
+    self._steps_at, self._clock = steps_at, clock
+    self._first = self._last = None
+    self.rate = self.scale = self.new_total = self.step = None
+
+  def __call__(self, step: int) -> bool:
+    if self._first is None:
+      self._first = step + self._skip
+    offset = step - self._first
+    if offset < 0 or offset % self.window or step > 0.6 * self.total_steps:
+      return False
+    now, last = self._clock(), self._last
+    self._last = now
+    if last is None:
+      return False
+    rate = self.window / max(now - last, 1e-9)
+    if rate >= self.expected_rate:
+      return False
+    scale, total = self._steps_at(rate)
+    # Worth a restart only if it saves a window or more; and too late if the new plan would end
+    # within a window of here (its learning-rate schedule needs a tail to decay over).
+    if not step + self.window <= total <= self.total_steps - self.window:
+      return False
+    self.rate, self.scale, self.new_total, self.step = rate, scale, total, step
+    return True
+
+
+def pace_check(config, workdir: str, stage: str, overrides=()) -> PaceCheck | None:
+  """The `PaceCheck` for `stage`, or None: only the timed stage (`budget.timed_stage`) of a
+  scaled plan with a budget, when it is scaled, not the filled stage, and not re-planned yet."""
+  from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top
+  section = config.get("budget") or {}
+  tolerance = section.get("replan_tolerance")
+  metrics = _read_metrics(workdir)
+  timed_rate = metrics.get("budget/steps_per_sec")
+  weight = (section.get("scaled_stages") or {}).get(stage)
+  if (tolerance is None or not section.get("scale_steps") or section.get("total_sec") is None
+      or stage != section.get("timed_stage") or not weight or not timed_rate
+      or stage == filled_stage(config, overrides) or _steps_given(stage, overrides)
+      or metrics.get("budget/replanned_step_scale")):
+    return None
+  share, ref = float(section.loop_share), float(section.reference_steps_per_sec)
+  scale = float(metrics["budget/step_scale"])
+  total = int(stage_api.config_for_stage(config, stage).train.total_steps)
+  base = total / (1.0 + float(weight) * (scale - 1.0))  # The steps as written (f = 1).
+
+  def steps_at(rate: float) -> tuple[float, int]:
+    new = round(min(scale, max(1.0, rate / (share * ref))), 2)
+    return new, max(1, round(base * (1.0 + float(weight) * (new - 1.0))))
+
+  return PaceCheck(total, (1.0 - float(tolerance)) * share * float(timed_rate), steps_at)
 
 
 def filled_stage(config, overrides=()) -> str | None:
@@ -522,7 +627,7 @@ def _check_optimizers(config) -> None:
 
 def _check_scaling(config, overrides=()) -> None:
   """`budget.scaled_stages` / `timed_stage` / `reference_steps_per_sec` / `max_step_scale` /
-  `fill_last_stage`, checked before any work."""
+  `fill_last_stage` / `replan_tolerance` / `loop_share`, checked before any work."""
   section = config.get("budget") or {}
   if not section.get("scale_steps"):
     return
@@ -544,6 +649,11 @@ def _check_scaling(config, overrides=()) -> None:
   timed = section.get("timed_stage")
   if timed not in TRAIN_STAGES:
     raise UserError(f"budget.timed_stage must be one of {TRAIN_STAGES}, got {timed!r}")
+  tolerance, share = section.get("replan_tolerance"), section.get("loop_share")
+  if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1
+                                    and isinstance(share, (int, float)) and 0 < share <= 1):
+    raise UserError(f"budget.replan_tolerance must be in [0, 1) (None: off) and "
+                    f"budget.loop_share in (0, 1], got {tolerance!r} and {share!r}")
   fill = filled_stage(config, overrides)
   if fill:
     from flowtok_jax.train import stage_api  # pylint: disable=g-import-not-at-top

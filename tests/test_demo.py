@@ -1,4 +1,6 @@
 """`flowtok demo` end to end at a tiny size: every stage runs and every output file appears."""
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -250,6 +252,86 @@ def test_a_filled_stage_stops_at_the_deadline_and_a_rerun_keeps_it(demo_run, mon
   assert metrics["flowtok/final_step"] == 1 and metrics["flowtok/stopped_by_budget"] == 1.0
 
 
+def _clock(step_sec=1.0):
+  """A clock that advances `step_sec` each time it is read."""
+  ticks = itertools.count()
+  return lambda: step_sec * next(ticks)
+
+
+@pytest.mark.parametrize("tick, planned, stops_at, asks", [
+    (1.0, 50, None, 0),  # 15 steps a second: above the expected rate (10), no new plan asked.
+    (2.0, 50, 26, 1),  # 7.5 steps/s: re-planned at the first measured window's end.
+    (2.0, 90, None, 3),  # Shorter by less than a window (15): not worth the restart.
+    (2.0, 30, None, 3),  # It would end within a window of the check: too late.
+])
+def test_the_pace_check_stops_a_slow_stage_for_a_worthwhile_replan(tick, planned, stops_at,
+                                                                   asks):
+  asked = []
+
+  def steps_at(rate):
+    asked.append(rate)
+    return 1.2, planned
+
+  pace = demo.PaceCheck(100, 10.0, steps_at, clock=_clock(tick))
+  assert pace.window == 15
+  stopped = next(([step] for step in range(1, 101) if pace(step)), [])  # The loop stops there.
+  # From step 11 (10 % of the plan after its first step) in windows of 15, up to 60 %: the
+  # clock is read at steps 11, 26, 41 and 56, so three windows are measured.
+  assert asked == [7.5] * asks
+  assert stopped == ([stops_at] if stops_at else [])
+  if stops_at:
+    assert (pace.step, pace.scale, pace.new_total, pace.rate) == (26, 1.2, planned, 7.5)
+  # A resumed stage measures from where it resumed (here: nothing left before 60 %).
+  late = demo.PaceCheck(100, 10.0, steps_at, clock=_clock(100.0))
+  assert not any(late(step) for step in range(40, 101))
+
+
+def test_a_stage_slower_than_its_plan_is_replanned_and_resumed(demo_run, monkeypatch, tmp_path):
+  """The tokenizer's loop runs (by a fake clock) at 7 steps/s against a timed 11.4 (f 1.5): it
+  stops at the end of its first window, f is measured again (1.08), the plan is redone and the
+  stage resumes to the new plan's end; a re-run keeps it."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(demo_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "flowtok"))  # It trains on the tokenizer trained here.
+  ref = demo.demo_config(workdir).budget.reference_steps_per_sec
+  _fake_rate(monkeypatch, 1.5 * ref)
+  monkeypatch.setattr(demo, "PaceCheck", functools.partial(demo.PaceCheck, clock=_clock()))
+  tiny = [*SCALED, *(o for o in TINY if not o.startswith("stages.tokenizer.train.total_steps"))]
+  metrics = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
+  # Planned 20 x (1 + 2.5 x 0.5) = 45 steps from the copied run's 2: measured from step 8 (3 +
+  # 10 % of 45) in windows of 7, so it stopped at 15; 7 / (0.85 x 7.6) = 1.08: 24 steps.
+  assert metrics["budget/step_scale"] == 1.5
+  assert metrics["budget/replanned_step_scale"] == 1.08
+  assert metrics["budget/replanned_at_step"] == 15
+  assert metrics["budget/replanned_steps_per_sec"] == pytest.approx(7.0)
+  assert metrics["tokenizer/final_step"] == 24
+  from flowtok_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  assert ckpt_lib.latest_meta(os.path.join(workdir, "tokenizer"))["step"] == 24
+  # A re-run keeps the re-planned plan: nothing left to train, and no second check.
+  config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
+  assert demo.scale_steps(config, workdir, tiny) == 1.08 and _steps(config, "tokenizer")[0] == 24
+  assert demo.pace_check(config, workdir, "tokenizer", tiny) is None
+  again = demo.run_demo(workdir, demo.DEFAULT_CONFIG + ":runlocal", tiny)
+  assert again["tokenizer/final_step"] == 24
+  assert again["time/tokenizer_sec"] == metrics["time/tokenizer_sec"]
+
+
+def test_only_the_timed_stage_of_a_budgeted_plan_is_paced(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", SCALED)
+  _fake_rate(monkeypatch, 1.5 * config.budget.reference_steps_per_sec)
+  demo.scale_steps(config, workdir, SCALED)
+  pace = demo.pace_check(config, workdir, "tokenizer", SCALED)
+  assert pace.total_steps == 45
+  assert pace.expected_rate == pytest.approx(0.85 * 0.85 * 1.5 * 7.6)
+  assert demo.pace_check(config, workdir, "flowtok", SCALED) is None
+  given = [*SCALED, "stages.tokenizer.train.total_steps=30"]
+  assert demo.pace_check(config, workdir, "tokenizer", given) is None
+  for override in ("budget.replan_tolerance=None", "budget.total_sec=None"):
+    config = demo.demo_config(workdir, demo.DEFAULT_CONFIG + ":runlocal", [*SCALED, override])
+    assert demo.pace_check(config, workdir, "tokenizer", SCALED) is None, override
+
+
 def test_only_training_stages_scale():
   config = demo.demo_config("w", demo.DEFAULT_CONFIG + ":runlocal", SCALED)
   with config.unlocked():
@@ -314,6 +396,8 @@ def test_budget_deadline():
     ("budget.reference_steps_per_sec=0", "reference_steps_per_sec"),
     ("budget.timed_stage=export", "budget.timed_stage"),
     ("budget.scaled_stages.tokenizer=-1.0", "weight >= 0"),
+    ("budget.replan_tolerance=1.5", "replan_tolerance"),
+    ("budget.loop_share=0", "loop_share"),
     ("stages.flowtok.optim.name=sgd", "optim.name"),  # A later stage's optimizer.
     ("stages.tokenizer.optim.schedule=linear", "optim.schedule"),
     ("stages.flowtok.train.ema_decay=2.0", "ema_decay"),  # A later stage's EMA.

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,10 @@ from flowtok_jax.train import stage_api
 from flowtok_jax.train.state import TrainState, ema_update
 
 
+# Stops the caller asked for (checkpointed, exit code 0), unlike a signal or a preemption.
+ASKED = (None, "stop_at_step", "stop_at_time", "stop_when")
+
+
 @dataclasses.dataclass
 class RunResult:
   """What `train_and_evaluate` returns.
@@ -46,7 +50,7 @@ class RunResult:
   Attributes:
     step: the step the run stopped at (checkpointed).
     stopped_by: None when `total_steps` was reached, else 'SIGTERM', 'SIGINT', 'preemption'
-      (multi-host: a host was told to stop), 'stop_at_step' or 'stop_at_time'.
+      (multi-host: a host was told to stop), 'stop_at_step', 'stop_at_time' or 'stop_when'.
     last_metrics: the last logged train metrics.
     last_eval: the last evaluation scalars.
     start_step: the step the run started (or resumed) from; equal to `step` when the
@@ -63,7 +67,7 @@ class RunResult:
     """0 when the run finished (or stopped where asked); 128 + the signal number when a signal
     or a preemption stopped it, so that `flowtok train ... && flowtok export ...` does not go on
     with a half-trained model and a scheduler sees the preemption."""
-    if self.stopped_by in (None, "stop_at_step", "stop_at_time"):
+    if self.stopped_by in ASKED:
       return 0
     return 130 if self.stopped_by == "SIGINT" else 143
 
@@ -289,7 +293,8 @@ def check_ema_decay(tcfg) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stage_name: str | None = None, *, stop_at_step: int | None = None,
-                       stop_at_time: float | None = None) -> RunResult:
+                       stop_at_time: float | None = None,
+                       stop_when: Callable[[int], bool] | None = None) -> RunResult:
   """Trains `stage_name` (default `config.train.stage`) in `workdir`, resuming if possible.
 
   Args:
@@ -300,13 +305,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stop_at_time: stop (with a checkpoint) after the first step dispatched at or after this
       `time.time()` (a wall-clock budget; one process only: hosts' clocks would stop them at
       different steps).
+    stop_when: called with each step number once the step is dispatched; True stops the run
+      there (with a checkpoint), e.g. to re-plan its length and resume (`flowtok demo` when the
+      host slows down). One process only, like stop_at_time.
   Returns:
     RunResult.
   """
   stage_name = stage_name or config.train.stage
-  if stop_at_time is not None and jax.process_count() > 1:
-    raise UserError("a wall-clock stop (stop_at_time) needs a single process: each host's "
-                    "clock would stop it at a different step")
+  if (stop_at_time is not None or stop_when is not None) and jax.process_count() > 1:
+    raise UserError("a wall-clock stop (stop_at_time, stop_when) needs a single process: each "
+                    "host's clock would stop it at a different step")
   config = stage_api.config_for_stage(config, stage_name)
   tcfg = config.train
   total_steps = config_lib.steps("total", tcfg)
@@ -427,11 +435,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             stop = "stop_at_step"
           if stop is None and stop_at_time is not None and time.time() >= stop_at_time:
             stop = "stop_at_time"
+          if stop is None and stop_when is not None and stop_when(step):
+            stop = "stop_when"
           if stop and step >= total_steps:
             logging.info("%s arrived with the last step done: the run is complete", stop)
             stop = None  # The final checkpoint is saved below as usual; exit code 0.
           # A signal or preemption has a grace period: save before anything slow (evaluators).
-          interrupted = stop not in (None, "stop_at_step", "stop_at_time")
+          interrupted = stop not in ASKED
 
           row = {}
           if metrics_lib.itstime(step, tcfg.log_every_steps, total_steps):

@@ -119,6 +119,23 @@ def test_stop_at_time_checkpoints_and_resumes_exactly(straight_run, tmp_path):
   assert _losses(workdir) == ref
 
 
+def test_stop_when_checkpoints_and_resumes_exactly(straight_run, tmp_path):
+  """A caller's predicate (the demo's pace check) stops the run after the step it returns True
+  for, with a checkpoint and exit code 0; it sees every step once; the resumed run continues the
+  same trajectory."""
+  ref = _losses(straight_run[0])
+  workdir = str(tmp_path / "when")
+  seen = []
+  first = loop.train_and_evaluate(_config(), workdir, "toy",
+                                  stop_when=lambda step: seen.append(step) or step == 5)
+  assert (first.step, first.stopped_by, first.exit_code) == (5, "stop_when", 0)
+  assert seen == [1, 2, 3, 4, 5]
+  assert max(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == 5
+  second = loop.train_and_evaluate(_config(), workdir, "toy", stop_when=lambda step: False)
+  assert (second.start_step, second.step, second.stopped_by) == (5, STEPS, None)
+  assert _losses(workdir) == ref
+
+
 def test_progress_off_a_terminal_is_whole_lines_naming_the_stage(tmp_path, capsys, monkeypatch):
   """Logs and pipes get newline-terminated progress (first step, every interval, the end) with
   the stage's name, the step count and the ETA; never a bar's carriage returns."""
@@ -278,8 +295,9 @@ def test_a_signal_saves_before_evaluating_and_the_last_step_completes(monkeypatc
   assert "eval/mse" in rows[STEPS]
 
 
-@pytest.mark.parametrize("stopped_by, code", [(None, 0), ("stop_at_step", 0), ("SIGINT", 130),
-                                              ("SIGTERM", 143), ("preemption", 143)])
+@pytest.mark.parametrize("stopped_by, code", [(None, 0), ("stop_at_step", 0), ("stop_when", 0),
+                                              ("SIGINT", 130), ("SIGTERM", 143),
+                                              ("preemption", 143)])
 def test_flowtok_train_exits_non_zero_when_a_signal_stopped_it(monkeypatch, tmp_path, capsys,
                                                                stopped_by, code):
   """`flowtok train ... && flowtok export ...` must not export a run a signal interrupted."""
