@@ -341,9 +341,10 @@ def get_config(arg=None):
   # steps of that f (its cosine follows), and the deadline is recomputed. loop_share: the loop's
   # rate is 0.78-0.98 of the timed step's on the fresh clones measured (0.85 typical; the loop
   # adds data, logging and the two cores' other threads: "twenty-seventh pass"); with a
-  # tolerance of 0.15, a window below 0.72 x the timed rate re-plans, which the fresh clones
-  # measured reached only when their host slowed. None: off.
-  config.budget.replan_tolerance = 0.15
+  # tolerance of 0.1, a window below 0.765 x the timed rate re-plans (and only if that saves
+  # a window's steps), which the fresh clones measured reached only when their host slowed.
+  # None: off.
+  config.budget.replan_tolerance = 0.1
   config.budget.loop_share = 0.85
 
   # --- Evaluation of the exported bundle (evaluation/run_eval.py; never on training images). ---

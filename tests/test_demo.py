@@ -323,7 +323,9 @@ def test_only_the_timed_stage_of_a_budgeted_plan_is_paced(tmp_path, monkeypatch)
   demo.scale_steps(config, workdir, SCALED)
   pace = demo.pace_check(config, workdir, "tokenizer", SCALED)
   assert pace.total_steps == 45
-  assert pace.expected_rate == pytest.approx(0.85 * 0.85 * 1.5 * 7.6)
+  section = config.budget
+  assert pace.expected_rate == pytest.approx((1 - section.replan_tolerance) * section.loop_share
+                                             * 1.5 * section.reference_steps_per_sec)
   assert demo.pace_check(config, workdir, "flowtok", SCALED) is None
   given = [*SCALED, "stages.tokenizer.train.total_steps=30"]
   assert demo.pace_check(config, workdir, "tokenizer", given) is None
