@@ -253,9 +253,10 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
     config = demo_config(workdir, config_arg, overrides)
     host_peak(config, workdir)
     deadline = budget_deadline(config, started, scale_steps(config, workdir, overrides))
-    logging.warning("demo stage %s ran %.1f steps/s in its loop (below %.1f, the plan's rate "
-                    "less budget.replan_tolerance): re-planned at factor %.2f, resuming from "
-                    "step %d", stage, pace.rate, pace.expected_rate, pace.scale, pace.step)
+    logging.warning("demo stage %s ran %.1f steps/s in its loop (below %.1f: the timed rate x "
+                    "budget.loop_share x (1 - budget.replan_tolerance)): re-planned at factor "
+                    "%.2f, resuming from step %d", stage, pace.rate, pace.expected_rate,
+                    pace.scale, pace.step)
     return _train_stage(config, workdir, stage, stop_at_time=deadline if last else None,
                         fill=stage == fill)
 
