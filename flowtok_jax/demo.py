@@ -210,8 +210,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
   # Before the process's first compile (the peak's matmul, the step timed for the plan), so that
   # re-runs load every compiled train step.
   loop.use_compilation_cache(config.train)
-  host_peak(config, workdir)
-  deadline = budget_deadline(config, started, scale_steps(config, workdir, overrides))
+  deadline = _plan(config, workdir, overrides, started)
   if deadline is not None:
     logging.info("demo: training ends by %.0f s from the start (budget.total_sec %g)",
                  deadline - started, config.budget.total_sec)
@@ -251,8 +250,7 @@ def run_demo(workdir: str, config_arg: str | None = None, overrides=()) -> dict:
                              "budget/replanned_at_step": pace.step,
                              "budget/replanned_steps_per_sec": pace.rate})
     config = demo_config(workdir, config_arg, overrides)
-    host_peak(config, workdir)
-    deadline = budget_deadline(config, started, scale_steps(config, workdir, overrides))
+    deadline = _plan(config, workdir, overrides, started)
     logging.warning("demo stage %s ran %.1f steps/s in its loop (below %.1f: the timed rate x "
                     "budget.loop_share x (1 - budget.replan_tolerance)): re-planned at factor "
                     "%.2f, resuming from step %d", stage, pace.rate, pace.expected_rate,
@@ -385,6 +383,13 @@ def _not_inside_a_run(workdir: str):
     raise UserError(f"--workdir {workdir} is a bundle; give the demo's own directory")
 
 
+def _plan(config, workdir: str, overrides, started: float) -> float | None:
+  """Plans the demo in `config` (the stages' MFU peak and steps, from what W/metrics.json
+  records or this host measures) and returns the training deadline (`budget_deadline`)."""
+  host_peak(config, workdir)
+  return budget_deadline(config, started, scale_steps(config, workdir, overrides))
+
+
 def budget_deadline(config, started: float, scale: float = 1.0) -> float | None:
   """The `time.time()` by which training must stop for the demo to end within its budget.
 
@@ -440,8 +445,8 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
   recorded = metrics.get("budget/step_scale")
   if recorded is None:
     rate = step_rate(config, workdir)
-    scale = round(min(float(section.max_step_scale),
-                      max(1.0, rate / float(section.reference_steps_per_sec))), 2)
+    scale = host_factor(rate / float(section.reference_steps_per_sec),
+                        float(section.max_step_scale))
     _merge_metrics(workdir, {"budget/step_scale": scale})
     logging.info("%s train step: %.1f steps/s on this host (budget.reference_steps_per_sec "
                  "%.3g): factor %.2f", section.timed_stage, rate,
@@ -457,7 +462,7 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
     total = int(train.total_steps)
     # The filled stage plans the steps of the fastest host allowed (f = max_step_scale): the
     # budget's deadline, not the plan, ends it on the hosts measured.
-    factor = 1.0 + weight * ((float(section.max_step_scale) if stage == fill else scale) - 1.0)
+    factor = step_factor(weight, float(section.max_step_scale) if stage == fill else scale)
     updates = {"total_steps": max(1, round(total * factor))}
     for key in ("ckpt_every_steps", "eval_every_steps"):
       if train.get(key):  # As many saves / evaluations as before: a period rounded down could
@@ -474,6 +479,16 @@ def scale_steps(config, workdir: str, overrides=()) -> float:
       logging.info("demo stage %s: %d steps (x %.2f for this host)", stage,
                    updates["total_steps"], factor)
   return scale
+
+
+def host_factor(ratio: float, cap: float) -> float:
+  """f: a step rate over the reference rate, clipped to [1, cap], to 2 decimals."""
+  return round(min(cap, max(1.0, ratio)), 2)
+
+
+def step_factor(weight: float, scale: float) -> float:
+  """The multiple of its written steps a stage of weight w trains at host factor f."""
+  return 1.0 + float(weight) * (scale - 1.0)
 
 
 class PaceCheck:
@@ -542,11 +557,12 @@ def pace_check(config, workdir: str, stage: str, overrides=()) -> PaceCheck | No
   share, ref = float(section.loop_share), float(section.reference_steps_per_sec)
   scale = float(metrics["budget/step_scale"])
   total = int(stage_api.config_for_stage(config, stage).train.total_steps)
-  base = total / (1.0 + float(weight) * (scale - 1.0))  # The steps as written (f = 1).
+  # The steps as written (f = 1), for the decision; the resumed stage's steps are scale_steps'.
+  base = total / step_factor(weight, scale)
 
   def steps_at(rate: float) -> tuple[float, int]:
-    new = round(min(scale, max(1.0, rate / (share * ref))), 2)
-    return new, max(1, round(base * (1.0 + float(weight) * (new - 1.0))))
+    new = host_factor(rate / (share * ref), scale)
+    return new, max(1, round(base * step_factor(weight, new)))
 
   return PaceCheck(total, (1.0 - float(tolerance)) * share * float(timed_rate), steps_at)
 
